@@ -1,0 +1,263 @@
+"""The ONNX Runtime engine: one loaded steered graph, a new steering tensor on every call.
+
+The KV cache stays inside ONNX Runtime between decode steps (IOBinding: `present.*` outputs are
+bound back as the next step's `past_key_values.*` inputs without a copy through NumPy), and the
+steering tensor [batch, num_layers, hidden] is just another input, so switching a behaviour
+profile is an array assignment: the session is never rebuilt.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from grains_edge.errors import GrainsError
+from grains_edge.manifest import MODEL_NAME, Manifest
+
+STOP_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "</s>")
+
+
+@dataclass
+class GenerationSettings:
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    seed: int | None = None
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    first_token_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    stopped_by: str = ""  # eos | length | user
+
+    @property
+    def tokens_per_second(self) -> float:
+        return (self.new_tokens - 1) / self.decode_seconds if self.new_tokens > 1 and self.decode_seconds else 0.0
+
+
+def choose_providers(device: str) -> tuple[list[str], str | None]:
+    """(providers, notice): CUDA when asked for or available, else CPU with a one-line reason."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if device == "cpu":
+        return ["CPUExecutionProvider"], None
+    if "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"], None
+    reason = "onnxruntime-gpu is not installed" if device == "cuda" or device == "auto" else ""
+    return ["CPUExecutionProvider"], f"CUDA not available ({reason}); running on CPU"
+
+
+@dataclass
+class Cache:
+    """The KV cache of one running sequence batch: ORT values plus the attention mask so far."""
+
+    values: list = field(default_factory=list)  # [past_key_values.0.key, ...] as OrtValues
+    mask: np.ndarray | None = None  # [batch, total]
+
+    @property
+    def length(self) -> int:
+        return 0 if self.mask is None else self.mask.shape[1]
+
+
+class Engine:
+    """Generate and score with a steered ONNX export. `steering` is [num_layers, hidden] or batched."""
+
+    def __init__(self, export_dir: str | Path, device: str = "auto", threads: int | None = None):
+        import onnxruntime as ort
+        from transformers import AutoTokenizer
+
+        self.export_dir = Path(export_dir).expanduser()
+        self.manifest = Manifest.load(self.export_dir)
+        providers, notice = choose_providers(device)
+        if notice and device != "cpu":
+            print(f"[grains-edge] {notice}", file=sys.stderr)
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = threads or max(1, os.cpu_count() or 1)
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        self.session = ort.InferenceSession(str(self.export_dir / MODEL_NAME), options, providers=providers)
+        self.provider = self.session.get_providers()[0]
+        self.device = "cuda" if self.provider == "CUDAExecutionProvider" else "cpu"
+        self.tokenizer = AutoTokenizer.from_pretrained(str(self.export_dir))
+        self.past_names = self.manifest.input_names[4:]
+        self.present_names = self.manifest.output_names[1:]
+        vocab = self.tokenizer.get_vocab()
+        self.stop_ids = {vocab[t] for t in STOP_TOKENS if t in vocab}
+        if self.tokenizer.eos_token_id is not None:
+            self.stop_ids.add(self.tokenizer.eos_token_id)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.last_stats = GenerationStats()
+        self._ort = ort
+
+    # ---- shapes ----------------------------------------------------------------------------
+
+    @property
+    def num_layers(self) -> int:
+        return self.manifest.num_layers
+
+    @property
+    def hidden_size(self) -> int:
+        return self.manifest.hidden_size
+
+    @property
+    def max_context(self) -> int:
+        return self.manifest.max_context
+
+    def zero_steering(self) -> np.ndarray:
+        return np.zeros((self.num_layers, self.hidden_size), np.float32)  # [layers, hidden]
+
+    def batched_steering(self, steering: np.ndarray | None, batch: int) -> np.ndarray:
+        """None, [layers, hidden] or [batch, layers, hidden] -> contiguous float32 [batch, layers, hidden]."""
+        if steering is None:
+            return np.zeros((batch, self.num_layers, self.hidden_size), np.float32)
+        steering = np.asarray(steering, np.float32)
+        expected = (self.num_layers, self.hidden_size)
+        if steering.shape[-2:] != expected or steering.ndim not in (2, 3):
+            raise GrainsError(
+                f"steering has shape {steering.shape}, this model needs {expected}; "
+                "fix: use a profile built for this model"
+            )
+        if steering.ndim == 2:
+            steering = np.broadcast_to(steering, (batch, *expected))
+        return np.ascontiguousarray(steering)
+
+    # ---- one graph call --------------------------------------------------------------------
+
+    def step(self, input_ids: np.ndarray, positions: np.ndarray, steering: np.ndarray, cache: Cache):
+        """Run input_ids [batch, seq] after `cache`; updates the cache in place, returns logits OrtValue."""
+        batch, seq = input_ids.shape
+        mask = np.ones((batch, seq), np.int64)
+        cache.mask = mask if cache.mask is None else np.concatenate([cache.mask, mask], axis=1)
+        return self._run(input_ids, cache.mask, positions, steering, cache)
+
+    def _run(self, input_ids, mask, positions, steering, cache: Cache):
+        binding = self.session.io_binding()
+        ortvalue = self._ort.OrtValue
+        binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, np.int64))
+        binding.bind_cpu_input("attention_mask", np.ascontiguousarray(mask, np.int64))
+        binding.bind_cpu_input("position_ids", np.ascontiguousarray(positions, np.int64))
+        binding.bind_cpu_input("steering", steering)
+        if not cache.values:
+            empty = np.zeros((input_ids.shape[0], self.manifest.num_kv_heads, 0, self.manifest.head_dim), np.float32)
+            cache.values = [ortvalue.ortvalue_from_numpy(empty, self.device) for _ in self.past_names]
+        for name, value in zip(self.past_names, cache.values, strict=True):
+            binding.bind_ortvalue_input(name, value)
+        binding.bind_output("logits", "cpu")
+        for name in self.present_names:
+            binding.bind_output(name, self.device)
+        self.session.run_with_iobinding(binding)
+        logits, *present = binding.get_outputs()
+        cache.values = present
+        return logits
+
+    def forward(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, steering: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Full-sequence logits [batch, seq, vocab] for right- or left-padded input_ids [batch, seq]."""
+        batch = input_ids.shape[0]
+        positions = np.clip(np.cumsum(attention_mask, axis=1) - 1, 0, None)
+        logits = self._run(input_ids, attention_mask, positions, self.batched_steering(steering, batch), Cache())
+        return logits.numpy()
+
+    # ---- text ------------------------------------------------------------------------------
+
+    def chat_ids(self, messages: Sequence[dict]) -> list[int]:
+        """Token ids of a conversation under the chat template, ending with the assistant prompt."""
+        if self.tokenizer.chat_template:
+            encoded = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
+            return list(encoded["input_ids"] if isinstance(encoded, dict) or hasattr(encoded, "keys") else encoded)
+        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+        return self.tokenizer.encode(text)
+
+    def fit_context(self, prompt_ids: list[int], max_new_tokens: int) -> int:
+        """Tokens that may still be generated; a prompt that leaves no room is a GrainsError."""
+        room = self.max_context - len(prompt_ids)
+        if room < 1:
+            raise GrainsError(
+                f"the prompt has {len(prompt_ids)} tokens, the model's context is {self.max_context}; "
+                "fix: shorten the message or clear the conversation"
+            )
+        return min(max_new_tokens, room)
+
+    def generate(
+        self,
+        prompt_ids: list[int],
+        steering: np.ndarray | None = None,
+        settings: GenerationSettings | None = None,
+        stop: threading.Event | None = None,
+    ) -> Iterator[str]:
+        """Stream decoded text pieces; stats of the finished run are in `self.last_stats`."""
+        settings = settings or GenerationSettings()
+        budget = self.fit_context(prompt_ids, settings.max_new_tokens)
+        rng = np.random.default_rng(settings.seed)
+        steer = self.batched_steering(steering, 1)
+        stats = GenerationStats(prompt_tokens=len(prompt_ids))
+        self.last_stats = stats
+        cache = Cache()
+        generated: list[int] = []
+        shown = ""
+        started = time.perf_counter()
+        ids = np.asarray([prompt_ids], np.int64)
+        positions = np.arange(len(prompt_ids), dtype=np.int64)[None]
+        stats.stopped_by = "length"
+        for _ in range(budget):
+            logits = self.step(ids, positions, steer, cache).numpy()[0, -1]  # [vocab]
+            token = pick_token(logits, settings, rng)
+            if not generated:
+                stats.first_token_seconds = time.perf_counter() - started
+                first_done = time.perf_counter()
+            if token in self.stop_ids:
+                stats.stopped_by = "eos"
+                break
+            generated.append(token)
+            stats.new_tokens = len(generated)
+            text = self.tokenizer.decode(generated, skip_special_tokens=True)
+            if not text.endswith("\ufffd") and len(text) > len(shown):
+                yield text[len(shown) :]
+                shown = text
+            if stop is not None and stop.is_set():
+                stats.stopped_by = "user"
+                break
+            ids = np.asarray([[token]], np.int64)
+            positions = np.asarray([[cache.length]], np.int64)
+        if generated:
+            stats.decode_seconds = time.perf_counter() - first_done
+
+    def chat(
+        self,
+        messages: Sequence[dict],
+        steering: np.ndarray | None = None,
+        settings: GenerationSettings | None = None,
+        stop: threading.Event | None = None,
+    ) -> Iterator[str]:
+        return self.generate(self.chat_ids(messages), steering, settings, stop)
+
+
+def pick_token(logits: np.ndarray, settings: GenerationSettings, rng: np.random.Generator) -> int:
+    """Greedy at temperature 0, else temperature + nucleus (top-p) sampling."""
+    if settings.temperature <= 0:
+        return int(logits.argmax())
+    scaled = logits.astype(np.float64) / settings.temperature
+    probs = np.exp(scaled - scaled.max())
+    probs /= probs.sum()
+    if settings.top_p < 1.0:
+        order = np.argsort(-probs)
+        keep = np.cumsum(probs[order]) - probs[order] < settings.top_p  # always keeps the top token
+        kept = order[keep]
+        probs = np.zeros_like(probs)
+        probs[kept] = 1.0
+        probs *= np.exp(scaled - scaled.max())
+        probs /= probs.sum()
+    return int(rng.choice(len(probs), p=probs))

@@ -1,0 +1,59 @@
+"""`manifest.json`: what an export directory holds and how its graph is wired."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from grains_edge.errors import GrainsError
+
+MANIFEST_NAME = "manifest.json"
+MODEL_NAME = "model.onnx"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Manifest:
+    source_model: str
+    architecture: str
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    max_context: int
+    steered_layers: list[int]
+    input_names: list[str]
+    output_names: list[str]
+    opset: int
+    weights_fingerprint: str
+    versions: dict[str, str]
+    verification: dict[str, float] = field(default_factory=dict)
+    created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    format_version: int = FORMAT_VERSION
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def save(self, path: Path) -> None:
+        temporary = path.with_suffix(".tmp")
+        temporary.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        os.replace(temporary, path)
+
+    @classmethod
+    def load(cls, export_dir: str | Path) -> Manifest:
+        path = Path(export_dir).expanduser() / MANIFEST_NAME
+        if not path.is_file():
+            raise GrainsError(
+                f"{export_dir} is not a grains-edge export (no {MANIFEST_NAME}); "
+                "fix: run 'grains-edge export --model M --out DIR' first"
+            )
+        try:
+            data = json.loads(path.read_text())
+            return cls(**data)
+        except (ValueError, TypeError) as error:
+            raise GrainsError(f"{path} is damaged ({error}); fix: re-run 'grains-edge export'") from error

