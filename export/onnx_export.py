@@ -22,6 +22,7 @@ import torch
 
 from grains_edge import models
 from grains_edge.errors import GrainsError
+from grains_edge.layers import parse_layers
 from grains_edge.export.decoder import SteeredDecoder
 from grains_edge.manifest import MANIFEST_NAME, MODEL_NAME, Manifest
 from grains_edge.steering import steering_hooks
@@ -136,8 +137,8 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def export(model_spec: str, out_dir: str | Path, layers: list[int] | None = None) -> Manifest:
-    """Load, export, verify and atomically publish `out_dir`. `layers=None` steers every layer."""
+def export(model_spec: str, out_dir: str | Path, layers_spec: str = "all") -> Manifest:
+    """Load, export, verify and atomically publish `out_dir`, steering the layers named by `layers_spec`."""
     out_dir = Path(out_dir).expanduser()
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / MANIFEST_NAME).is_file():
         raise GrainsError(f"{out_dir} exists and is not an export; fix: choose an empty or new --out folder")
@@ -146,9 +147,7 @@ def export(model_spec: str, out_dir: str | Path, layers: list[int] | None = None
     model, tokenizer = models.load(model_spec)
     config = model.config
     num_layers = config.num_hidden_layers
-    steered = list(range(num_layers)) if layers is None else sorted(set(layers))
-    if not steered or steered[0] < 0 or steered[-1] >= num_layers:
-        raise GrainsError(f"steered layers {steered} out of range 0-{num_layers - 1}; fix: pass valid --layers")
+    steered = parse_layers(layers_spec, num_layers)
     decoder = SteeredDecoder(model, steered).eval()
     manifest = Manifest(
         source_model=model_spec,

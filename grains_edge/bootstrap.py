@@ -1,0 +1,36 @@
+"""First run: build whatever the chat needs that is not there yet, with progress shown."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+
+from grains_edge import paths
+from grains_edge.manifest import MANIFEST_NAME
+from grains_edge.models import DEFAULT_MODEL
+
+DEFAULT_EXPORT_NAME = "smollm2-135m-instruct"
+
+
+def export_dir_for(model_spec: str) -> Path:
+    """The export folder of a model spec: itself if it already is an export, else one under exports_dir()."""
+    given = Path(model_spec).expanduser()
+    if (given / MANIFEST_NAME).is_file():
+        return given
+    if model_spec == DEFAULT_MODEL:
+        return paths.exports_dir() / DEFAULT_EXPORT_NAME
+    slug = re.sub(r"[^a-z0-9]+", "-", given.name.lower()).strip("-") or "model"
+    key = str(given.resolve()) if given.exists() else model_spec
+    return paths.exports_dir() / f"{slug}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
+
+
+def ensure_export(model_spec: str) -> Path:
+    """Return a verified export of `model_spec`, exporting it first if there is none."""
+    target = export_dir_for(model_spec)
+    if not (target / MANIFEST_NAME).is_file():
+        from grains_edge.export.onnx_export import export, log
+
+        log(f"first run: no export of '{model_spec}' yet, building it in {target} (about a minute)")
+        export(model_spec, target)
+    return target

@@ -1,0 +1,20 @@
+"""`grains-edge export`: write a steered ONNX graph, its tokenizer and manifest, verified."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("export", help="export a model to a steered ONNX graph")
+    parser.add_argument("--model", default="default", help="'default', a local HF folder, a .gguf, or a Hub id")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--layers", default="all", help="steered layers: all | A-B | i,j,k (default all)")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from grains_edge.export.onnx_export import export
+
+    export(args.model, args.out, layers_spec=args.layers)
+    return 0

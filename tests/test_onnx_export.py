@@ -1,0 +1,110 @@
+"""The exported graph: its inputs, its renormalization ops, and parity with PyTorch."""
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from grains_edge.errors import GrainsError
+from grains_edge.export.onnx_export import export
+from grains_edge.manifest import Manifest
+from grains_edge.steering import steering_hooks
+
+
+def test_manifest_describes_the_graph(tiny_export):
+    manifest = Manifest.load(tiny_export)
+    assert manifest.steered_layers == [1, 2]
+    assert manifest.num_layers == 4 and manifest.hidden_size == 64
+    assert manifest.input_names[:4] == ["input_ids", "attention_mask", "position_ids", "steering"]
+    assert len(manifest.input_names) == 4 + 2 * manifest.num_layers
+    assert set(manifest.verification) == {"zero", "steered"}
+    assert len(manifest.weights_fingerprint) == 16 and "onnxruntime" in manifest.versions
+    assert json.loads((tiny_export / "manifest.json").read_text())["opset"] == manifest.opset
+
+
+def test_graph_has_steering_input_and_renormalization_per_steered_layer(tiny_export):
+    graph = onnx.load(str(tiny_export / "model.onnx"), load_external_data=False).graph
+    steering = next(i for i in graph.input if i.name == "steering")
+    dims = [d.dim_value or d.dim_param for d in steering.type.tensor_type.shape.dim]
+    assert dims[1:] == [4, 64]
+    ops = [node.op_type for node in graph.node]
+    # two norms (‖h‖ and ‖h+s‖) and one clamp per steered layer; the model itself has neither
+    assert ops.count("ReduceL2") == 2 * 2 and ops.count("Clip") == 2
+
+
+def run_ort(export_dir, feeds):
+    session = ort.InferenceSession(str(export_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    manifest = Manifest.load(export_dir)
+    batch = feeds["input_ids"].shape[0]
+    past = feeds.pop("past", None)
+    if past is None:
+        empty = np.zeros((batch, manifest.num_kv_heads, 0, manifest.head_dim), np.float32)
+        past = [empty] * (2 * manifest.num_layers)
+    feeds.update(zip(manifest.input_names[4:], past, strict=True))
+    return session.run(None, feeds)
+
+
+def test_ort_matches_pytorch_with_different_profiles_per_row(tiny_export):
+    model = AutoModelForCausalLM.from_pretrained(Manifest.load(tiny_export).source_model)
+    model.eval()
+    ids = np.random.default_rng(0).integers(0, 200, (3, 8))
+    mask = np.ones((3, 8), np.int64)
+    mask[2, :2] = 0
+    positions = np.clip(mask.cumsum(1) - 1, 0, None)
+    steering = np.zeros((3, 4, 64), np.float32)
+    steering[0, 1] = 5.0
+    steering[1, 2] = -3.0  # row 2 unsteered
+    logits = run_ort(
+        tiny_export, {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "steering": steering}
+    )[0]
+    with torch.no_grad(), steering_hooks(model, torch.from_numpy(steering), [1, 2]):
+        reference = model(
+            input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), position_ids=torch.from_numpy(positions)
+        ).logits.numpy()
+    valid = mask.astype(bool)
+    np.testing.assert_allclose(logits[valid], reference[valid], atol=1e-4, rtol=1e-4)
+    assert not np.allclose(logits[0], logits[1])
+
+
+def test_cached_steps_equal_full_sequence_logits(tiny_export):
+    ids = np.random.default_rng(1).integers(0, 200, (1, 6))
+    steering = np.full((1, 4, 64), 2.0, np.float32)
+    full = run_ort(
+        tiny_export,
+        {"input_ids": ids, "attention_mask": np.ones((1, 6), np.int64), "position_ids": np.arange(6)[None], "steering": steering},
+    )[0]
+    past, steps = None, []
+    for t in range(6):
+        feeds = {
+            "input_ids": ids[:, t : t + 1],
+            "attention_mask": np.ones((1, t + 1), np.int64),
+            "position_ids": np.array([[t]]),
+            "steering": steering,
+        }
+        if past is not None:
+            feeds["past"] = past
+        logits, *past = run_ort(tiny_export, feeds)
+        steps.append(logits)
+    np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_unsupported_architecture_is_a_clear_error(tmp_path, tiny_tokenizer):
+    from transformers import BertConfig, BertLMHeadModel
+
+    BertLMHeadModel(BertConfig(vocab_size=300, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=64, is_decoder=True)).save_pretrained(tmp_path / "bert")
+    with pytest.raises(GrainsError, match="unsupported architecture 'bert'; supported: llama, gpt2"):
+        export(str(tmp_path / "bert"), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_refuses_to_overwrite_a_folder_that_is_not_an_export(tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(GrainsError, match="not an export"):
+        export("default", tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
