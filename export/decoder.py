@@ -18,7 +18,24 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from grains_edge.errors import GrainsError
 from grains_edge.steering import renormalized_add
+
+
+def fused_weight(*linears: nn.Linear) -> torch.Tensor:
+    """[in, sum of outs]: the weights of bias-free Linear layers side by side, for one x @ W."""
+    if any(linear.bias is not None for linear in linears):
+        raise GrainsError("Llama-family models with attention or MLP biases are not supported yet")
+    return torch.cat([linear.weight.detach().T for linear in linears], dim=1).contiguous()
+
+
+def rotate_half_matrix(dim: int) -> torch.Tensor:
+    """R [dim, dim] with x @ R == cat(-x[dim/2:], x[:dim/2]) (the RoPE rotate-half as one MatMul)."""
+    half = dim // 2
+    rotate = torch.zeros(dim, dim)
+    rotate[half:, :half] = -torch.eye(half)
+    rotate[:half, half:] = torch.eye(half)
+    return rotate
 
 
 class SteeredDecoder(nn.Module):
@@ -39,6 +56,10 @@ class SteeredDecoder(nn.Module):
             rotary = self.body.rotary_emb
             self.register_buffer("inv_freq", rotary.inv_freq.float().clone(), persistent=False)
             self.rope_scale = float(getattr(rotary, "attention_scaling", 1.0))
+            self.register_buffer("rotate", rotate_half_matrix(self.head_dim), persistent=False)  # [d, d]
+            # One MatMul for q|k|v and one for gate|up: fewer, larger kernels per decode step.
+            self.qkv = [fused_weight(a.q_proj, a.k_proj, a.v_proj) for a in (l.self_attn for l in self.body.layers)]
+            self.gate_up = [fused_weight(l.mlp.gate_proj, l.mlp.up_proj) for l in self.body.layers]
         else:
             self.body = hf_model.transformer
             self.eps = config.layer_norm_epsilon
@@ -71,25 +92,24 @@ class SteeredDecoder(nn.Module):
     # ---- Llama -----------------------------------------------------------------------------
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * weight
+        # written as x / sqrt(...) so ONNX Runtime fuses it into SimplifiedLayerNormalization
+        return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * weight
 
-    def rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        half = x.shape[-1] // 2
-        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * cos + rotated * sin
-
-    def llama_layer(self, layer, h, cos, sin, bias, past_k, past_v):
-        attn = layer.self_attn
+    def llama_layer(self, index, layer, h, cos, sin, bias, past_k, past_v):
+        attn, mlp = layer.self_attn, layer.mlp
+        b, seq, _ = h.shape
         x = self.rms_norm(h, layer.input_layernorm.weight)
-        q = self.rope(self.split_heads(attn.q_proj(x), self.num_heads), cos, sin)
-        k = self.rope(self.split_heads(attn.k_proj(x), self.num_kv_heads), cos, sin)
-        v = self.split_heads(attn.v_proj(x), self.num_kv_heads)
+        heads = (x @ self.qkv[index]).view(b, seq, -1, self.head_dim).transpose(1, 2)  # [b, H+2KV, seq, d]
+        rotary = self.num_heads + self.num_kv_heads
+        qk = heads[:, :rotary]
+        qk = qk * cos + (qk @ self.rotate) * sin  # RoPE on q and k together
+        q, k = qk.split((self.num_heads, self.num_kv_heads), dim=1)
         k = torch.cat((past_k, k), dim=2)  # [b, kv, total, d]
-        v = torch.cat((past_v, v), dim=2)
+        v = torch.cat((past_v, heads[:, rotary:]), dim=2)
         h = h + attn.o_proj(self.attend(q, k, v, bias))
         x = self.rms_norm(h, layer.post_attention_layernorm.weight)
-        mlp = layer.mlp
-        h = h + mlp.down_proj(nn.functional.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
+        gate, up = (x @ self.gate_up[index]).chunk(2, dim=-1)
+        h = h + mlp.down_proj(nn.functional.silu(gate) * up)
         return h, k, v
 
     # ---- GPT-2 -----------------------------------------------------------------------------
@@ -125,7 +145,7 @@ class SteeredDecoder(nn.Module):
         for i, layer in enumerate(layers):
             past_k, past_v = past[2 * i], past[2 * i + 1]
             if self.arch == "llama":
-                h, k, v = self.llama_layer(layer, h, cos, sin, bias, past_k, past_v)
+                h, k, v = self.llama_layer(i, layer, h, cos, sin, bias, past_k, past_v)
             else:
                 h, k, v = self.gpt2_layer(layer, h, bias, past_k, past_v)
             present += [k, v]

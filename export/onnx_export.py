@@ -147,7 +147,7 @@ def export(model_spec: str, out_dir: str | Path, layers_spec: str = "all") -> Ma
     model, tokenizer = models.load(model_spec)
     config = model.config
     num_layers = config.num_hidden_layers
-    steered = parse_layers(layers_spec, num_layers)
+    steered = [] if layers_spec == "none" else parse_layers(layers_spec, num_layers)
     decoder = SteeredDecoder(model, steered).eval()
     manifest = Manifest(
         source_model=model_spec,

@@ -9,7 +9,7 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser("export", help="export a model to a steered ONNX graph")
     parser.add_argument("--model", default="default", help="'default', a local HF folder, a .gguf, or a Hub id")
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--layers", default="all", help="steered layers: all | A-B | i,j,k (default all)")
+    parser.add_argument("--layers", default="all", help="steered layers: all | A-B | i,j,k | none (default all)")
     parser.set_defaults(run=run)
 
 

@@ -1,0 +1,97 @@
+"""The ORT engine: decoding, steering per call, streaming, limits."""
+
+import threading
+
+import numpy as np
+import pytest
+
+from grains_edge.engine import Engine, GenerationSettings
+from grains_edge.errors import GrainsError
+
+HELLO = [{"role": "user", "content": "Hello, how are you today?"}]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_export) -> Engine:
+    return Engine(tiny_export, device="cpu")
+
+
+def tokens(engine: Engine, steering=None, **settings) -> list[str]:
+    return list(engine.chat(HELLO, steering, GenerationSettings(**{"max_new_tokens": 12, **settings})))
+
+
+def test_greedy_is_deterministic_and_streams_pieces(engine):
+    first = tokens(engine)
+    assert len(first) > 1 and first == tokens(engine)
+    assert engine.last_stats.new_tokens >= len(first)
+    assert engine.last_stats.prompt_tokens == len(engine.chat_ids(HELLO))
+
+
+def test_zero_steering_reproduces_unsteered_tokens(engine):
+    assert tokens(engine, engine.zero_steering()) == tokens(engine, None)
+
+
+def test_steering_changes_the_answer_and_switching_back_restores_it(engine):
+    plain = tokens(engine)
+    push = engine.zero_steering()
+    push[1:3] = np.random.default_rng(0).normal(0, 30, (2, engine.hidden_size))
+    assert tokens(engine, push) != plain
+    assert tokens(engine, None) == plain
+
+
+def test_scaled_steering_matches_steering_scaled(engine):
+    vector = engine.zero_steering()
+    vector[2] = np.random.default_rng(1).normal(0, 5, engine.hidden_size)
+    assert tokens(engine, 2 * vector) == tokens(engine, vector * 2.0)
+
+
+def test_seeded_sampling_is_reproducible(engine):
+    a = tokens(engine, temperature=1.0, top_p=0.9, seed=7)
+    assert a == tokens(engine, temperature=1.0, top_p=0.9, seed=7)
+
+
+def test_stop_event_ends_generation_early(engine):
+    stop = threading.Event()
+    stream = engine.chat(HELLO, None, GenerationSettings(max_new_tokens=50), stop)
+    next(stream)
+    stop.set()
+    rest = list(stream)
+    assert len(rest) <= 1 and engine.last_stats.stopped_by == "user"
+
+
+def test_batched_forward_with_left_padding_matches_single_rows(engine):
+    a, b = engine.chat_ids(HELLO), engine.chat_ids([{"role": "user", "content": "Paris"}])
+    width = max(len(a), len(b))
+    ids = np.full((2, width), engine.pad_id)
+    mask = np.zeros((2, width), np.int64)
+    for row, seq in enumerate((a, b)):
+        ids[row, width - len(seq) :] = seq
+        mask[row, width - len(seq) :] = 1
+    batched = engine.forward(ids, mask)
+    single = engine.forward(np.array([b]), np.ones((1, len(b)), np.int64))
+    np.testing.assert_allclose(batched[1, width - len(b) :], single[0], atol=1e-4)
+
+
+def test_wrong_steering_shape_is_a_clear_error(engine):
+    with pytest.raises(GrainsError, match="steering has shape"):
+        tokens(engine, np.zeros((3, 7), np.float32))
+
+
+def test_context_overflow_is_a_clear_error(engine):
+    with pytest.raises(GrainsError, match="context is 128"):
+        list(engine.generate(list(range(5, 200)), None))
+
+
+def test_generation_stops_at_the_context_limit(engine):
+    list(engine.generate(list(range(5, 125)), None, GenerationSettings(max_new_tokens=50)))
+    assert engine.last_stats.new_tokens <= 8
+
+
+@pytest.mark.slow
+def test_default_model_answers_a_simple_question(default_export):
+    engine = Engine(default_export, device="cpu")
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    plain = "".join(engine.chat(question, None, GenerationSettings(max_new_tokens=20)))
+    assert "Paris" in plain
+    zero = "".join(engine.chat(question, engine.zero_steering(), GenerationSettings(max_new_tokens=20)))
+    assert zero == plain
