@@ -1,8 +1,9 @@
 """Export a Hugging Face causal LM to a steered ONNX graph, then verify it against PyTorch.
 
-The graph is `SteeredDecoder` (see `decoder.py`) exported with `torch.onnx.export(dynamo=True)`:
-inputs `input_ids`, `attention_mask`, `position_ids`, `steering` [batch, num_layers, hidden] and
-`past_key_values.{i}.key|value`; outputs `logits` and `present.{i}.key|value`. The export directory is
+The graph is built by `graph.py` straight from the weights (inputs `input_ids`, `attention_mask`,
+`position_ids`, `steering` [batch, num_layers, hidden], `past_key_values.{i}.key|value`; outputs
+`logits` and `present.{i}.key|value`). Verification runs the Hugging Face model with the same
+steering applied by forward hooks and ONNX Runtime on the same inputs. The export directory is
 written to a temporary sibling and renamed into place only after verification passes, so a failed or
 interrupted export never leaves a half-written directory behind.
 """
@@ -18,16 +19,17 @@ from importlib import metadata
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
+from grains_edge.export import graph
 
 from grains_edge import models
 from grains_edge.errors import GrainsError
 from grains_edge.layers import parse_layers
-from grains_edge.export.decoder import SteeredDecoder
 from grains_edge.manifest import MANIFEST_NAME, MODEL_NAME, Manifest
 from grains_edge.steering import steering_hooks
 
-OPSET = 18
+OPSET = graph.OPSET
 # ORT vs PyTorch: max |Δlogit| / max(1, max |logit|) must stay below this (float32 throughout).
 TOLERANCE = 1e-3
 
@@ -42,40 +44,17 @@ def io_names(num_layers: int) -> tuple[list[str], list[str]]:
     return ["input_ids", "attention_mask", "position_ids", "steering", *past], ["logits", *present]
 
 
-def example_inputs(decoder: SteeredDecoder, hidden: int, batch: int = 2, seq: int = 5, past: int = 3):
-    torch.manual_seed(0)
-    ids = torch.randint(0, 100, (batch, seq))
-    mask = torch.ones(batch, past + seq, dtype=torch.long)
-    positions = torch.arange(past, past + seq).expand(batch, seq).contiguous()
-    steering = torch.zeros(batch, decoder.num_layers, hidden)
-    cache = [torch.randn(batch, decoder.num_kv_heads, past, decoder.head_dim) for _ in range(2 * decoder.num_layers)]
-    return (ids, mask, positions, steering, *cache)
-
-
-def trace_to_onnx(decoder: SteeredDecoder, hidden: int, path: Path) -> None:
-    inputs, outputs = io_names(decoder.num_layers)
-    batch, seq, past, total = (torch.export.Dim(n) for n in ("batch", "seq", "past", "total"))
-    cache_shape = {0: batch, 2: past}
-    dynamic = (
-        {0: batch, 1: seq},
-        {0: batch, 1: total},
-        {0: batch, 1: seq},
-        {0: batch},
-        tuple([cache_shape] * (2 * decoder.num_layers)),
+def write_graph(model, steered: list[int], path: Path) -> None:
+    inputs, outputs = io_names(model.config.num_hidden_layers)
+    proto = graph.build(model, steered, inputs, outputs)
+    onnx.save_model(
+        proto,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=path.name + ".data",
+        size_threshold=1024,
     )
-    with torch.no_grad():
-        program = torch.onnx.export(
-            decoder,
-            example_inputs(decoder, hidden),
-            input_names=inputs,
-            output_names=outputs,
-            dynamic_shapes=dynamic,
-            opset_version=OPSET,
-            dynamo=True,
-            optimize=True,
-            verbose=False,
-        )
-    program.save(str(path), external_data=True)
 
 
 def verify(model, export_dir: Path, manifest: Manifest) -> dict:
@@ -148,15 +127,15 @@ def export(model_spec: str, out_dir: str | Path, layers_spec: str = "all") -> Ma
     config = model.config
     num_layers = config.num_hidden_layers
     steered = [] if layers_spec == "none" else parse_layers(layers_spec, num_layers)
-    decoder = SteeredDecoder(model, steered).eval()
+    heads = config.num_attention_heads
     manifest = Manifest(
         source_model=model_spec,
         architecture=config.model_type,
         num_layers=num_layers,
         hidden_size=config.hidden_size,
-        num_heads=decoder.num_heads,
-        num_kv_heads=decoder.num_kv_heads,
-        head_dim=decoder.head_dim,
+        num_heads=heads,
+        num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+        head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
         vocab_size=config.vocab_size,
         max_context=int(getattr(config, "max_position_embeddings", 0) or getattr(config, "n_positions", 2048)),
         steered_layers=steered,
@@ -170,8 +149,8 @@ def export(model_spec: str, out_dir: str | Path, layers_spec: str = "all") -> Ma
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
-        log(f"exporting {num_layers} layers, steering on {len(steered)} of them (this takes a minute) …")
-        trace_to_onnx(decoder, config.hidden_size, staging / MODEL_NAME)
+        log(f"writing the ONNX graph: {num_layers} layers, steering after {len(steered)} of them …")
+        write_graph(model, steered, staging / MODEL_NAME)
         tokenizer.save_pretrained(staging)
         log("verifying ONNX Runtime against PyTorch (zero and non-zero steering, KV cache) …")
         manifest.verification = verify(model, staging, manifest)

@@ -1,7 +1,8 @@
 """The ONNX Runtime engine: one loaded steered graph, a new steering tensor on every call.
 
-The KV cache stays inside ONNX Runtime between decode steps (IOBinding: `present.*` outputs are
-bound back as the next step's `past_key_values.*` inputs without a copy through NumPy), and the
+The KV cache stays inside ONNX Runtime between decode steps: one pre-allocated buffer per layer and
+kind, bound through IOBinding as both `past_key_values.*` and `present.*`, which the graph's
+GroupQueryAttention appends to in place (no per-step copy, no per-step rebinding). The
 steering tensor [batch, num_layers, hidden] is just another input, so switching a behaviour
 profile is an array assignment: the session is never rebuilt.
 """
@@ -13,7 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -60,14 +61,13 @@ def choose_providers(device: str) -> tuple[list[str], str | None]:
 
 @dataclass
 class Cache:
-    """The KV cache of one running sequence batch: ORT values plus the attention mask so far."""
+    """KV buffers [batch, kv_heads, capacity, head_dim], bound as both `past_key_values.*` and `present.*`:
+    GroupQueryAttention appends each step's keys and values in place, so a step copies no cache."""
 
-    values: list = field(default_factory=list)  # [past_key_values.0.key, ...] as OrtValues
-    mask: np.ndarray | None = None  # [batch, total]
-
-    @property
-    def length(self) -> int:
-        return 0 if self.mask is None else self.mask.shape[1]
+    binding: object  # onnxruntime IOBinding with the buffers bound
+    buffers: list  # OrtValues, in input-name order
+    capacity: int
+    length: int = 0  # tokens already in the cache
 
 
 class Engine:
@@ -133,43 +133,53 @@ class Engine:
             steering = np.broadcast_to(steering, (batch, *expected))
         return np.ascontiguousarray(steering)
 
-    # ---- one graph call --------------------------------------------------------------------
+    # ---- graph calls -----------------------------------------------------------------------
 
-    def step(self, input_ids: np.ndarray, positions: np.ndarray, steering: np.ndarray, cache: Cache):
-        """Run input_ids [batch, seq] after `cache`; updates the cache in place, returns logits OrtValue."""
-        batch, seq = input_ids.shape
-        mask = np.ones((batch, seq), np.int64)
-        cache.mask = mask if cache.mask is None else np.concatenate([cache.mask, mask], axis=1)
-        return self._run(input_ids, cache.mask, positions, steering, cache)
-
-    def _run(self, input_ids, mask, positions, steering, cache: Cache):
+    def new_cache(self, batch: int, capacity: int) -> Cache:
+        """Pre-allocated KV buffers for `capacity` tokens, bound once for the whole generation."""
+        shape = (batch, self.manifest.num_kv_heads, capacity, self.manifest.head_dim)
+        buffers = [
+            self._ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, self.device) for _ in self.past_names
+        ]
         binding = self.session.io_binding()
-        ortvalue = self._ort.OrtValue
+        binding.bind_output("logits", "cpu")  # first, so it is get_outputs()[0]
+        for past, present, buffer in zip(self.past_names, self.present_names, buffers, strict=True):
+            binding.bind_ortvalue_input(past, buffer)
+            binding.bind_ortvalue_output(present, buffer)
+        return Cache(binding, buffers, capacity)
+
+    def step(self, input_ids: np.ndarray, steering: np.ndarray, cache: Cache) -> np.ndarray:
+        """Run input_ids [batch, seq] after the cached tokens; returns the last position's logits [batch, vocab]."""
+        batch, seq = input_ids.shape
+        total = cache.length + seq
+        if total > cache.capacity:
+            raise GrainsError(f"KV cache holds {cache.capacity} tokens, {total} needed; fix: allocate a larger cache")
+        binding = cache.binding
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, np.int64))
-        binding.bind_cpu_input("attention_mask", np.ascontiguousarray(mask, np.int64))
-        binding.bind_cpu_input("position_ids", np.ascontiguousarray(positions, np.int64))
+        binding.bind_cpu_input("attention_mask", np.ones((batch, total), np.int64))
+        binding.bind_cpu_input("position_ids", np.arange(cache.length, total, dtype=np.int64)[None].repeat(batch, 0))
         binding.bind_cpu_input("steering", steering)
-        if not cache.values:
-            empty = np.zeros((input_ids.shape[0], self.manifest.num_kv_heads, 0, self.manifest.head_dim), np.float32)
-            cache.values = [ortvalue.ortvalue_from_numpy(empty, self.device) for _ in self.past_names]
-        for name, value in zip(self.past_names, cache.values, strict=True):
-            binding.bind_ortvalue_input(name, value)
-        binding.bind_output("logits", "cpu")
-        for name in self.present_names:
-            binding.bind_output(name, self.device)
+        binding.bind_output("logits", "cpu")  # re-bound each step: its shape changes
         self.session.run_with_iobinding(binding)
-        logits, *present = binding.get_outputs()
-        cache.values = present
-        return logits
+        cache.length = total
+        return binding.get_outputs()[0].numpy()[:, -1]
 
     def forward(
         self, input_ids: np.ndarray, attention_mask: np.ndarray, steering: np.ndarray | None = None
     ) -> np.ndarray:
-        """Full-sequence logits [batch, seq, vocab] for right- or left-padded input_ids [batch, seq]."""
-        batch = input_ids.shape[0]
-        positions = np.clip(np.cumsum(attention_mask, axis=1) - 1, 0, None)
-        logits = self._run(input_ids, attention_mask, positions, self.batched_steering(steering, batch), Cache())
-        return logits.numpy()
+        """Logits [batch, seq, vocab] of right-padded input_ids [batch, seq] (attention_mask 1 = token)."""
+        batch, seq = input_ids.shape
+        if (np.diff(attention_mask, axis=1) > 0).any():
+            raise GrainsError("forward() takes right-padded batches; fix: put the padding after the tokens")
+        empty = np.zeros((batch, self.manifest.num_kv_heads, 0, self.manifest.head_dim), np.float32)
+        feeds = {
+            "input_ids": np.ascontiguousarray(input_ids, np.int64),
+            "attention_mask": np.ascontiguousarray(attention_mask, np.int64),
+            "position_ids": np.arange(seq, dtype=np.int64)[None].repeat(batch, 0),
+            "steering": self.batched_steering(steering, batch),
+            **dict.fromkeys(self.past_names, empty),
+        }
+        return self.session.run(["logits"], feeds)[0]
 
     # ---- text ------------------------------------------------------------------------------
 
@@ -205,16 +215,14 @@ class Engine:
         steer = self.batched_steering(steering, 1)
         stats = GenerationStats(prompt_tokens=len(prompt_ids))
         self.last_stats = stats
-        cache = Cache()
+        cache = self.new_cache(1, len(prompt_ids) + budget)
         generated: list[int] = []
         shown = ""
         started = time.perf_counter()
         ids = np.asarray([prompt_ids], np.int64)
-        positions = np.arange(len(prompt_ids), dtype=np.int64)[None]
         stats.stopped_by = "length"
         for _ in range(budget):
-            logits = self.step(ids, positions, steer, cache).numpy()[0, -1]  # [vocab]
-            token = pick_token(logits, settings, rng)
+            token = pick_token(self.step(ids, steer, cache)[0], settings, rng)
             if not generated:
                 stats.first_token_seconds = time.perf_counter() - started
                 first_done = time.perf_counter()
@@ -231,7 +239,6 @@ class Engine:
                 stats.stopped_by = "user"
                 break
             ids = np.asarray([[token]], np.int64)
-            positions = np.asarray([[cache.length]], np.int64)
         if generated:
             stats.decode_seconds = time.perf_counter() - first_done
 

