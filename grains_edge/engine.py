@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +68,14 @@ class Cache:
     buffers: list  # OrtValues, in input-name order
     capacity: int
     length: int = 0  # tokens already in the cache
+    # decode steps (one token per row) write into these bound arrays instead of re-binding
+    token: np.ndarray | None = None  # [batch, 1]
+    position: np.ndarray | None = None  # [batch, 1]
+    logits: np.ndarray | None = None  # [batch, 1, vocab]
+    ones: np.ndarray | None = None  # [batch * capacity], the attention mask's storage
+    bound: list = field(default_factory=list)  # OrtValues viewing the arrays above, kept alive here
+    decode_bound: bool = False
+    steering: np.ndarray | None = None  # the array currently bound as `steering`
 
 
 class Engine:
@@ -146,7 +154,15 @@ class Engine:
         for past, present, buffer in zip(self.past_names, self.present_names, buffers, strict=True):
             binding.bind_ortvalue_input(past, buffer)
             binding.bind_ortvalue_output(present, buffer)
-        return Cache(binding, buffers, capacity)
+        return Cache(
+            binding,
+            buffers,
+            capacity,
+            token=np.zeros((batch, 1), np.int64),
+            position=np.zeros((batch, 1), np.int64),
+            logits=np.zeros((batch, 1, self.manifest.vocab_size), np.float32),
+            ones=np.ones(batch * capacity, np.int64),
+        )
 
     def step(self, input_ids: np.ndarray, steering: np.ndarray, cache: Cache) -> np.ndarray:
         """Run input_ids [batch, seq] after the cached tokens; returns the last position's logits [batch, vocab]."""
@@ -155,13 +171,31 @@ class Engine:
         if total > cache.capacity:
             raise GrainsError(f"KV cache holds {cache.capacity} tokens, {total} needed; fix: allocate a larger cache")
         binding = cache.binding
-        binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, np.int64))
-        binding.bind_cpu_input("attention_mask", np.ones((batch, total), np.int64))
-        binding.bind_cpu_input("position_ids", np.arange(cache.length, total, dtype=np.int64)[None].repeat(batch, 0))
-        binding.bind_cpu_input("steering", steering)
-        binding.bind_output("logits", "cpu")  # re-bound each step: its shape changes
+        if seq == 1 and self.device == "cpu":
+            if not cache.decode_bound:
+                cache.bound = [
+                    self._ort.OrtValue.ortvalue_from_numpy(a) for a in (cache.token, cache.position, cache.logits)
+                ]
+                binding.bind_ortvalue_input("input_ids", cache.bound[0])
+                binding.bind_ortvalue_input("position_ids", cache.bound[1])
+                binding.bind_ortvalue_output("logits", cache.bound[2])
+                cache.decode_bound = True
+            cache.token[:] = input_ids
+            cache.position[:] = cache.length
+        else:
+            binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, np.int64))
+            positions = np.arange(cache.length, total, dtype=np.int64)[None].repeat(batch, 0)
+            binding.bind_cpu_input("position_ids", positions)
+            binding.bind_output("logits", "cpu")  # a fresh output: its shape differs from the decode steps'
+            cache.decode_bound = False
+        binding.bind_input("attention_mask", "cpu", 0, np.int64, [batch, total], cache.ones.ctypes.data)
+        if steering is not cache.steering:
+            binding.bind_cpu_input("steering", steering)
+            cache.steering = steering
         self.session.run_with_iobinding(binding)
         cache.length = total
+        if cache.decode_bound:
+            return cache.logits[:, -1].copy()
         return binding.get_outputs()[0].numpy()[:, -1]
 
     def forward(
