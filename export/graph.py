@@ -87,8 +87,11 @@ def rope_caches(model, max_positions: int, head_dim: int) -> tuple[np.ndarray, n
     return array(angles.cos() * scale), array(angles.sin() * scale)
 
 
-def build(model, steered_layers: list[int], input_names: list[str], output_names: list[str]) -> onnx.ModelProto:
-    """The steered graph of `model` (a loaded HF LlamaForCausalLM or GPT2LMHeadModel)."""
+def build(
+    model, steered_layers: list[int], input_names: list[str], output_names: list[str], separate_head: bool = False
+) -> onnx.ModelProto:
+    """The steered graph of `model` (a loaded HF LlamaForCausalLM or GPT2LMHeadModel). `separate_head`
+    gives the LM head its own [hidden, vocab] MatMul weight even when tied, so a quantizer can take it."""
     config = model.config
     llama = config.model_type == "llama"
     num_layers, hidden = config.num_hidden_layers, config.hidden_size
@@ -206,9 +209,12 @@ def build(model, steered_layers: list[int], input_names: list[str], output_names
     x = norm(h, final, "final_norm")
     head = model.get_output_embeddings().weight
     tied = head.data_ptr() == model.get_input_embeddings().weight.data_ptr()
-    head_name = embedding if tied else g.weight("lm_head.weight", array(head))  # [vocab, hidden]
     flat = g.op("Reshape", x, g.const([-1, hidden]))  # [b*s, hidden]
-    logits = g.op("Gemm", flat, head_name, transB=1)  # [b*s, vocab]
+    if separate_head:
+        logits = g.op("MatMul", flat, g.weight("lm_head.weight", array(head).T))  # [b*s, vocab]
+    else:  # the tied embedding table read in place, no transposed copy
+        head_name = embedding if tied else g.weight("lm_head.weight", array(head))  # [vocab, hidden]
+        logits = g.op("Gemm", flat, head_name, transB=1)  # [b*s, vocab]
     batch_seq = g.op("Slice", g.op("Shape", ids), g.const([0]), g.const([2]))
     g.nodes.append(
         helper.make_node("Reshape", [logits, g.op("Concat", batch_seq, g.const([-1]), axis=0)], [output_names[0]])

@@ -32,6 +32,7 @@ class Manifest:
     opset: int
     weights_fingerprint: str
     versions: dict[str, str]
+    quantization: str = "none"  # none | int8 | int4 (weight-only, MatMulNBits)
     verification: dict[str, float] = field(default_factory=dict)
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     format_version: int = FORMAT_VERSION

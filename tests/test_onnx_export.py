@@ -21,7 +21,8 @@ def test_manifest_describes_the_graph(tiny_export):
     assert manifest.num_layers == 4 and manifest.hidden_size == 64
     assert manifest.input_names[:4] == ["input_ids", "attention_mask", "position_ids", "steering"]
     assert len(manifest.input_names) == 4 + 2 * manifest.num_layers
-    assert set(manifest.verification) == {"zero", "steered"}
+    checks = manifest.verification
+    assert checks["zero"] < 1e-3 and checks["steered"] < 1e-3 and checks["steering_effect_correlation"] > 0.99
     assert len(manifest.weights_fingerprint) == 16 and "onnxruntime" in manifest.versions
     assert json.loads((tiny_export / "manifest.json").read_text())["opset"] == manifest.opset
 
@@ -124,3 +125,13 @@ def test_refuses_to_overwrite_a_folder_that_is_not_an_export(tmp_path):
     with pytest.raises(GrainsError, match="not an export"):
         export("default", tmp_path / "mine")
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("bits", ["int8", "int4"])
+def test_quantized_export_keeps_float_steering(tmp_path, tiny_model_dir, bits):
+    manifest = export(str(tiny_model_dir), tmp_path / bits, layers_spec="1-2", quantize=bits)
+    assert manifest.quantization == bits
+    ops = [node.op_type for node in onnx.load(str(tmp_path / bits / "model.onnx"), load_external_data=False).graph.node]
+    assert "MatMul" not in ops and ops.count("MatMulNBits") == 4 * 4 + 1  # 4 per layer and the LM head
+    assert ops.count("ReduceL2") == 4  # the renormalization stays float
+    assert manifest.verification["steering_effect_correlation"] > 0.5

@@ -10,11 +10,14 @@ def register(subparsers) -> None:
     parser.add_argument("--model", default="default", help="'default', a local HF folder, a .gguf, or a Hub id")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--layers", default="all", help="steered layers: all | A-B | i,j,k | none (default all)")
+    parser.add_argument(
+        "--quantize", default="none", choices=("none", "int8", "int4"), help="weight-only quantization of the MatMuls"
+    )
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from grains_edge.export.onnx_export import export
 
-    export(args.model, args.out, layers_spec=args.layers)
+    export(args.model, args.out, layers_spec=args.layers, quantize=args.quantize)
     return 0
