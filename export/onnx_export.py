@@ -142,7 +142,7 @@ def verify(model, export_dir: Path, manifest: Manifest) -> dict:
 
 
 def package_versions() -> dict[str, str]:
-    names = ("grains-edge", "torch", "transformers", "onnx", "onnxscript", "onnxruntime")
+    names = ("grains-edge", "torch", "transformers", "onnx", "onnxruntime", "onnxruntime-gpu")
     versions = {}
     for name in names:
         try:
