@@ -46,17 +46,25 @@ class GenerationStats:
         return (self.new_tokens - 1) / self.decode_seconds if self.new_tokens > 1 and self.decode_seconds else 0.0
 
 
-def choose_providers(device: str) -> tuple[list[str], str | None]:
-    """(providers, notice): CUDA when asked for or available, else CPU with a one-line reason."""
-    import onnxruntime as ort
+DEVICES = ("auto", "cpu", "cuda")
 
-    available = ort.get_available_providers()
-    if device == "cpu":
-        return ["CPUExecutionProvider"], None
-    if "CUDAExecutionProvider" in available:
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"], None
-    reason = "onnxruntime-gpu is not installed" if device == "cuda" or device == "auto" else ""
-    return ["CPUExecutionProvider"], f"CUDA not available ({reason}); running on CPU"
+
+def choose_providers(device: str, available: list[str]) -> list[str]:
+    """Execution providers for `device`: CUDA first when asked for (or auto) and installed, CPU always."""
+    if device not in DEVICES:
+        raise GrainsError(f"unknown device '{device}'; fix: use one of {', '.join(DEVICES)}")
+    if device != "cpu" and "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def cpu_fallback_notice(device: str, available: list[str], active: str) -> str | None:
+    """The one line to print when CUDA was wanted (or possible) but the session runs on the CPU."""
+    if device == "cpu" or active == "CUDAExecutionProvider":
+        return None
+    if "CUDAExecutionProvider" not in available:
+        return "CUDA not available (onnxruntime-gpu is not installed: pip install 'grains-edge[gpu]'); running on CPU"
+    return "CUDA provider could not start (no usable GPU or CUDA libraries); running on CPU"
 
 
 @dataclass
@@ -87,17 +95,21 @@ class Engine:
 
         self.export_dir = Path(export_dir).expanduser()
         self.manifest = Manifest.load(self.export_dir)
-        providers, notice = choose_providers(device)
-        if notice and device != "cpu":
-            print(f"[grains-edge] {notice}", file=sys.stderr)
+        available = ort.get_available_providers()
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = threads or max(1, os.cpu_count() or 1)
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        providers = choose_providers(device, available)
         self.session = ort.InferenceSession(str(self.export_dir / MODEL_NAME), options, providers=providers)
         self.provider = self.session.get_providers()[0]
-        self.device = "cuda" if self.provider == "CUDAExecutionProvider" else "cpu"
+        notice = cpu_fallback_notice(device, available, self.provider)
+        if notice:
+            print(f"[grains-edge] {notice}", file=sys.stderr)
+        # KV buffers live in host memory on either provider: ONNX Runtime's CUDA GroupQueryAttention takes
+        # fp16/bf16 only, so in a float32 graph attention (and its cache) runs on the CPU provider.
+        self.cache_device = "cpu"
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.export_dir))
         self.past_names = self.manifest.input_names[4:]
         self.present_names = self.manifest.output_names[1:]
@@ -147,7 +159,8 @@ class Engine:
         """Pre-allocated KV buffers for `capacity` tokens, bound once for the whole generation."""
         shape = (batch, self.manifest.num_kv_heads, capacity, self.manifest.head_dim)
         buffers = [
-            self._ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, self.device) for _ in self.past_names
+            self._ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, self.cache_device)
+            for _ in self.past_names
         ]
         binding = self.session.io_binding()
         binding.bind_output("logits", "cpu")  # first, so it is get_outputs()[0]
@@ -171,7 +184,7 @@ class Engine:
         if total > cache.capacity:
             raise GrainsError(f"KV cache holds {cache.capacity} tokens, {total} needed; fix: allocate a larger cache")
         binding = cache.binding
-        if seq == 1 and self.device == "cpu":
+        if seq == 1:
             if not cache.decode_bound:
                 cache.bound = [
                     self._ort.OrtValue.ortvalue_from_numpy(a) for a in (cache.token, cache.position, cache.logits)

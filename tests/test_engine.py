@@ -108,3 +108,18 @@ def test_default_model_answers_a_simple_question(default_export):
     assert "Paris" in plain
     zero = "".join(engine.chat(question, engine.zero_steering(), GenerationSettings(max_new_tokens=20)))
     assert zero == plain
+
+
+def test_cuda_falls_back_to_cpu_with_one_clear_line():
+    from grains_edge.engine import choose_providers, cpu_fallback_notice
+
+    cpu_only = ["CPUExecutionProvider"]
+    with_gpu = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert choose_providers("auto", with_gpu)[0] == "CUDAExecutionProvider"
+    assert choose_providers("cuda", cpu_only) == cpu_only
+    assert choose_providers("cpu", with_gpu) == cpu_only
+    assert "onnxruntime-gpu is not installed" in cpu_fallback_notice("cuda", cpu_only, "CPUExecutionProvider")
+    assert "could not start" in cpu_fallback_notice("auto", with_gpu, "CPUExecutionProvider")
+    assert cpu_fallback_notice("cpu", cpu_only, "CPUExecutionProvider") is None
+    with pytest.raises(GrainsError, match="unknown device"):
+        choose_providers("tpu", cpu_only)
