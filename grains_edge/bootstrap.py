@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 from grains_edge import paths
-from grains_edge.manifest import MANIFEST_NAME
+from grains_edge.manifest import MANIFEST_NAME, Manifest
 from grains_edge.models import DEFAULT_MODEL
 
 DEFAULT_EXPORT_NAME = "smollm2-135m-instruct"
@@ -28,9 +28,9 @@ def export_dir_for(model_spec: str) -> Path:
 def ensure_export(model_spec: str) -> Path:
     """Return a verified export of `model_spec`, exporting it first if there is none."""
     target = export_dir_for(model_spec)
-    if not (target / MANIFEST_NAME).is_file():
+    if not Manifest.is_current(target):
         from grains_edge.export.onnx_export import export, log
 
-        log(f"first run: no export of '{model_spec}' yet, building it in {target} (about a minute)")
+        log(f"no usable export of '{model_spec}' yet, building it in {target} (under a minute)")
         export(model_spec, target)
     return target

@@ -12,7 +12,7 @@ from grains_edge.errors import GrainsError
 
 MANIFEST_NAME = "manifest.json"
 MODEL_NAME = "model.onnx"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: graph built by export/graph.py (GroupQueryAttention, in-place KV cache)
 
 
 @dataclass
@@ -55,6 +55,21 @@ class Manifest:
             )
         try:
             data = json.loads(path.read_text())
-            return cls(**data)
+            manifest = cls(**data)
         except (ValueError, TypeError) as error:
             raise GrainsError(f"{path} is damaged ({error}); fix: re-run 'grains-edge export'") from error
+        if manifest.format_version != FORMAT_VERSION:
+            raise GrainsError(
+                f"{export_dir} was written by another grains-edge version (format {manifest.format_version}, "
+                f"this one reads {FORMAT_VERSION}); fix: re-run 'grains-edge export'"
+            )
+        return manifest
+
+    @staticmethod
+    def is_current(export_dir: str | Path) -> bool:
+        """True when export_dir holds a manifest this version can read."""
+        try:
+            Manifest.load(export_dir)
+        except GrainsError:
+            return False
+        return True
