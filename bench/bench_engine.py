@@ -29,7 +29,7 @@ from grains_edge.export.onnx_export import export
 
 from grains_edge import models
 from grains_edge.bootstrap import ensure_export, export_dir_for
-from grains_edge.engine import Cache, Engine, GenerationSettings
+from grains_edge.engine import Engine, GenerationSettings
 from grains_edge.manifest import Manifest
 from grains_edge.steering import steering_hooks
 
@@ -60,13 +60,12 @@ def weight_bytes_per_token(manifest: Manifest, model) -> int:
 def engine_run(engine: Engine, ids: list[int], steering: np.ndarray | None, tokens: int) -> tuple[float, float]:
     """(time to first token, decode tokens/s) for a greedy run of exactly `tokens` tokens."""
     steer = engine.batched_steering(steering, 1)
-    cache = Cache()
+    cache = engine.new_cache(1, len(ids) + tokens)
     started = time.perf_counter()
-    logits = engine.step(np.asarray([ids]), np.arange(len(ids))[None], steer, cache).numpy()
+    logits = engine.step(np.asarray([ids]), steer, cache)  # [1, vocab]
     first = time.perf_counter()
     for _ in range(tokens - 1):
-        token = int(logits[0, -1].argmax())
-        logits = engine.step(np.asarray([[token]]), np.asarray([[cache.length]]), steer, cache).numpy()
+        logits = engine.step(np.asarray([[int(logits[0].argmax())]]), steer, cache)
     done = time.perf_counter()
     return first - started, (tokens - 1) / (done - first)
 

@@ -107,8 +107,8 @@ def build(
     lengths = g.op("ReduceSum", mask, one_axis, keepdims=0)  # [b]
     seqlens_k = g.op("Cast", g.op("Sub", lengths, g.const(1)), to=TensorProto.INT32)  # [b]
     total = g.op("Cast", g.op("Gather", g.op("Shape", mask), g.const(1), axis=0), to=TensorProto.INT32)  # []
-    last_axis = g.const([-1])
-    eps = g.const(EPS, np.float32)
+    if steered_layers:
+        last_axis, eps = g.const([-1]), g.const(EPS, np.float32)
     attention = dict(domain="com.microsoft", num_heads=heads, kv_num_heads=kv_heads, scale=float(head_dim**-0.5))
     if llama:
         body = model.model
