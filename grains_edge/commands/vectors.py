@@ -1,0 +1,87 @@
+"""`grains-edge vectors`: build a steering profile from contrastive data."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from grains_edge.errors import GrainsError
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("vectors", help="build a steering profile (GRAINS or a baseline)")
+    parser.add_argument("--data", required=True, help="TruthfulQA MC JSON, CAA A/B JSON, or JSONL of pairs")
+    parser.add_argument("--method", default="grains", choices=("grains", "mean-diff", "pca-diff"))
+    parser.add_argument(
+        "--out", required=True, help="a profile name (saved in the profiles folder) or a .safetensors path"
+    )
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--layers", default="all", help="layers the profile steers: all | A-B | i,j,k")
+    parser.add_argument("--alpha", type=float, default=0.5, help="default strength (tune chooses one)")
+    parser.add_argument("--k", type=int, default=10, help="GRAINS: tokens masked on each side")
+    parser.add_argument("--ig-steps", type=int, default=20, help="GRAINS: Integrated Gradients steps")
+    parser.add_argument("--limit", type=int, default=None, help="use at most N pairs")
+    parser.add_argument("--split", default="train", choices=("train", "all"), help="train: hold out validation")
+    parser.add_argument("--score", default="text", choices=("text", "letter"), help="CAA answers as text or letter")
+    parser.add_argument("--description", default="", help="one line shown in the chat's profile list")
+    parser.set_defaults(run=run)
+
+
+def output_path(out: str) -> Path:
+    from grains_edge import paths
+    from grains_edge.profiles import SUFFIX
+
+    given = Path(out).expanduser()
+    return given if given.suffix == SUFFIX else paths.profiles_dir() / f"{out}{SUFFIX}"
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from grains_edge import datasets, models, vectors
+    from grains_edge.layers import parse_layers
+    from grains_edge.profiles import Profile, save_profile
+
+    if args.k < 1 or args.ig_steps < 1:
+        raise GrainsError("--k and --ig-steps must be at least 1; fix: pass positive numbers")
+    pairs = datasets.load_pairs(args.data, score=args.score)
+    if args.split == "train":
+        pairs, _ = datasets.split(pairs, key=lambda pair: pair.prompt)
+    if args.limit:
+        pairs = pairs[: args.limit]
+    if not pairs:
+        raise GrainsError(f"no pairs to learn from in {args.data}; fix: check the file or --split all")
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    model, tokenizer = models.load(args.model)
+    layers = parse_layers(args.layers, model.config.num_hidden_layers)
+    started = time.perf_counter()
+    steering = vectors.build(
+        model,
+        vectors.tokenize_pairs(tokenizer, pairs),
+        args.method,
+        k=args.k,
+        steps=args.ig_steps,
+        progress=vectors.progress_bar(f"{args.method} vectors"),
+    )
+    seconds = time.perf_counter() - started
+    name = Path(args.out).stem
+    profile = Profile(
+        name=name,
+        vectors=steering,
+        layers=layers,
+        alpha=args.alpha,
+        method=args.method,
+        metadata={
+            "source": f"{Path(args.data).name} ({args.split} split, {len(pairs)} pairs, {args.score} answers)",
+            "model": args.model,
+            "fingerprint": models.fingerprint(model),
+            "k": str(args.k),
+            "ig_steps": str(args.ig_steps),
+            "build_seconds": f"{seconds:.0f}",
+            "description": args.description,
+        },
+    )
+    path = save_profile(profile, output_path(args.out))
+    print(f"wrote {path} ({args.method}, {len(pairs)} pairs, {seconds:.0f} s)")
+    return 0

@@ -1,0 +1,137 @@
+"""Behaviour and capability measured through the ONNX engine, with the steering applied while scoring.
+
+Every score is a summed answer log-probability under the chat template: the prompt is the user turn,
+the answer is the assistant turn. Sequences are scored in right-padded batches sorted by length.
+
+  * TruthfulQA MC1: the top-scoring choice is the true one; MC2: probability mass on the true choices
+    (Lin, Hilton & Evans 2021, `mc_task.json` metrics).
+  * A/B behaviour (CAA format, Rimsky et al. 2023): how often the behaviour-matching answer outscores
+    the other, scored on the letter "(A)" or on the option's full text.
+  * Perplexity: mean per-token negative log-likelihood of reference responses (Dolly).
+Intervals are 95 % bootstrap intervals over items (1,000 resamples, fixed seed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from grains_edge.engine import Engine
+
+BATCH_TOKENS = 2048  # padded tokens per forward pass
+
+
+@dataclass
+class MCItem:
+    question: str
+    choices: list[str]
+    labels: list[int]  # 1 = true
+
+
+@dataclass
+class ABItem:
+    question: str  # includes "Choices: (A) … (B) …"
+    matching: str  # the preferred answer: "(A)" or its text
+    other: str
+
+
+def answer_logprobs(
+    engine: Engine, prompts: Sequence[str], answers: Sequence[str], steering: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(summed log p(answer | prompt), answer token counts) for each prompt/answer pair."""
+    tokenizer = engine.tokenizer
+    prompt_ids = {p: engine.chat_ids([{"role": "user", "content": p}]) for p in set(prompts)}
+    pairs = [
+        (prompt_ids[p], tokenizer.encode(a, add_special_tokens=False)) for p, a in zip(prompts, answers, strict=True)
+    ]
+    totals = np.zeros(len(pairs))
+    counts = np.array([len(a) for _, a in pairs])
+    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
+    start = 0
+    while start < len(order):
+        width = len(pairs[order[start]][0]) + len(pairs[order[start]][1])
+        end = start + 1
+        while end < len(order):
+            longest = len(pairs[order[end]][0]) + len(pairs[order[end]][1])
+            if longest * (end - start + 1) > BATCH_TOKENS:
+                break
+            width, end = longest, end + 1
+        batch = order[start:end]
+        ids = np.full((len(batch), width), engine.pad_id, np.int64)
+        mask = np.zeros((len(batch), width), np.int64)
+        for row, index in enumerate(batch):
+            sequence = pairs[index][0] + pairs[index][1]
+            ids[row, : len(sequence)] = sequence
+            mask[row, : len(sequence)] = 1
+        logits = engine.forward(ids, mask, steering)  # [batch, width, vocab]
+        for row, index in enumerate(batch):
+            prompt, answer = pairs[index]
+            rows = logits[row, len(prompt) - 1 : len(prompt) + len(answer) - 1]  # predict each answer token
+            rows = rows - rows.max(-1, keepdims=True)
+            log_probs = rows - np.log(np.exp(rows).sum(-1, keepdims=True))
+            totals[index] = log_probs[np.arange(len(answer)), answer].sum()
+        start = end
+    return totals, counts
+
+
+def bootstrap_interval(values: np.ndarray, resamples: int = 1000, seed: int = 0) -> list[float]:
+    """95 % percentile interval of the mean."""
+    values = np.asarray(values, float)
+    if len(values) == 0:
+        return [float("nan"), float("nan")]
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), (resamples, len(values)))].mean(axis=1)
+    return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
+
+
+def truthfulqa(engine: Engine, mc1: Sequence[MCItem], mc2: Sequence[MCItem], steering=None) -> dict:
+    """MC1 accuracy and MC2 true-probability mass, with bootstrap intervals."""
+    results = {}
+    for name, items in (("mc1", mc1), ("mc2", mc2)):
+        prompts = [item.question for item in items for _ in item.choices]
+        answers = [choice for item in items for choice in item.choices]
+        scores, _ = answer_logprobs(engine, prompts, answers, steering)
+        per_item, offset = [], 0
+        for item in items:
+            s = scores[offset : offset + len(item.choices)]
+            labels = np.asarray(item.labels, bool)
+            offset += len(item.choices)
+            if name == "mc1":
+                per_item.append(float(labels[int(s.argmax())]))
+            else:
+                p = np.exp(s - s.max())
+                per_item.append(float(p[labels].sum() / p.sum()))
+        results[name] = float(np.mean(per_item)) if per_item else float("nan")
+        results[f"{name}_ci95"] = bootstrap_interval(np.asarray(per_item))
+    results["questions"] = len(mc1)
+    return results
+
+
+def ab_preference(engine: Engine, items: Sequence[ABItem], steering=None) -> dict:
+    """Rate at which the behaviour-matching answer outscores the other."""
+    prompts = [item.question for item in items for _ in range(2)]
+    answers = [answer for item in items for answer in (item.matching, item.other)]
+    scores, _ = answer_logprobs(engine, prompts, answers, steering)
+    wins = (scores[0::2] > scores[1::2]).astype(float)
+    margin = scores[0::2] - scores[1::2]
+    return {
+        "matching_rate": float(wins.mean()) if len(wins) else float("nan"),
+        "matching_rate_ci95": bootstrap_interval(wins),
+        "mean_logprob_margin": float(margin.mean()) if len(margin) else float("nan"),
+        "items": len(items),
+    }
+
+
+def perplexity(engine: Engine, prompts: Sequence[str], responses: Sequence[str], steering=None) -> dict:
+    """Mean per-token negative log-likelihood of `responses` and its exp."""
+    scores, counts = answer_logprobs(engine, prompts, responses, steering)
+    nll = float(-scores.sum() / max(1, counts.sum()))
+    per_item = -scores / np.maximum(counts, 1)
+    return {
+        "nll_per_token": nll,
+        "perplexity": float(np.exp(nll)),
+        "nll_ci95": bootstrap_interval(per_item),
+        "items": len(prompts),
+    }

@@ -1,0 +1,151 @@
+"""Steering vectors from contrastive pairs: GRAINS and the two standard baselines.
+
+GRAINS (per pair): contrastive Integrated Gradients (`attribution.py`) scores every token of
+prompt+preferred and prompt+dispreferred by its push on f = log p(pref) - log p(dispref). The top-k
+positive tokens of the preferred sequence and the top-k negative tokens of the dispreferred sequence are
+masked, masking meaning their input embedding set to zero, the IG baseline, so a mask removes exactly
+what the attribution measured. Per layer, the change of the last-token hidden state
+
+    d+ = h(pref) - h(pref, positive tokens masked)      evidence for the preferred answer
+    d- = h(dispref) - h(dispref, negative tokens masked) evidence for the dispreferred answer
+
+is collected over pairs; v+ and v- are the first principal components (uncentred SVD: the dominant
+direction, mean included; deterministic; sign chosen so the mean projection is positive) and
+v = v+ - v-, toward the preferred behaviour and away from the dispreferred one.
+
+Baselines on the same pairs: mean-diff (CAA, Rimsky et al. 2023): mean of h(pref) - h(dispref);
+pca-diff (repeng, Vogel 2024): first principal component of the centred differences, sign-aligned to
+the mean difference. Each method's per-layer vector is scaled to the mean norm of that layer's hidden
+state, so strength alpha means the same in every layer and method: alpha = 1 adds a vector as long
+as h itself (before the renormalization).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from grains_edge.attribution import DEFAULT_STEPS, contrastive
+from grains_edge.steering import decoder_layers
+
+METHODS = ("grains", "mean-diff", "pca-diff")
+DEFAULT_K = 10
+
+TokenPair = tuple[list[int], list[int], list[int]]  # prompt, preferred, dispreferred token ids
+
+
+def last_token_states(model, tokens: Sequence[int], masked_rows: Sequence[Sequence[int]] = ()) -> torch.Tensor:
+    """Hidden state of the last token after every decoder layer [variants, layers, hidden]: variant 0 is
+    the sequence as it is, variant i > 0 has the positions masked_rows[i-1] zeroed at the input."""
+    with torch.inference_mode():
+        embeddings = model.get_input_embeddings()(torch.tensor([list(tokens)]))  # [1, seq, hidden]
+        batch = embeddings.repeat(1 + len(masked_rows), 1, 1)
+        for row, positions in enumerate(masked_rows, 1):
+            batch[row, list(positions)] = 0.0
+        captured: list[torch.Tensor] = []
+
+        def keep(_module, _args, output):
+            captured.append((output[0] if isinstance(output, tuple) else output)[:, -1])
+
+        handles = [layer.register_forward_hook(keep) for layer in decoder_layers(model)]
+        try:
+            model.base_model(inputs_embeds=batch)
+        finally:
+            for handle in handles:
+                handle.remove()
+    return torch.stack(captured, dim=1).float()  # [variants, layers, hidden]
+
+
+def first_component(differences: torch.Tensor, center: bool = False) -> torch.Tensor:
+    """Unit first principal direction of differences [n, hidden], sign-aligned to their mean."""
+    data = differences - differences.mean(0) if center else differences
+    _, _, vh = torch.linalg.svd(data.double(), full_matrices=False)
+    direction = vh[0].float()
+    return direction if float(differences.mean(0) @ direction) >= 0 else -direction
+
+
+def top_positions(scores: torch.Tensor, k: int, sign: float) -> list[int]:
+    """Positions of the k scores with the largest sign*score, keeping only those with sign*score > 0."""
+    signed = sign * scores
+    order = torch.argsort(signed, descending=True)[:k]
+    return [int(i) for i in order if signed[i] > 0]
+
+
+def grains_deltas(model, pair: TokenPair, k: int, steps: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(d+, d-, h(pref)) of one pair, each [layers, hidden]."""
+    prompt, preferred, dispreferred = pair
+    positive, negative = contrastive(model, prompt, preferred, dispreferred, steps)
+    pref = last_token_states(model, positive.tokens, [top_positions(positive.scores, k, +1.0)])
+    disp = last_token_states(model, negative.tokens, [top_positions(negative.scores, k, -1.0)])
+    return pref[0] - pref[1], disp[0] - disp[1], pref[0]
+
+
+def scale_to_hidden_norm(directions: torch.Tensor, states: torch.Tensor) -> np.ndarray:
+    """directions [layers, hidden] to unit length times the mean hidden norm per layer (states [n, layers, hidden])."""
+    unit = directions / directions.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return (unit * states.norm(dim=-1).mean(0)[:, None]).numpy().astype(np.float32)
+
+
+def build(
+    model,
+    pairs: Sequence[TokenPair],
+    method: str = "grains",
+    k: int = DEFAULT_K,
+    steps: int = DEFAULT_STEPS,
+    progress: Callable | None = None,
+) -> np.ndarray:
+    """Steering vectors [layers, hidden] from token-id pairs with `method` (grains | mean-diff | pca-diff)."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method}")
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    iterator = progress(pairs) if progress else pairs
+    if method == "grains":
+        plus, minus, states = [], [], []
+        for pair in iterator:
+            d_plus, d_minus, state = grains_deltas(model, pair, k, steps)
+            plus.append(d_plus)
+            minus.append(d_minus)
+            states.append(state)
+        plus_t, minus_t = torch.stack(plus), torch.stack(minus)  # [n, layers, hidden]
+        layers = plus_t.shape[1]
+        v_plus = torch.stack([first_component(plus_t[:, layer]) for layer in range(layers)])
+        v_minus = torch.stack([first_component(minus_t[:, layer]) for layer in range(layers)])
+        return scale_to_hidden_norm(v_plus - v_minus, torch.stack(states))
+    differences, states = [], []
+    for prompt, preferred, dispreferred in iterator:
+        pref = last_token_states(model, prompt + preferred)[0]
+        disp = last_token_states(model, prompt + dispreferred)[0]
+        differences.append(pref - disp)
+        states.append(pref)
+    diffs = torch.stack(differences)  # [n, layers, hidden]
+    if method == "mean-diff":
+        directions = diffs.mean(0)
+    else:
+        directions = torch.stack([first_component(diffs[:, layer], center=True) for layer in range(diffs.shape[1])])
+    return scale_to_hidden_norm(directions, torch.stack(states))
+
+
+def tokenize_pairs(tokenizer, pairs) -> list[TokenPair]:
+    """Chat-template token ids: the prompt as the user turn up to the assistant header, answers appended."""
+    result = []
+    for pair in pairs:
+        encoded = tokenizer.apply_chat_template(
+            [{"role": "user", "content": pair.prompt}], add_generation_prompt=True, tokenize=True
+        )
+        prompt = list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+        result.append(
+            (
+                prompt,
+                tokenizer.encode(pair.preferred, add_special_tokens=False),
+                tokenizer.encode(pair.dispreferred, add_special_tokens=False),
+            )
+        )
+    return result
+
+
+def progress_bar(description: str) -> Callable:
+    return lambda items: tqdm(items, desc=description, unit="pair")
