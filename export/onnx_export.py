@@ -159,6 +159,7 @@ def export(model_spec: str, out_dir: str | Path, layers_spec: str = "all", quant
         raise GrainsError(f"{out_dir} exists and is not an export; fix: choose an empty or new --out folder")
     if quantize not in QUANTIZATIONS:
         raise GrainsError(f"unknown quantization '{quantize}'; fix: use one of {', '.join(QUANTIZATIONS)}")
+    models.resolve(model_spec)  # a bad model name fails here, before any progress output
     started = time.perf_counter()
     log(f"loading {model_spec} …")
     model, tokenizer = models.load(model_spec)

@@ -95,7 +95,7 @@ def resolve(name_or_path: str) -> Path:
 
 
 def load_profile(name_or_path: str) -> Profile:
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     path = resolve(name_or_path)
     try:
@@ -111,7 +111,7 @@ def load_profile(name_or_path: str) -> Profile:
             metadata=metadata,
             path=path,
         )
-    except (OSError, ValueError, KeyError) as error:
+    except (OSError, ValueError, KeyError, SafetensorError) as error:
         raise GrainsError(f"cannot read profile {path} ({error}); fix: rebuild it with 'grains-edge vectors'") from None
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+SPLITS = ("report", "tune", "validation", "train", "all")
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("eval", help="measure a profile through the ONNX engine (JSON)")
@@ -14,7 +16,12 @@ def register(subparsers) -> None:
     parser.add_argument("--profile", default="none", help="NAME, PATH or none")
     parser.add_argument("--alpha", type=float, default=None, help="strength (default: the profile's)")
     parser.add_argument("--layers", default=None, help="override the profile's layers: A-B | i,j,k | all")
-    parser.add_argument("--split", default="validation", choices=("validation", "train", "all"))
+    parser.add_argument(
+        "--split",
+        default="report",
+        choices=SPLITS,
+        help="train: vectors; tune: layer/alpha choice; report: held out from both; validation = tune + report",
+    )
     parser.add_argument("--score", default="text", choices=("text", "letter"), help="ab: score the letter or the text")
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--device", default="auto")
@@ -35,12 +42,17 @@ def steering_for(engine, profile_name: str, alpha, layers_spec):
     return steering_tensor(profile, strength), info
 
 
-def select(items, split: str, key, limit):
+def select(items, split: str, key, limit=None):
+    """The items of one split: 70 % train, 30 % validation, the validation halved into tune and report."""
     from grains_edge import datasets
 
     if split != "all":
         train, validation = datasets.split(items, key)
-        items = validation if split == "validation" else train
+        if split in ("tune", "report"):
+            report, tune = datasets.split(validation, lambda item: "tune/" + key(item), validation_fraction=0.5)
+            items = tune if split == "tune" else report
+        else:
+            items = validation if split == "validation" else train
     return items[:limit] if limit else items
 
 

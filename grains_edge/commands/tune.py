@@ -1,0 +1,110 @@
+"""`grains-edge tune`: choose a profile's layers and strength on the tune split, capability checked.
+
+For each layer window and alpha, the behaviour metric (TruthfulQA MC1 or the A/B matching rate) is
+measured on the tune split with the profile applied; a configuration is admissible when the response
+perplexity on Dolly rises by at most 3 % (and, with --mmlu, 2-choice MMLU drops by at most 1 point).
+The best admissible configuration is written into the profile with the whole sweep table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+PPL_BUDGET = 1.03
+MMLU_BUDGET = 0.01
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("tune", help="choose layers and alpha for a profile on a validation split")
+    parser.add_argument("--profile", required=True, help="profile name or path (updated in place)")
+    parser.add_argument("--task", required=True, choices=("truthfulqa", "ab"))
+    parser.add_argument("--data", required=True, help="the behaviour data the profile was built from")
+    parser.add_argument("--ppl-data", required=True, help="Dolly JSONL for the perplexity check")
+    parser.add_argument("--mmlu", default=None, help="2-choice MMLU JSON for the capability check (optional)")
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--alphas", default="0.25,0.5,1.0")
+    parser.add_argument("--windows", default="auto", help="auto, or layer specs separated by ';' (e.g. 0-9;10-19;all)")
+    parser.add_argument("--score", default="text", choices=("text", "letter"))
+    parser.add_argument("--limit", type=int, default=None, help="at most N tune items")
+    parser.add_argument("--ppl-limit", type=int, default=40)
+    parser.add_argument("--report", default=None, help="also write the sweep as JSON here")
+    parser.set_defaults(run=run)
+
+
+def auto_windows(num_layers: int) -> list[str]:
+    third = num_layers // 3
+    windows = [f"{start}-{min(num_layers, start + third) - 1}" for start in range(0, num_layers - third + 1, third)]
+    return windows + [f"{num_layers // 4}-{3 * num_layers // 4 - 1}", "all"]
+
+
+def run(args: argparse.Namespace) -> int:
+    from grains_edge import datasets, evaluation
+    from grains_edge.bootstrap import ensure_export
+    from grains_edge.commands.eval import select
+    from grains_edge.engine import Engine
+    from grains_edge.layers import parse_layers
+    from grains_edge.profiles import load_profile, save_profile, steering_tensor
+
+    engine = Engine(ensure_export(args.model))
+    profile = load_profile(args.profile)
+    alphas = [float(a) for a in args.alphas.split(",")]
+    windows = auto_windows(engine.num_layers) if args.windows == "auto" else args.windows.split(";")
+    if args.task == "truthfulqa":
+        items = select(datasets.load_truthfulqa(args.data)[0], "tune", lambda i: i.question, args.limit)
+
+        def behaviour(steering) -> float:
+            return evaluation.truthfulqa(engine, items, (), steering)["mc1"]
+    else:
+        items = select(datasets.load_ab(args.data, args.score), "tune", lambda i: i.question, args.limit)
+
+        def behaviour(steering) -> float:
+            return evaluation.ab_preference(engine, items, steering)["matching_rate"]
+
+    prompts, responses = datasets.load_dolly(args.ppl_data)
+    dolly = select(list(zip(prompts, responses, strict=True)), "tune", lambda item: item[0], args.ppl_limit)
+    mmlu = select(datasets.load_ab(args.mmlu, "text"), "tune", lambda i: i.question) if args.mmlu else []
+
+    def measure(steering) -> dict:
+        row = {"behaviour": behaviour(steering)}
+        row["ppl"] = evaluation.perplexity(engine, [p for p, _ in dolly], [r for _, r in dolly], steering)["perplexity"]
+        if mmlu:
+            row["mmlu"] = evaluation.ab_preference(engine, mmlu, steering)["matching_rate"]
+        return row
+
+    started = time.perf_counter()
+    base = measure(None)
+    print(f"unsteered: {base}", flush=True)
+    rows = []
+    for window in windows:
+        layers = parse_layers(window, engine.num_layers)
+        profile.layers = layers
+        for alpha in alphas:
+            row = {"layers": window, "alpha": alpha, **measure(steering_tensor(profile, alpha))}
+            row["admissible"] = row["ppl"] <= base["ppl"] * PPL_BUDGET and (
+                not mmlu or row["mmlu"] >= base["mmlu"] - MMLU_BUDGET
+            )
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    admissible = [r for r in rows if r["admissible"]]
+    best = max(admissible, key=lambda r: (r["behaviour"], -r["alpha"])) if admissible else None
+    report = {
+        "task": args.task,
+        "tune_items": len(items),
+        "ppl_items": len(dolly),
+        "unsteered": base,
+        "sweep": rows,
+        "chosen": best,
+        "seconds": round(time.perf_counter() - started),
+    }
+    if best is not None:
+        profile.layers = parse_layers(best["layers"], engine.num_layers)
+        profile.alpha = best["alpha"]
+    profile.metadata["tuning"] = json.dumps(report)
+    save_profile(profile, profile.path)
+    if args.report:
+        with open(args.report, "w") as handle:
+            json.dump(report, handle, indent=2)
+    print(json.dumps({"chosen": best, "unsteered": base, "profile": str(profile.path)}, indent=2))
+    return 0

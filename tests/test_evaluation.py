@@ -1,0 +1,47 @@
+import numpy as np
+import pytest
+
+from grains_edge.engine import Engine
+from grains_edge.evaluation import ABItem, MCItem, ab_preference, answer_logprobs, bootstrap_interval, truthfulqa
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_export) -> Engine:
+    return Engine(tiny_export, device="cpu")
+
+
+def manual_logprob(engine: Engine, prompt: str, answer: str, steering=None) -> float:
+    prompt_ids = engine.chat_ids([{"role": "user", "content": prompt}])
+    answer_ids = engine.tokenizer.encode(answer, add_special_tokens=False)
+    ids = np.array([prompt_ids + answer_ids])
+    logits = engine.forward(ids, np.ones_like(ids), steering)[0].astype(np.float64)
+    logits -= logits.max(-1, keepdims=True)
+    log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    return sum(log_probs[len(prompt_ids) - 1 + i, t] for i, t in enumerate(answer_ids))
+
+
+def test_batched_scores_equal_one_sequence_at_a_time(engine):
+    prompts = ["Hello, how are you today?", "The capital of France is", "Hello, how are you today?"]
+    answers = ["I am fine, thank you!", "Paris.", "Steering vectors"]
+    steering = np.full((engine.num_layers, engine.hidden_size), 0.3, np.float32)
+    scores, counts = answer_logprobs(engine, prompts, answers, steering)
+    expected = [manual_logprob(engine, p, a, steering) for p, a in zip(prompts, answers, strict=True)]
+    np.testing.assert_allclose(scores, expected, rtol=1e-4)
+    assert counts.tolist() == [len(engine.tokenizer.encode(a, add_special_tokens=False)) for a in answers]
+
+
+def test_truthfulqa_mc1_follows_the_highest_scored_choice(engine):
+    choices = ["Paris.", "Steering vectors change what a language model says.", "Hello"]
+    scores, _ = answer_logprobs(engine, ["Q?"] * 3, choices)
+    best = int(np.argmax(scores))
+    right = MCItem("Q?", choices, [int(i == best) for i in range(3)])
+    wrong = MCItem("Q?", choices, [int(i != best) for i in range(3)])
+    assert truthfulqa(engine, [right, wrong], [right])["mc1"] == 0.5
+    result = ab_preference(engine, [ABItem("Q?", choices[best], choices[(best + 1) % 3])])
+    assert result["matching_rate"] == 1.0
+
+
+def test_bootstrap_interval_brackets_the_mean():
+    values = np.random.default_rng(0).random(200)
+    low, high = bootstrap_interval(values)
+    assert low < values.mean() < high and high - low < 0.2

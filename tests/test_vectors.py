@@ -1,0 +1,53 @@
+import numpy as np
+import pytest
+import torch
+
+from grains_edge.vectors import build, first_component, last_token_states, top_positions
+from tests.conftest import tiny_model
+
+PAIRS = [([1, 5, 9, 4], [20, 21, 22], [30, 31]), ([2, 6, 9], [23, 24], [33, 34, 35]), ([7, 3, 8, 8], [25], [36])]
+
+
+def test_first_component_recovers_a_planted_direction_with_positive_sign():
+    rng = np.random.default_rng(0)
+    direction = torch.tensor(rng.normal(size=16), dtype=torch.float32)
+    direction /= direction.norm()
+    data = torch.tensor(rng.normal(size=(50, 1)) + 3, dtype=torch.float32) * direction + 0.05 * torch.randn(50, 16)
+    assert float(first_component(data) @ direction) > 0.99
+    assert float(first_component(-data) @ direction) < -0.99
+
+
+def test_top_positions_keep_only_tokens_pushing_the_right_way():
+    scores = torch.tensor([0.5, -2.0, 3.0, 0.0, -0.1])
+    assert top_positions(scores, 2, +1.0) == [2, 0]
+    assert top_positions(scores, 10, -1.0) == [1, 4]
+
+
+def test_masking_changes_the_last_token_state_and_variant_zero_is_unmasked():
+    model = tiny_model("llama", 64)
+    states = last_token_states(model, [1, 2, 3, 4], [[0, 1]])
+    plain = last_token_states(model, [1, 2, 3, 4])
+    assert states.shape == (2, 4, 64)
+    torch.testing.assert_close(states[0], plain[0])
+    assert not torch.allclose(states[0], states[1])
+
+
+@pytest.mark.parametrize("method", ["grains", "mean-diff", "pca-diff"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_vectors_have_layer_shape_hidden_norm_scale_and_are_deterministic(method, arch):
+    model = tiny_model(arch, 64)
+    first = build(model, PAIRS, method, k=2, steps=4)
+    assert first.shape == (4, 64) and first.dtype == np.float32
+    states = torch.stack([last_token_states(model, p + a)[0] for p, a, _ in PAIRS])
+    np.testing.assert_allclose(np.linalg.norm(first, axis=-1), states.norm(dim=-1).mean(0).numpy(), rtol=1e-4)
+    np.testing.assert_array_equal(first, build(model, PAIRS, method, k=2, steps=4))
+
+
+def test_mean_diff_points_along_the_mean_difference():
+    model = tiny_model("llama", 64)
+    vectors = build(model, PAIRS, "mean-diff")
+    differences = torch.stack(
+        [last_token_states(model, p + a)[0] - last_token_states(model, p + b)[0] for p, a, b in PAIRS]
+    ).mean(0)
+    cosine = torch.nn.functional.cosine_similarity(torch.from_numpy(vectors), differences, dim=-1)
+    assert bool((cosine > 0.9999).all())
