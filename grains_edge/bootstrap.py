@@ -34,3 +34,13 @@ def ensure_export(model_spec: str) -> Path:
         log(f"no usable export of '{model_spec}' yet, building it in {target} (under a minute)")
         export(model_spec, target)
     return target
+
+
+def ensure_builtin_profiles(model_spec: str) -> list[Path]:
+    """The built-in profiles usable with `model_spec`: they ship in the package for the default model
+    (rebuild them with `grains-edge builtins`); other models get none, and the chat lists user profiles."""
+    from grains_edge.profiles import BUILTIN_DIR
+
+    if model_spec != DEFAULT_MODEL and export_dir_for(model_spec) != export_dir_for(DEFAULT_MODEL):
+        return []
+    return sorted(BUILTIN_DIR.glob("*.safetensors"))

@@ -8,7 +8,7 @@ import sys
 
 from grains_edge.errors import GrainsError
 
-COMMANDS = ("export", "chat", "vectors", "eval", "tune", "bench")
+COMMANDS = ("export", "chat", "vectors", "eval", "tune", "builtins")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -99,7 +99,9 @@ def detect_format(rows: list[dict]) -> str:
     )
 
 
-def load_pairs(path: str | Path, score: str = "text", false_per_question: int = 1) -> list[Pair]:
+def load_pairs(
+    path: str | Path, score: str = "text", false_per_question: int = 1, toward: str = "matching"
+) -> list[Pair]:
     """Contrastive pairs from any supported format. TruthfulQA: the true MC1 answer against the first
     `false_per_question` false ones. CAA: the matching answer as its option text ("text") or letter."""
     rows = read_rows(path)
@@ -112,7 +114,7 @@ def load_pairs(path: str | Path, score: str = "text", false_per_question: int = 
             false = [c for c, label in zip(item.choices, item.labels, strict=True) if not label]
             pairs += [Pair(item.question, true[0], wrong) for wrong in false[:false_per_question]]
         elif kind == "caa":
-            item = ab_item(row, path, number, score)
+            item = ab_item(row, path, number, score, toward)
             pairs.append(Pair(item.question, item.matching, item.other))
         elif kind == "pairs":
             pairs.append(
@@ -144,7 +146,14 @@ def load_truthfulqa(path: str | Path) -> tuple[list[MCItem], list[MCItem]]:
     return mc1, mc2
 
 
-def ab_item(row, path, number: int, score: str) -> ABItem:
+def ab_item(row, path, number: int, score: str, toward: str = "matching") -> ABItem:
+    """The A/B item with `matching` = the answer to steer toward: the behaviour-matching one, or with
+    toward="not-matching" the other (for behaviours to steer away from, like sycophancy)."""
+    item = ab_item_matching(row, path, number, score)
+    return item if toward == "matching" else ABItem(item.question, item.other, item.matching)
+
+
+def ab_item_matching(row, path, number: int, score: str) -> ABItem:
     question = field(row, "question", path, number)
     matching = field(row, "answer_matching_behavior", path, number)
     other = field(row, "answer_not_matching_behavior", path, number)
@@ -158,12 +167,12 @@ def ab_item(row, path, number: int, score: str) -> ABItem:
     return ABItem(question, options[letter(matching)], options[letter(other)])
 
 
-def load_ab(path: str | Path, score: str = "text") -> list[ABItem]:
+def load_ab(path: str | Path, score: str = "text", toward: str = "matching") -> list[ABItem]:
     """CAA A/B items (matching = the behaviour) or 2-choice MMLU items (matching = the correct answer)."""
     rows = read_rows(path)
     kind = detect_format(rows)
     if kind == "caa":
-        return [ab_item(row, path, n, score) for n, row in enumerate(rows, 1)]
+        return [ab_item(row, path, n, score, toward) for n, row in enumerate(rows, 1)]
     if kind == "mmlu":
         suffix = "" if score == "letter" else "_full_text"
         return [

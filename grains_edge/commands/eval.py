@@ -23,6 +23,7 @@ def register(subparsers) -> None:
         help="train: vectors; tune: layer/alpha choice; report: held out from both; validation = tune + report",
     )
     parser.add_argument("--score", default="text", choices=("text", "letter"), help="ab: score the letter or the text")
+    parser.add_argument("--toward", default="matching", choices=("matching", "not-matching"), help="ab: preferred side")
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--device", default="auto")
     parser.set_defaults(run=run)
@@ -56,7 +57,7 @@ def select(items, split: str, key, limit=None):
     return items[:limit] if limit else items
 
 
-def evaluate(engine, task: str, data: str, steering, split: str, score: str, limit) -> dict:
+def evaluate(engine, task: str, data: str, steering, split: str, score: str, limit, toward: str = "matching") -> dict:
     from grains_edge import datasets, evaluation
 
     if task == "truthfulqa":
@@ -68,7 +69,7 @@ def evaluate(engine, task: str, data: str, steering, split: str, score: str, lim
             steering,
         )
     if task == "ab":
-        items = select(datasets.load_ab(data, score), split, lambda i: i.question, limit)
+        items = select(datasets.load_ab(data, score, toward), split, lambda i: i.question, limit)
         return evaluation.ab_preference(engine, items, steering)
     prompts, responses = datasets.load_dolly(data)
     chosen = select(list(zip(prompts, responses, strict=True)), split, lambda item: item[0], limit)
@@ -81,6 +82,6 @@ def run(args: argparse.Namespace) -> int:
 
     engine = Engine(ensure_export(args.model), device=args.device)
     steering, info = steering_for(engine, args.profile, args.alpha, args.layers)
-    result = evaluate(engine, args.task, args.data, steering, args.split, args.score, args.limit)
+    result = evaluate(engine, args.task, args.data, steering, args.split, args.score, args.limit, args.toward)
     print(json.dumps({"task": args.task, "data": args.data, "split": args.split, **info, **result}, indent=2))
     return 0

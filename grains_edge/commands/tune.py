@@ -27,6 +27,7 @@ def register(subparsers) -> None:
     parser.add_argument("--alphas", default="0.25,0.5,1.0")
     parser.add_argument("--windows", default="auto", help="auto, or layer specs separated by ';' (e.g. 0-9;10-19;all)")
     parser.add_argument("--score", default="text", choices=("text", "letter"))
+    parser.add_argument("--toward", default="matching", choices=("matching", "not-matching"))
     parser.add_argument("--limit", type=int, default=None, help="at most N tune items")
     parser.add_argument("--ppl-limit", type=int, default=40)
     parser.add_argument("--report", default=None, help="also write the sweep as JSON here")
@@ -57,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
         def behaviour(steering) -> float:
             return evaluation.truthfulqa(engine, items, (), steering)["mc1"]
     else:
-        items = select(datasets.load_ab(args.data, args.score), "tune", lambda i: i.question, args.limit)
+        items = select(datasets.load_ab(args.data, args.score, args.toward), "tune", lambda i: i.question, args.limit)
 
         def behaviour(steering) -> float:
             return evaluation.ab_preference(engine, items, steering)["matching_rate"]

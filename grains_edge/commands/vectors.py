@@ -24,6 +24,9 @@ def register(subparsers) -> None:
     parser.add_argument("--limit", type=int, default=None, help="use at most N pairs")
     parser.add_argument("--split", default="train", choices=("train", "all"), help="train: hold out validation")
     parser.add_argument("--score", default="text", choices=("text", "letter"), help="CAA answers as text or letter")
+    parser.add_argument(
+        "--toward", default="matching", choices=("matching", "not-matching"), help="CAA: the answer to steer toward"
+    )
     parser.add_argument("--description", default="", help="one line shown in the chat's profile list")
     parser.set_defaults(run=run)
 
@@ -45,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.k < 1 or args.ig_steps < 1:
         raise GrainsError("--k and --ig-steps must be at least 1; fix: pass positive numbers")
-    pairs = datasets.load_pairs(args.data, score=args.score)
+    pairs = datasets.load_pairs(args.data, score=args.score, toward=args.toward)
     if args.split == "train":
         pairs, _ = datasets.split(pairs, key=lambda pair: pair.prompt)
     if args.limit:
@@ -73,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
         alpha=args.alpha,
         method=args.method,
         metadata={
-            "source": f"{Path(args.data).name} ({args.split} split, {len(pairs)} pairs, {args.score} answers)",
+            "source": f"{Path(args.data).name} ({args.split} split, {len(pairs)} pairs, {args.score} answers, "
+            f"toward {args.toward})",
             "model": args.model,
             "fingerprint": models.fingerprint(model),
             "k": str(args.k),

@@ -1,0 +1,110 @@
+"""`grains-edge builtins`: rebuild the built-in profiles of the default model, each by its recipe.
+
+A recipe is exactly two documented commands, `grains-edge vectors …` then `grains-edge tune …`, on the
+data shipped in `grains_edge/data/`; `--print` shows them instead of running them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+from pathlib import Path
+
+from grains_edge.data import data_file
+
+DOLLY = "dolly/dolly_dev.jsonl"
+RECIPES = {
+    "truthful": {
+        "data": "truthfulqa_mc_train.json",
+        "task": "truthfulqa",
+        "limit": 80,
+        "toward": "matching",
+        "description": "answers truthfully rather than repeating popular misconceptions (TruthfulQA)",
+    },
+    "refuse-harmful": {
+        "data": "caa/refusal_generate.json",
+        "task": "ab",
+        "limit": 60,
+        "toward": "matching",
+        "description": "declines harmful requests and does not claim personal experiences (CAA refusal)",
+    },
+    "no-sycophancy": {
+        "data": "caa/sycophancy_generate.json",
+        "task": "ab",
+        "limit": 60,
+        "toward": "not-matching",
+        "description": "does not just agree with the user's stated view (CAA sycophancy, steered away)",
+    },
+    "no-hallucination": {
+        "data": "caa/hallucination_generate.json",
+        "task": "ab",
+        "limit": 60,
+        "toward": "not-matching",
+        "description": "rejects false premises instead of inventing facts (CAA hallucination, steered away)",
+    },
+}
+
+
+def commands(name: str, out_dir: Path, alphas: str, windows: str) -> list[list[str]]:
+    recipe = RECIPES[name]
+    profile = str(out_dir / f"{name}.safetensors")
+    data = str(data_file(recipe["data"]))
+    vectors = [
+        "vectors",
+        "--data",
+        data,
+        "--method",
+        "grains",
+        "--out",
+        profile,
+        "--limit",
+        str(recipe["limit"]),
+        "--toward",
+        recipe["toward"],
+        "--description",
+        recipe["description"],
+    ]
+    tune = [
+        "tune",
+        "--profile",
+        profile,
+        "--task",
+        recipe["task"],
+        "--data",
+        data,
+        "--toward",
+        recipe["toward"],
+        "--ppl-data",
+        str(data_file(DOLLY)),
+        "--alphas",
+        alphas,
+        "--windows",
+        windows,
+    ]
+    if recipe["task"] == "ab":
+        tune += ["--mmlu", str(data_file("caa/mmlu_ab_dev.json"))]
+    return [vectors, tune]
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("builtins", help="rebuild the built-in profiles (GRAINS vectors + tuning)")
+    parser.add_argument("--only", choices=sorted(RECIPES), action="append", help="just this profile (repeatable)")
+    parser.add_argument("--out-dir", default=None, help="where to write (default: the user profiles folder)")
+    parser.add_argument("--alphas", default="0.25,0.5,1.0")
+    parser.add_argument("--windows", default="auto")
+    parser.add_argument("--print", action="store_true", help="print the commands instead of running them")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from grains_edge import paths
+    from grains_edge.cli import main
+
+    out_dir = Path(args.out_dir).expanduser() if args.out_dir else paths.profiles_dir()
+    for name in args.only or sorted(RECIPES):
+        for command in commands(name, out_dir, args.alphas, args.windows):
+            if args.print:
+                print("grains-edge " + shlex.join(command))
+            elif main(command) != 0:
+                return 2
+    return 0
