@@ -1,0 +1,81 @@
+"""`grains-edge chat`: the terminal chat; `grains-edge ask`: one answer streamed to stdout."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from grains_edge.errors import GrainsError
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="default", help="'default', an export folder, a model folder, .gguf or id")
+    parser.add_argument("--profile", default=None, help="behaviour profile: NAME, PATH or none (default: none)")
+    parser.add_argument("--alpha", type=float, default=None, help="profile strength (default: the profile's own)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--system", default="", help="system prompt (default: the model's own)")
+    parser.add_argument("--max-tokens", type=int, default=256, help="longest answer in tokens (default 256)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default 1 = off)")
+    parser.add_argument("--seed", type=int, default=None, help="sampling seed")
+
+
+def register(subparsers) -> None:
+    chat = subparsers.add_parser("chat", help="the terminal chat: switch behaviour profiles mid-conversation")
+    add_model_arguments(chat)
+    chat.add_argument("--resume", action="store_true", help="reopen the latest conversation")
+    chat.add_argument("--no-tui", action="store_true", help="answer one prompt on stdout instead")
+    chat.add_argument("--prompt", default=None, help="with --no-tui: the prompt (default: read from stdin)")
+    chat.set_defaults(run=run, ask=False)
+    ask = subparsers.add_parser("ask", help="one answer, streamed to stdout")
+    ask.add_argument("prompt", help="the question ('-' reads it from stdin)")
+    add_model_arguments(ask)
+    ask.set_defaults(run=run, ask=True)
+
+
+def one_shot_prompt(args: argparse.Namespace) -> str | None:
+    """The prompt of a one-shot answer, None for the TUI; checked before the model loads."""
+    if not args.ask and not args.no_tui:
+        return None
+    prompt = args.prompt
+    if prompt is None or prompt == "-":
+        if sys.stdin.isatty():
+            raise GrainsError("no prompt given; fix: pass --prompt TEXT or pipe the prompt into stdin")
+        prompt = sys.stdin.read()
+    if not prompt.strip():
+        raise GrainsError("the prompt is empty; fix: ask something")
+    return prompt
+
+
+def check(args: argparse.Namespace) -> None:
+    if args.alpha is not None and args.profile in (None, "none"):
+        raise GrainsError("--alpha sets a profile's strength; fix: add --profile NAME")
+    if args.max_tokens < 1:
+        raise GrainsError("--max-tokens must be at least 1")
+    if args.temperature < 0 or not 0 < args.top_p <= 1:
+        raise GrainsError("--temperature must be ≥ 0 and --top-p in (0, 1]")
+
+
+def run(args: argparse.Namespace) -> int:
+    from grains_edge.bootstrap import ensure_builtin_profiles, ensure_export
+    from grains_edge.engine import Engine, GenerationSettings
+    from grains_edge.tui.steering import ProfileLibrary
+
+    check(args)
+    prompt = one_shot_prompt(args)
+    settings = GenerationSettings(args.max_tokens, args.temperature, args.top_p, args.seed)
+    export_dir = ensure_export(args.model)
+    ensure_builtin_profiles(args.model)
+    engine = Engine(export_dir, device=args.device)
+    if prompt is None:
+        from grains_edge.tui.app import run_chat
+
+        run_chat(engine, args.profile, args.alpha, args.resume, settings=settings, system_prompt=args.system)
+        return 0
+    library = ProfileLibrary((engine.num_layers, engine.hidden_size))
+    steering = library.tensor(library.chosen(args.profile, args.alpha))
+    system = [{"role": "system", "content": args.system}] if args.system.strip() else []
+    for piece in engine.chat([*system, {"role": "user", "content": prompt}], steering, settings):
+        print(piece, end="", flush=True)
+    print()
+    return 0

@@ -1,0 +1,68 @@
+"""`grains-edge chat` and `grains-edge ask` on a FakeEngine: the export and model loading are stubbed."""
+
+import io
+
+import numpy as np
+import pytest
+
+from grains_edge.cli import main
+from grains_edge.profiles import save_profile
+from tests.fake_engine import FakeEngine, fake_profile, plain_reply
+
+
+@pytest.fixture
+def engine(monkeypatch, tmp_path):
+    fake = FakeEngine()
+    monkeypatch.setattr("grains_edge.bootstrap.ensure_export", lambda spec: tmp_path / "export")
+    monkeypatch.setattr("grains_edge.bootstrap.ensure_builtin_profiles", lambda spec: None, raising=False)
+    monkeypatch.setattr("grains_edge.engine.Engine", lambda path, device="auto": fake)
+    return fake
+
+
+def test_ask_streams_one_answer_to_stdout(engine, capsys):
+    assert main(["ask", "What is the capital of France?", "--system", "Be brief.", "--max-tokens", "5"]) == 0
+    assert capsys.readouterr().out == " ".join(plain_reply([], None).split()[:5]) + "\n"
+    call = engine.calls[0]
+    assert call.messages == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is the capital of France?"},
+    ]
+    assert call.steering is None and call.settings.max_new_tokens == 5
+
+
+def test_ask_with_a_profile_and_strength(engine, capsys, tmp_path):
+    path = save_profile(fake_profile("kind", 2, alpha=0.4), tmp_path / "kind.safetensors")
+    assert main(["ask", "Hi", "--profile", str(path), "--alpha", "1.5"]) == 0
+    expected = np.zeros_like(engine.calls[0].steering)
+    expected[2] = 1.5
+    np.testing.assert_allclose(engine.calls[0].steering, expected)
+
+
+def test_chat_without_the_tui_reads_stdin(engine, capsys, monkeypatch):
+    monkeypatch.setattr("sys.stdin", io.StringIO("Tell me about Paris\n"))
+    assert main(["chat", "--no-tui"]) == 0
+    assert capsys.readouterr().out.startswith("The capital of France")
+    assert engine.calls[0].messages == [{"role": "user", "content": "Tell me about Paris\n"}]
+
+
+def test_chat_opens_the_tui_with_the_options(engine, monkeypatch):
+    opened = {}
+    monkeypatch.setattr("grains_edge.tui.app.run_chat", lambda *args, **options: opened.update(args=args, **options))
+    assert main(["chat", "--profile", "kind", "--alpha", "0.3", "--resume", "--temperature", "0.7"]) == 0
+    assert opened["args"] == (engine, "kind", 0.3, True)
+    assert opened["settings"].temperature == 0.7 and opened["system_prompt"] == ""
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["ask", "Hi", "--alpha", "2"], "--alpha sets a profile's strength"),
+        (["ask", "   "], "the prompt is empty"),
+        (["ask", "Hi", "--top-p", "0"], "--top-p"),
+        (["ask", "Hi", "--profile", "no-such-profile"], "unknown profile 'no-such-profile'"),
+    ],
+)
+def test_bad_input_is_one_line(engine, capsys, argv, message):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]

@@ -1,0 +1,101 @@
+"""What steers the next reply: a profile (or none) at a strength α, optionally mixed with a second one."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from grains_edge.errors import GrainsError
+from grains_edge.profiles import Profile, list_profiles, load_profile, steering_tensor
+
+ALPHA_STEP = 0.05
+ALPHA_LIMIT = 3.0
+
+
+@dataclass(frozen=True)
+class Steering:
+    profile: str | None = None  # None: the unsteered model
+    alpha: float = 0.0
+    mix: str | None = None  # a second profile added on top
+    mix_alpha: float = 0.0
+
+    @property
+    def label(self) -> str:
+        if self.profile is None:
+            return "none"
+        text = f"{self.profile} α{self.alpha:.2f}"
+        return text if self.mix is None else f"{text} + {self.mix} α{self.mix_alpha:.2f}"
+
+    def stepped(self, steps: int) -> Steering:
+        """α moved by `steps` increments, clamped to ±ALPHA_LIMIT."""
+        alpha = round(self.alpha + steps * ALPHA_STEP, 4)
+        return replace(self, alpha=max(-ALPHA_LIMIT, min(ALPHA_LIMIT, alpha)))
+
+    def to_record(self) -> tuple[str, float | None]:
+        """(profile, alpha) columns of a stored message."""
+        if self.profile is None:
+            return "none", None
+        if self.mix is None:
+            return self.profile, self.alpha
+        return f"{self.profile}+{self.mix}@{self.mix_alpha:g}", self.alpha
+
+    @classmethod
+    def from_record(cls, profile: str | None, alpha: float | None) -> Steering:
+        if not profile or profile == "none":
+            return cls()
+        first, plus, rest = profile.partition("+")
+        mix, _, mix_alpha = rest.rpartition("@")
+        if plus and mix:
+            return cls(first, alpha or 0.0, mix, float(mix_alpha))
+        return cls(profile, alpha or 0.0)
+
+
+class ProfileLibrary:
+    """The profiles on offer, loaded once each, and the steering tensor of a choice."""
+
+    def __init__(
+        self,
+        shape: tuple[int, int],
+        source: Callable[[], list[Profile]] = list_profiles,
+        loader: Callable[[str], Profile] = load_profile,
+    ):
+        self.shape = shape  # [num_layers, hidden] of the loaded model
+        self.source = source
+        self.loader = loader
+        self.profiles: dict[str, Profile] = {}
+
+    def refresh(self) -> list[Profile]:
+        self.profiles |= {profile.name: profile for profile in self.source()}
+        return sorted(self.profiles.values(), key=lambda profile: profile.name)
+
+    def fits(self, profile: Profile) -> bool:
+        return tuple(profile.vectors.shape) == self.shape
+
+    def get(self, name: str) -> Profile:
+        """A listed profile by name, else one loaded by name or path (then listed too)."""
+        profile = self.profiles.get(name) or self.loader(name)
+        if not self.fits(profile):
+            raise GrainsError(
+                f"profile '{profile.name}' was built for another model (vectors {tuple(profile.vectors.shape)}, "
+                f"this model needs {self.shape}); fix: build it for this model with 'grains-edge vectors'"
+            )
+        self.profiles[profile.name] = profile
+        return profile
+
+    def tensor(self, steering: Steering) -> np.ndarray | None:
+        """[num_layers, hidden] for the engine; None for the unsteered model."""
+        if steering.profile is None:
+            return None
+        total = steering_tensor(self.get(steering.profile), steering.alpha)
+        if steering.mix is not None:
+            total = total + steering_tensor(self.get(steering.mix), steering.mix_alpha)
+        return total
+
+    def chosen(self, name: str | None, alpha: float | None = None) -> Steering:
+        """The steering of picking profile `name` (None: unsteered) at `alpha`, by default its own."""
+        if name is None or name == "none":
+            return Steering()
+        profile = self.get(name)
+        return Steering(profile.name, profile.alpha if alpha is None else alpha)
