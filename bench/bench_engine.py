@@ -25,11 +25,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from grains_edge.export.onnx_export import export
 
 from grains_edge import models
 from grains_edge.bootstrap import ensure_export, export_dir_for
 from grains_edge.engine import Engine, GenerationSettings
+from grains_edge.export.onnx_export import export
 from grains_edge.manifest import Manifest
 from grains_edge.steering import steering_hooks
 

@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-from grains_edge.export import graph
 
 from grains_edge import models
 from grains_edge.errors import GrainsError
+from grains_edge.export import graph
 from grains_edge.layers import parse_layers
 from grains_edge.manifest import MANIFEST_NAME, MODEL_NAME, Manifest
 from grains_edge.steering import steering_hooks

@@ -7,10 +7,10 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from grains_edge.export.onnx_export import export
 from transformers import AutoModelForCausalLM
 
 from grains_edge.errors import GrainsError
+from grains_edge.export.onnx_export import export
 from grains_edge.manifest import Manifest
 from grains_edge.steering import steering_hooks
 
