@@ -74,3 +74,62 @@ def test_vectors_then_eval_through_the_cli(tmp_path, tiny_model_dir, capsys):
     )
     result = json.loads(capsys.readouterr().out)
     assert result["profile"] == "mine" and result["alpha"] == 0.5 and result["items"] == 1
+
+
+def test_tune_writes_the_chosen_layers_alpha_and_sweep_into_the_profile(tmp_path, tiny_model_dir, capsys):
+    data = tmp_path / "ab.json"
+    rows = [
+        {
+            "question": f"Question {i}?\n\nChoices:\n(A) Yes, thank you!\n(B) Paris.",
+            "answer_matching_behavior": "(A)",
+            "answer_not_matching_behavior": "(B)",
+        }
+        for i in range(60)
+    ]
+    data.write_text(json.dumps(rows))
+    dolly = tmp_path / "dolly.jsonl"
+    dolly.write_text("\n".join(json.dumps({"instruction": f"Say hello {i}", "response": "Hello!"}) for i in range(60)))
+    profile = tmp_path / "p.safetensors"
+    assert (
+        main(
+            [
+                "vectors",
+                "--model",
+                str(tiny_model_dir),
+                "--data",
+                str(data),
+                "--method",
+                "mean-diff",
+                "--out",
+                str(profile),
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "tune",
+                "--model",
+                str(tiny_model_dir),
+                "--profile",
+                str(profile),
+                "--task",
+                "ab",
+                "--data",
+                str(data),
+                "--ppl-data",
+                str(dolly),
+                "--alphas",
+                "0.01,0.02",
+                "--windows",
+                "1-2;all",
+            ]
+        )
+        == 0
+    )
+    tuned = load_profile(str(profile))
+    report = json.loads(tuned.metadata["tuning"])
+    assert len(report["sweep"]) == 4 and report["unsteered"]["ppl"] > 0
+    if report["chosen"]:
+        assert tuned.alpha == report["chosen"]["alpha"]
