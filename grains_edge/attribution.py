@@ -4,19 +4,34 @@ For a pair (prompt, preferred, dispreferred) the objective is
 
     f = log p(preferred | prompt) - log p(dispreferred | prompt)
 
-each term the summed log-probability of the answer's tokens. The two terms live on two sequences,
-prompt+preferred and prompt+dispreferred, so each sequence's tokens are attributed the part of f that
-depends on them: +log p(preferred) on the first, -log p(dispreferred) on the second. Integrated Gradients
-from the zero embedding, midpoint Riemann sum over `steps` points, all steps of a sequence in one batch:
+each term the summed log-probability of the answer's tokens (prompt = the user turn of the chat template,
+answer = the assistant reply). The two terms live on two sequences, prompt+preferred and
+prompt+dispreferred, so each sequence's tokens are attributed the part of f that depends on them:
+F = +log p(preferred) on the first, F = -log p(dispreferred) on the second.
 
-    IG_t = e_t * mean_k grad_e F(alpha_k * e),   alpha_k = (k + 1/2) / steps
-    score_t = sum over the hidden axis of IG_t
+Baseline and path. The baseline x' has the zero embedding at every content token (the user's text and
+the answer) and keeps the chat-template tokens (system prompt, role headers) as they are; the path is
+x(a) = x' + a (x - x'). Template tokens are the same in every pair, so they are no evidence for either
+answer, and zeroing them breaks IG: the first token is the attention sink of a pre-norm transformer and
+RMSNorm is singular at zero, so with an all-zero baseline F jumps near a = 0 and no Riemann sum converges
+(measured on SmolLM2-135M, 4 TruthfulQA pairs: 100 steps recover -0.5x to 4.4x of F(x) - F(0), and the
+top-ranked tokens are `<|im_start|>`, `system` and words of the default system prompt). Template tokens
+get score 0, so they are never masked.
 
-Completeness: the scores of a sequence add up to F(e) - F(0) up to the Riemann error (tested on a
-smooth path). Caveat, measured: in pre-norm transformers the zero embedding sits at the norm's
-singularity (RMSNorm(a*e) does not depend on a > 0 except through eps), so most of F(e) - F(0) happens
-in a sliver near a = 0 that 20 midpoints miss; on SmolLM2-135M they recover about a quarter of it.
-The scores are only used to rank tokens for masking, where this matters less than for their sum.
+Quadrature: the midpoint rule in t after the substitution a = t^2, which puts more points near the
+baseline, where each content token's own RMSNorm input is small and F changes fastest:
+
+    IG_i = (x_i - x'_i) * sum_k w_k grad_i F(x(a_k)),   t_k = (k + 1/2) / steps,  a_k = t_k^2,  w_k = 2 t_k / steps
+    score_i = sum over the hidden axis of IG_i
+
+Completeness (scores sum to F(x) - F(x')) is tested on tiny models; on SmolLM2-135M with 20 steps the
+sums were within 0.96-1.12 of it on those 4 pairs (plain midpoints: 0.80-1.65).
+
+Cost: all steps of a sequence are one batch, one forward and one backward (input gradients only; the
+parameters are frozen). The template head, the tokens before the user's text, is the same at every
+step, so it runs once and the batch shares its key/value cache. Optionally the batch runs under
+bfloat16 autocast (about 2x faster on CPUs with AVX512-BF16/AMX; the top-10 tokens were the same as in
+float32 on the pairs compared); F(x) and F(x') are always computed in float32.
 """
 
 from __future__ import annotations
@@ -32,18 +47,37 @@ DEFAULT_STEPS = 20
 @dataclass
 class Attribution:
     tokens: list[int]
-    scores: torch.Tensor  # [seq] contribution of each token to f
-    objective: float  # F(e) for this sequence's term
-    baseline: float  # F(0)
+    scores: torch.Tensor  # [seq] each token's share of F(x) - F(x'); 0 on template tokens
+    objective: float  # F(x)
+    baseline: float  # F(x')
 
 
-def answer_logprob(model, embeddings: torch.Tensor, answer_start: int, answer_ids: torch.Tensor) -> torch.Tensor:
-    """Summed log p(answer) for each row of embeddings [rows, seq, hidden] -> [rows]; only the answer
-    positions go through the LM head."""
-    hidden = model.base_model(inputs_embeds=embeddings).last_hidden_state  # [rows, seq, hidden]
-    predicting = hidden[:, answer_start - 1 : answer_start - 1 + len(answer_ids)]  # [rows, answer, hidden]
+def path(steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Points a_k in (0, 1) and weights w_k [steps] with sum_k w_k g(a_k) ~ the integral of g over [0, 1]."""
+    t = (torch.arange(steps, dtype=torch.float32) + 0.5) / steps
+    return t * t, 2 * t / steps
+
+
+def answer_logprob(model, embeddings: torch.Tensor, answer_start: int, answer_ids: torch.Tensor, past=None):
+    """Summed log p(answer) for each row of embeddings [rows, seq, hidden] -> [rows]. With `past`, a key/value
+    cache of the sequence's first tokens (batch `rows`, consumed), the embeddings continue it; answer_start
+    counts from the first token either way. Only the answer positions go through the LM head."""
+    offset = 0 if past is None else past.get_seq_length()
+    hidden = model.base_model(
+        inputs_embeds=embeddings, cache=past, use_cache=past is not None
+    ).last_hidden_state  # [rows, seq - offset, hidden]
+    start = answer_start - 1 - offset
+    predicting = hidden[:, start : start + len(answer_ids)]  # [rows, answer, hidden]
     log_probs = torch.log_softmax(model.get_output_embeddings()(predicting).float(), dim=-1)
     return log_probs[:, torch.arange(len(answer_ids)), answer_ids].sum(-1)
+
+
+def head_cache(model, head: torch.Tensor, rows: int):
+    """Key/value cache of the head embeddings [1, head, hidden], repeated for `rows` rows."""
+    with torch.no_grad():
+        cache = model.base_model(inputs_embeds=head, use_cache=True).cache
+    cache.batch_repeat_interleave(rows)
+    return cache
 
 
 def integrated_gradients(
@@ -52,21 +86,34 @@ def integrated_gradients(
     answer_ids: Sequence[int],
     sign: float = 1.0,
     steps: int = DEFAULT_STEPS,
+    template: tuple[int, int] = (0, 0),
+    bfloat16: bool = False,
 ) -> Attribution:
-    """IG of sign * log p(answer | prompt) with respect to every input embedding of prompt+answer."""
+    """IG of sign * log p(answer | prompt) for every token of prompt+answer. template = (head, tail): how many
+    tokens at the start and at the end of the prompt are chat template, held fixed along the path."""
     tokens = list(prompt_ids) + list(answer_ids)
     answer = torch.tensor(list(answer_ids))
+    head, tail = template
+    held = torch.zeros(len(tokens), 1)  # [seq, 1] 1 = template token
+    held[:head] = 1.0
+    held[len(prompt_ids) - tail : len(prompt_ids)] = 1.0
+    cached = min(head, len(prompt_ids) - 1)  # the last prompt token predicts the first answer token
     with torch.no_grad():
         embeddings = model.get_input_embeddings()(torch.tensor([tokens]))[0]  # [seq, hidden]
-    alphas = (torch.arange(steps, dtype=torch.float32) + 0.5) / steps  # [steps] midpoints on [0, 1]
-    scaled = (alphas[:, None, None] * embeddings[None]).requires_grad_(True)  # [steps, seq, hidden]
-    objective = sign * answer_logprob(model, scaled, len(prompt_ids), answer).sum()
-    (gradients,) = torch.autograd.grad(objective, scaled)
-    scores = (embeddings * gradients.mean(0)).sum(-1)  # [seq]
+    baseline = embeddings * held  # [seq, hidden]
+    delta = (embeddings - baseline)[cached:]  # [seq - cached, hidden]
+    alphas, weights = path(steps)
+    points = (baseline[cached:] + alphas[:, None, None] * delta).requires_grad_(True)  # [steps, seq - cached, hidden]
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bfloat16):
+        past = head_cache(model, embeddings[None, :cached], steps) if cached else None
+        objective = sign * answer_logprob(model, points, len(prompt_ids), answer, past)  # [steps]
+    (gradients,) = torch.autograd.grad((weights * objective).sum(), points)  # [steps, seq - cached, hidden]
+    scores = torch.zeros(len(tokens))
+    scores[cached:] = (delta * gradients.float().sum(0)).sum(-1)
     with torch.no_grad():
-        ends = torch.stack([embeddings, torch.zeros_like(embeddings)])
-        value, base = (sign * answer_logprob(model, ends, len(prompt_ids), answer)).tolist()
-    return Attribution(tokens, scores.detach(), value, base)
+        ends = sign * answer_logprob(model, torch.stack([embeddings, baseline]), len(prompt_ids), answer)
+    value, base = ends.tolist()
+    return Attribution(tokens, scores, value, base)
 
 
 def contrastive(
@@ -75,9 +122,11 @@ def contrastive(
     preferred_ids: Sequence[int],
     dispreferred_ids: Sequence[int],
     steps: int = DEFAULT_STEPS,
+    template: tuple[int, int] = (0, 0),
+    bfloat16: bool = False,
 ) -> tuple[Attribution, Attribution]:
-    """Attributions of f on the preferred sequence and on the dispreferred sequence."""
+    """Attributions of f on the preferred sequence (+log p) and on the dispreferred sequence (-log p)."""
     return (
-        integrated_gradients(model, prompt_ids, preferred_ids, +1.0, steps),
-        integrated_gradients(model, prompt_ids, dispreferred_ids, -1.0, steps),
+        integrated_gradients(model, prompt_ids, preferred_ids, +1.0, steps, template, bfloat16),
+        integrated_gradients(model, prompt_ids, dispreferred_ids, -1.0, steps, template, bfloat16),
     )

@@ -1,10 +1,11 @@
 """Steering vectors from contrastive pairs: GRAINS and the two standard baselines.
 
-GRAINS (per pair): contrastive Integrated Gradients (`attribution.py`) scores every token of
+GRAINS (per pair): contrastive Integrated Gradients (`attribution.py`) scores every content token of
 prompt+preferred and prompt+dispreferred by its push on f = log p(pref) - log p(dispref). The top-k
 positive tokens of the preferred sequence and the top-k negative tokens of the dispreferred sequence are
 masked, masking meaning their input embedding set to zero, the IG baseline, so a mask removes exactly
-what the attribution measured. Per layer, the change of the last-token hidden state
+what the attribution measured (chat-template tokens score 0 and are never masked). Per layer, the change
+of the last-token hidden state
 
     d+ = h(pref) - h(pref, positive tokens masked)      evidence for the preferred answer
     d- = h(dispref) - h(dispref, negative tokens masked) evidence for the dispreferred answer
@@ -23,6 +24,7 @@ as h itself (before the renormalization).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -34,7 +36,21 @@ from grains_edge.steering import decoder_layers
 METHODS = ("grains", "mean-diff", "pca-diff")
 DEFAULT_K = 10
 
-TokenPair = tuple[list[int], list[int], list[int]]  # prompt, preferred, dispreferred token ids
+
+class TokenPair(NamedTuple):
+    """Token ids of a pair; template = (head, tail) chat-template tokens at the start and end of the prompt."""
+
+    prompt: list[int]
+    preferred: list[int]
+    dispreferred: list[int]
+    template: tuple[int, int] = (0, 0)
+
+
+def bfloat16_is_fast() -> bool:
+    """Whether this CPU has native bfloat16 matrix units (AVX512-BF16 or AMX), where autocast pays off."""
+    return any(
+        getattr(torch.cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    )
 
 
 def last_token_states(model, tokens: Sequence[int], masked_rows: Sequence[Sequence[int]] = ()) -> torch.Tensor:
@@ -74,10 +90,11 @@ def top_positions(scores: torch.Tensor, k: int, sign: float) -> list[int]:
     return [int(i) for i in order if signed[i] > 0]
 
 
-def grains_deltas(model, pair: TokenPair, k: int, steps: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def grains_deltas(
+    model, pair: TokenPair, k: int, steps: int, bfloat16: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(d+, d-, h(pref)) of one pair, each [layers, hidden]."""
-    prompt, preferred, dispreferred = pair
-    positive, negative = contrastive(model, prompt, preferred, dispreferred, steps)
+    positive, negative = contrastive(model, *pair[:3], steps, pair.template, bfloat16)
     pref = last_token_states(model, positive.tokens, [top_positions(positive.scores, k, +1.0)])
     disp = last_token_states(model, negative.tokens, [top_positions(negative.scores, k, -1.0)])
     return pref[0] - pref[1], disp[0] - disp[1], pref[0]
@@ -96,17 +113,21 @@ def build(
     k: int = DEFAULT_K,
     steps: int = DEFAULT_STEPS,
     progress: Callable | None = None,
+    bfloat16: bool | None = None,
 ) -> np.ndarray:
-    """Steering vectors [layers, hidden] from token-id pairs with `method` (grains | mean-diff | pca-diff)."""
+    """Steering vectors [layers, hidden] from token-id pairs (TokenPair or (prompt, preferred, dispreferred))
+    with `method` (grains | mean-diff | pca-diff). bfloat16: IG under bfloat16 autocast; None = when fast."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method}")
     for parameter in model.parameters():
         parameter.requires_grad_(False)
+    pairs = [TokenPair(*pair) for pair in pairs]
     iterator = progress(pairs) if progress else pairs
     if method == "grains":
+        fast = bfloat16_is_fast() if bfloat16 is None else bfloat16
         plus, minus, states = [], [], []
         for pair in iterator:
-            d_plus, d_minus, state = grains_deltas(model, pair, k, steps)
+            d_plus, d_minus, state = grains_deltas(model, pair, k, steps, fast)
             plus.append(d_plus)
             minus.append(d_minus)
             states.append(state)
@@ -116,7 +137,7 @@ def build(
         v_minus = torch.stack([first_component(minus_t[:, layer]) for layer in range(layers)])
         return scale_to_hidden_norm(v_plus - v_minus, torch.stack(states))
     differences, states = [], []
-    for prompt, preferred, dispreferred in iterator:
+    for prompt, preferred, dispreferred, _ in iterator:
         pref = last_token_states(model, prompt + preferred)[0]
         disp = last_token_states(model, prompt + dispreferred)[0]
         differences.append(pref - disp)
@@ -129,19 +150,37 @@ def build(
     return scale_to_hidden_norm(directions, torch.stack(states))
 
 
+def chat_prompt(tokenizer, text: str) -> list[int]:
+    """Token ids of `text` as the user turn, up to and including the assistant header."""
+    encoded = tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
+    )
+    return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+
+
+def template_span(prompt: list[int], empty: list[int]) -> tuple[int, int]:
+    """(head, tail): the tokens the prompt shares with the empty-message prompt at its start and its end."""
+    head = 0
+    while head < min(len(prompt), len(empty)) and prompt[head] == empty[head]:
+        head += 1
+    tail = 0
+    while tail < min(len(prompt) - head, len(empty) - head) and prompt[-1 - tail] == empty[-1 - tail]:
+        tail += 1
+    return head, tail
+
+
 def tokenize_pairs(tokenizer, pairs) -> list[TokenPair]:
     """Chat-template token ids: the prompt as the user turn up to the assistant header, answers appended."""
+    empty = chat_prompt(tokenizer, "")
     result = []
     for pair in pairs:
-        encoded = tokenizer.apply_chat_template(
-            [{"role": "user", "content": pair.prompt}], add_generation_prompt=True, tokenize=True
-        )
-        prompt = list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+        prompt = chat_prompt(tokenizer, pair.prompt)
         result.append(
-            (
+            TokenPair(
                 prompt,
                 tokenizer.encode(pair.preferred, add_special_tokens=False),
                 tokenizer.encode(pair.dispreferred, add_special_tokens=False),
+                template_span(prompt, empty),
             )
         )
     return result

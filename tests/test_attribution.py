@@ -1,7 +1,9 @@
+import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from grains_edge.attribution import answer_logprob, contrastive, integrated_gradients
+from grains_edge.attribution import answer_logprob, contrastive, integrated_gradients, path
+from tests.conftest import tiny_model
 
 
 def smooth_llama():
@@ -23,25 +25,66 @@ def smooth_llama():
     return model
 
 
-PROMPT, ANSWER, OTHER = [3, 9, 12, 5], [7, 21, 30], [40, 2]
+PROMPT, ANSWER, OTHER = [3, 9, 12, 5, 60, 61], [7, 21, 30], [40, 2]
+TEMPLATE = (2, 1)  # PROMPT[:2] and PROMPT[-1:] are chat template
+
+
+def brute_force(model, steps, alphas, weights, template=(0, 0)):
+    """IG one point at a time on the full sequence (no batch, no cache): sum_k w_k grad F(x' + a_k (x - x'))."""
+    with torch.no_grad():
+        embeddings = model.get_input_embeddings()(torch.tensor([PROMPT + ANSWER]))[0]
+    held = torch.zeros(len(PROMPT + ANSWER), 1)
+    held[: template[0]] = 1.0
+    held[len(PROMPT) - template[1] : len(PROMPT)] = 1.0
+    baseline = embeddings * held
+    total = torch.zeros_like(embeddings)
+    for alpha, weight in zip(alphas.tolist(), weights.tolist(), strict=True):
+        point = (baseline + alpha * (embeddings - baseline))[None].clone().requires_grad_(True)
+        answer_logprob(model, point, len(PROMPT), torch.tensor(ANSWER)).sum().backward()
+        total += weight * point.grad[0]
+    return ((embeddings - baseline) * total).sum(-1)
+
+
+def test_path_weights_integrate_constants_exactly_and_a_line_closely():
+    alphas, weights = path(8)
+    assert abs(weights.sum().item() - 1.0) < 1e-6 and abs((weights * alphas).sum().item() - 0.5) < 1e-2
 
 
 def test_completeness_scores_sum_to_the_objective_change():
-    result = integrated_gradients(smooth_llama(), PROMPT, ANSWER, steps=200)
-    assert abs(result.scores.sum().item() - (result.objective - result.baseline)) < 0.01 * abs(result.objective)
+    for template in ((0, 0), TEMPLATE):
+        result = integrated_gradients(smooth_llama(), PROMPT, ANSWER, steps=64, template=template)
+        change = result.objective - result.baseline
+        assert abs(result.scores.sum().item() - change) < 0.01 * abs(change)
 
 
-def test_batched_steps_equal_a_brute_force_riemann_loop():
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_batched_cached_steps_equal_a_brute_force_loop_with_the_same_points(arch):
+    model = smooth_llama() if arch == "llama" else tiny_model("gpt2", 64)
+    result = integrated_gradients(model, PROMPT, ANSWER, steps=6, template=TEMPLATE)
+    expected = brute_force(model, 6, *path(6), template=TEMPLATE)
+    torch.testing.assert_close(result.scores, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_twenty_warped_steps_match_a_fine_plain_riemann_sum():
     model = smooth_llama()
-    steps = 8
-    result = integrated_gradients(model, PROMPT, ANSWER, steps=steps)
-    embeddings = model.get_input_embeddings()(torch.tensor([PROMPT + ANSWER]))[0]
-    total = torch.zeros_like(embeddings)
-    for k in range(steps):
-        point = ((k + 0.5) / steps * embeddings)[None].clone().requires_grad_(True)
-        answer_logprob(model, point, len(PROMPT), torch.tensor(ANSWER)).sum().backward()
-        total += point.grad[0] / steps
-    torch.testing.assert_close(result.scores, (embeddings * total).sum(-1), atol=1e-5, rtol=1e-4)
+    steps = 200
+    fine = brute_force(model, steps, (torch.arange(steps) + 0.5) / steps, torch.full((steps,), 1 / steps))
+    torch.testing.assert_close(integrated_gradients(model, PROMPT, ANSWER).scores, fine, atol=0.02, rtol=0.02)
+
+
+def test_template_tokens_are_held_and_score_zero():
+    result = integrated_gradients(smooth_llama(), PROMPT, ANSWER, steps=8, template=TEMPLATE)
+    assert result.scores[:2].eq(0).all() and result.scores[len(PROMPT) - 1] == 0
+    assert result.scores[2 : len(PROMPT) - 1].ne(0).all() and result.scores[len(PROMPT) : -1].ne(0).all()
+    assert result.scores[-1] == 0  # the last token predicts nothing in the answer
+
+
+def test_bfloat16_autocast_ranks_tokens_like_float32():
+    model = smooth_llama()
+    exact = integrated_gradients(model, PROMPT, ANSWER, steps=8)
+    fast = integrated_gradients(model, PROMPT, ANSWER, steps=8, bfloat16=True)
+    assert fast.scores.dtype == torch.float32
+    assert torch.corrcoef(torch.stack([exact.scores, fast.scores]))[0, 1] > 0.98
 
 
 def test_contrastive_signs():

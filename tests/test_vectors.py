@@ -2,7 +2,15 @@ import numpy as np
 import pytest
 import torch
 
-from grains_edge.vectors import build, first_component, last_token_states, top_positions
+from grains_edge.vectors import (
+    TokenPair,
+    build,
+    first_component,
+    last_token_states,
+    template_span,
+    tokenize_pairs,
+    top_positions,
+)
 from tests.conftest import tiny_model
 
 PAIRS = [([1, 5, 9, 4], [20, 21, 22], [30, 31]), ([2, 6, 9], [23, 24], [33, 34, 35]), ([7, 3, 8, 8], [25], [36])]
@@ -51,3 +59,30 @@ def test_mean_diff_points_along_the_mean_difference():
     ).mean(0)
     cosine = torch.nn.functional.cosine_similarity(torch.from_numpy(vectors), differences, dim=-1)
     assert bool((cosine > 0.9999).all())
+
+
+def test_template_span_is_the_shared_head_and_tail():
+    empty = [1, 2, 3, 8, 9]
+    assert template_span([1, 2, 3, 40, 41, 8, 9], empty) == (3, 2)
+    assert template_span([1, 2, 3, 8, 9], empty) == (5, 0)  # nothing counted twice
+    assert template_span([5, 6], empty) == (0, 0)
+
+
+def test_tokenize_pairs_marks_the_chat_template(tiny_tokenizer):
+    from grains_edge.datasets import Pair
+
+    (pair,) = tokenize_pairs(tiny_tokenizer, [Pair("Hello there", "Paris.", "London.")])
+    head, tail = pair.template
+    assert tiny_tokenizer.decode(pair.prompt[:head]) == "<|im_start|>user\n"
+    assert tiny_tokenizer.decode(pair.prompt[head : len(pair.prompt) - tail]) == "Hello there"
+    assert tiny_tokenizer.decode(pair.prompt[len(pair.prompt) - tail :]) == "<|im_end|>\n<|im_start|>assistant\n"
+    assert tiny_tokenizer.decode(pair.preferred) == "Paris."
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_grains_accepts_template_marked_pairs_deterministically(arch):
+    model = tiny_model(arch, 64)
+    marked = [TokenPair([1, 2] + p + [3], a, b, (2, 1)) for p, a, b in PAIRS]
+    first = build(model, marked, "grains", k=2, steps=4, bfloat16=False)
+    assert first.shape == (4, 64) and np.isfinite(first).all()
+    np.testing.assert_array_equal(first, build(model, marked, "grains", k=2, steps=4, bfloat16=False))
