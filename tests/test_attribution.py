@@ -91,3 +91,22 @@ def test_contrastive_signs():
     positive, negative = contrastive(smooth_llama(), PROMPT, ANSWER, OTHER, steps=16)
     assert positive.objective < 0 < negative.objective  # +log p(pref) and -log p(dispref)
     assert len(positive.scores) == len(PROMPT + ANSWER) and len(negative.scores) == len(PROMPT + OTHER)
+
+
+@pytest.mark.slow
+def test_real_model_content_attribution_is_complete_and_skips_the_template():
+    """On SmolLM2 the template-held baseline makes 20 steps add up (an all-zero baseline does not)."""
+    from grains_edge import models
+    from grains_edge.datasets import Pair
+    from grains_edge.vectors import tokenize_pairs
+
+    model, tokenizer = models.load("default")
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    (pair,) = tokenize_pairs(tokenizer, [Pair("Is the sky green?", "No, the sky is blue.", "Yes, the sky is green.")])
+    assert tokenizer.decode(pair.prompt[: pair.template[0]]).endswith("<|im_start|>user\n")
+    positive, negative = contrastive(model, *pair[:3], template=pair.template)
+    for result in (positive, negative):
+        change = result.objective - result.baseline
+        assert abs(result.scores.sum().item() - change) < 0.2 * abs(change)
+        assert result.scores[: pair.template[0]].eq(0).all()
