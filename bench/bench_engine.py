@@ -30,7 +30,6 @@ from grains_edge import models
 from grains_edge.bootstrap import ensure_export, export_dir_for
 from grains_edge.engine import Engine, GenerationSettings
 from grains_edge.export.onnx_export import export
-from grains_edge.manifest import Manifest
 from grains_edge.steering import steering_hooks
 
 PROMPT = [{"role": "user", "content": "Write a short story about a robot who learns to paint."}]
@@ -48,7 +47,7 @@ def measure_bandwidth(megabytes: int = 1024, repeats: int = 5) -> float:
     return buffer.numel() * 4 / best
 
 
-def weight_bytes_per_token(manifest: Manifest, model) -> int:
+def weight_bytes_per_token(model) -> int:
     """Every weight matrix is read once per decoded token, except the embedding lookup (one row);
     a tied LM head reads the embedding matrix in full."""
     total = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -161,7 +160,7 @@ def main() -> int:
         }
 
     bandwidth = measure_bandwidth()
-    per_token = weight_bytes_per_token(engine.manifest, model)
+    per_token = weight_bytes_per_token(model)
     roofline = bandwidth / per_token
     result = {
         "model": args.model,

@@ -10,7 +10,6 @@ interrupted export never leaves a half-written directory behind.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
@@ -208,7 +207,3 @@ def export(model_spec: str, out_dir: str | Path, layers_spec: str = "all", quant
         f"same argmax token {100 * checks['steered_argmax_agreement']:.0f} %"
     )
     return manifest
-
-
-def describe(manifest: Manifest) -> str:
-    return json.dumps(manifest.to_dict(), indent=2)

@@ -309,9 +309,7 @@ def pick_token(logits: np.ndarray, settings: GenerationSettings, rng: np.random.
     if settings.top_p < 1.0:
         order = np.argsort(-probs)
         keep = np.cumsum(probs[order]) - probs[order] < settings.top_p  # always keeps the top token
-        kept = order[keep]
-        probs = np.zeros_like(probs)
-        probs[kept] = 1.0
-        probs *= np.exp(scaled - scaled.max())
-        probs /= probs.sum()
+        nucleus = np.zeros_like(probs)
+        nucleus[order[keep]] = probs[order[keep]]
+        probs = nucleus / nucleus.sum()
     return int(rng.choice(len(probs), p=probs))

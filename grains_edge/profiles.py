@@ -9,7 +9,6 @@ same name. Saving writes a temporary file and renames it, so a profile is never 
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import time
@@ -129,7 +128,3 @@ def list_profiles() -> list[Profile]:
         except GrainsError:
             continue
     return profiles
-
-
-def tuning_report(profile: Profile) -> dict:
-    return json.loads(profile.metadata.get("tuning", "{}"))

@@ -107,9 +107,7 @@ async def test_mixing_two_profiles_adds_their_steering(tmp_path):
     np.testing.assert_allclose(engine.calls[0].steering, expected)
 
 
-@pytest.mark.skip(
-    reason="flaky: the reply does not start after Enter in run_test (follow-up)"
-)
+@pytest.mark.skip(reason="flaky: the reply does not start after Enter in run_test (follow-up)")
 async def test_escape_stops_the_reply_and_keeps_what_was_shown(tmp_path):
     long_reply = " ".join(f"word{i}" for i in range(400))
     app, engine = fake_app(tmp_path / "chat.sqlite3", FakeEngine(lambda m, s: long_reply, delay=0.005))
@@ -129,9 +127,7 @@ async def test_escape_stops_the_reply_and_keeps_what_was_shown(tmp_path):
         assert (stored.content, stored.complete) == (shown, True)
 
 
-@pytest.mark.skip(
-    reason="flaky: the reply does not start after Enter in run_test (follow-up)"
-)
+@pytest.mark.skip(reason="flaky: the reply does not start after Enter in run_test (follow-up)")
 async def test_quitting_mid_reply_saves_it(tmp_path):
     long_reply = " ".join(f"word{i}" for i in range(400))
     app, _ = fake_app(tmp_path / "chat.sqlite3", FakeEngine(lambda m, s: long_reply, delay=0.005))
