@@ -1,5 +1,8 @@
 """The chat app driven by Textual's pilot on a FakeEngine: no model, a few seconds in all."""
 
+import time
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 from textual import events
@@ -36,6 +39,14 @@ async def pick_profile(pilot, name: str) -> None:
         await pilot.press("down")
     await pilot.press("enter")
     await pilot.pause()
+
+
+async def until(pilot, condition: Callable[[], object], seconds: float = 10.0) -> None:
+    """Let the app run until condition() holds; fail after `seconds`."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "the app never reached the expected state"
+        await pilot.pause(0.01)
 
 
 def recorded_notes(app: ChatApp) -> list[str]:
@@ -107,16 +118,14 @@ async def test_mixing_two_profiles_adds_their_steering(tmp_path):
     np.testing.assert_allclose(engine.calls[0].steering, expected)
 
 
-@pytest.mark.skip(reason="flaky: the reply does not start after Enter in run_test (follow-up)")
 async def test_escape_stops_the_reply_and_keeps_what_was_shown(tmp_path):
     long_reply = " ".join(f"word{i}" for i in range(400))
     app, engine = fake_app(tmp_path / "chat.sqlite3", FakeEngine(lambda m, s: long_reply, delay=0.005))
     async with app.run_test(size=SIZE) as pilot:
         app.query_one(Composer).insert("Talk for a long time")
         await pilot.press("enter")
+        await until(pilot, lambda: app.turn is not None and len(app.turn.lanes[0].reply.text) >= 20)
         answer = app.query_one(Answer)
-        while len(app.turn.lanes[0].reply.text) < 20:
-            await pilot.pause(0.01)
         await pilot.press("escape")
         await app.workers.wait_for_complete()
         await pilot.pause()
@@ -127,15 +136,13 @@ async def test_escape_stops_the_reply_and_keeps_what_was_shown(tmp_path):
         assert (stored.content, stored.complete) == (shown, True)
 
 
-@pytest.mark.skip(reason="flaky: the reply does not start after Enter in run_test (follow-up)")
 async def test_quitting_mid_reply_saves_it(tmp_path):
     long_reply = " ".join(f"word{i}" for i in range(400))
     app, _ = fake_app(tmp_path / "chat.sqlite3", FakeEngine(lambda m, s: long_reply, delay=0.005))
     async with app.run_test(size=SIZE) as pilot:
         app.query_one(Composer).insert("Talk")
         await pilot.press("enter")
-        while not app.turn.lanes[0].reply.text:
-            await pilot.pause(0.01)
+        await until(pilot, lambda: app.turn is not None and app.turn.lanes[0].reply.text)
         await pilot.press("ctrl+q")
     reopened = ConversationStore(tmp_path / "chat.sqlite3")
     answer = reopened.messages(reopened.latest().id)[-1]

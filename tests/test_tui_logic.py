@@ -9,7 +9,7 @@ from grains_edge.engine import GenerationSettings
 from grains_edge.errors import GrainsError
 from grains_edge.profiles import steering_tensor
 from grains_edge.tui.generation import fit_prompt, interleave
-from grains_edge.tui.steering import ALPHA_LIMIT, ProfileLibrary, Steering
+from grains_edge.tui.steering import ALPHA_LIMIT, ProfileLibrary, Steering, alpha_step, format_alpha
 from tests.fake_engine import HIDDEN, LAYERS, PROFILES, FakeEngine, fake_profile
 
 
@@ -33,6 +33,19 @@ def test_steering_labels_and_steps():
     assert Steering("truthful", 0.6).stepped(1).alpha == 0.65
     assert Steering("truthful", 0.6).stepped(-2).alpha == 0.5
     assert Steering("truthful", ALPHA_LIMIT).stepped(5).alpha == ALPHA_LIMIT
+    assert Steering("truthful", 0.01).stepped(3, alpha_step(0.01)).alpha == 0.013
+    assert Steering("truthful", 0.0125).label == "truthful α0.0125"
+
+
+@pytest.mark.parametrize(
+    ("default_alpha", "step"), [(0.6, 0.05), (0.5, 0.05), (1.0, 0.1), (0.01, 0.001), (0.03, 0.002), (0.0, 0.05)]
+)
+def test_a_key_press_moves_alpha_by_about_a_tenth_of_the_profile_default(default_alpha, step):
+    assert alpha_step(default_alpha) == pytest.approx(step)
+
+
+def test_signed_alpha_format():
+    assert [format_alpha(a, signed=True) for a in (0.6, -0.25, 0.0125, 0.0)] == ["+0.60", "-0.25", "+0.0125", "+0.00"]
 
 
 def test_library_builds_single_mixed_and_no_steering():

@@ -35,7 +35,7 @@ from grains_edge.models import DEFAULT_GGUF, DEFAULT_MODEL
 
 from .generation import StoredReply, fit_prompt, interleave
 from .screens import HelpScreen, HistoryScreen, MixScreen, SettingsScreen, SystemPromptScreen
-from .steering import ProfileLibrary, Steering
+from .steering import ProfileLibrary, Steering, alpha_step
 from .widgets import Answer, AnswerPair, Composer, ProfileList, ProfilePanel, StatusBar, UserMessage, Welcome
 
 ALPHA = Binding.Group("α strength", compact=True)
@@ -264,11 +264,11 @@ class ChatApp(App):
             message_id = self.store.add_message(self.conversation.id, role, "", profile, alpha, complete=False)
             answer = Answer(steering, note="streaming…")
             lanes.append(Lane(self.library.tensor(steering), answer, StoredReply(self.store, message_id)))
+        self.turn = Turn(lanes, user)  # before mounting: from here on a second send waits and escape stops
         await self.chat.mount(AnswerPair(lanes[0].widget, lanes[1].widget) if self.compare else lanes[0].widget)
         for lane in lanes:
             lane.stream = Markdown.get_stream(lane.widget)
         self.chat.anchor()
-        self.turn = Turn(lanes, user)
         self.turn.worker = self.stream_turn(self.turn, history, self.system_prompt, self.settings)
         self.refresh_bindings()
 
@@ -369,7 +369,8 @@ class ChatApp(App):
         if self.steering.profile is None:
             self.notify("Pick a profile first: 'none' has no strength", severity="warning")
             return
-        self.set_steering(self.steering.stepped(steps))
+        step = alpha_step(self.library.get(self.steering.profile).alpha)
+        self.set_steering(self.steering.stepped(steps, step))
 
     @on(OptionList.OptionSelected, "#profile-list")
     def profile_selected(self, event: OptionList.OptionSelected) -> None:

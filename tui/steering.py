@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -10,8 +11,23 @@ import numpy as np
 from grains_edge.errors import GrainsError
 from grains_edge.profiles import Profile, list_profiles, load_profile, steering_tensor
 
-ALPHA_STEP = 0.05
+ALPHA_STEP = 0.05  # for a profile without a default strength
 ALPHA_LIMIT = 3.0
+
+
+def alpha_step(default_alpha: float) -> float:
+    """One key press: about a tenth of the profile's default α, rounded down to 1, 2 or 5 x 10^k."""
+    tenth = abs(default_alpha) / 10
+    if tenth == 0:
+        return ALPHA_STEP
+    power = 10.0 ** math.floor(math.log10(tenth))
+    return max(m * power for m in (1, 2, 5) if m * power <= tenth * (1 + 1e-9))
+
+
+def format_alpha(alpha: float, signed: bool = False) -> str:
+    """0.60, 1.25, and three significant digits for small strengths (0.0125); signed: +0.60."""
+    sign = "+" if signed else ""
+    return f"{alpha:{sign}.2f}" if alpha == 0 or abs(alpha) >= 0.1 else f"{alpha:{sign}.3g}"
 
 
 @dataclass(frozen=True)
@@ -25,12 +41,12 @@ class Steering:
     def label(self) -> str:
         if self.profile is None:
             return "none"
-        text = f"{self.profile} α{self.alpha:.2f}"
-        return text if self.mix is None else f"{text} + {self.mix} α{self.mix_alpha:.2f}"
+        text = f"{self.profile} α{format_alpha(self.alpha)}"
+        return text if self.mix is None else f"{text} + {self.mix} α{format_alpha(self.mix_alpha)}"
 
-    def stepped(self, steps: int) -> Steering:
-        """α moved by `steps` increments, clamped to ±ALPHA_LIMIT."""
-        alpha = round(self.alpha + steps * ALPHA_STEP, 4)
+    def stepped(self, steps: int, step: float = ALPHA_STEP) -> Steering:
+        """α moved by `steps` increments of `step`, clamped to ±ALPHA_LIMIT."""
+        alpha = round(self.alpha + steps * step, 6)
         return replace(self, alpha=max(-ALPHA_LIMIT, min(ALPHA_LIMIT, alpha)))
 
     def to_record(self) -> tuple[str, float | None]:

@@ -14,7 +14,7 @@ from textual.widgets.option_list import Option
 
 from grains_edge.profiles import Profile
 
-from .steering import Steering
+from .steering import Steering, format_alpha
 
 WELCOME = """\
 ### Steer the model while you talk
@@ -202,9 +202,9 @@ class ProfilePanel(Vertical):
         active = [entry.id for entry in entries].index(steering.profile or "none")
         keep = options.has_focus and highlighted is not None and highlighted < len(entries)
         options.highlighted = highlighted if keep else active
-        alpha = "—" if steering.profile is None else f"{steering.alpha:+.2f}"
+        alpha = "—" if steering.profile is None else format_alpha(steering.alpha, signed=True)
         self.query_one("#alpha", Static).update(Content.from_markup("α $alpha   [dim]+/- · ctrl+↑/↓[/]", alpha=alpha))
-        mix = "—" if steering.mix is None else f"{steering.mix} α{steering.mix_alpha:+.2f}"
+        mix = "—" if steering.mix is None else f"{steering.mix} α{format_alpha(steering.mix_alpha, signed=True)}"
         self.query_one("#mix", Static).update(Content.from_markup("mix $mix   [dim]m[/]", mix=mix))
         left = answer_title(baseline)
         self.query_one("#baseline", Static).update(Content.from_markup("left column: $left   [dim]c[/]", left=left))
