@@ -23,7 +23,7 @@ import torch
 
 from grains_edge import models
 from grains_edge.errors import GrainsError
-from grains_edge.export import graph
+from grains_edge.export import gguf_blocks, graph
 from grains_edge.layers import parse_layers
 from grains_edge.manifest import MANIFEST_NAME, MODEL_NAME, Manifest
 from grains_edge.steering import steering_hooks
@@ -51,18 +51,41 @@ QUANTIZED_TOLERANCE = {"int8": 0.15, "int4": 2.0}
 MIN_EFFECT_CORRELATION = {"none": 0.99, "int8": 0.9, "int4": 0.5}
 
 
-def write_graph(model, steered: list[int], path: Path, quantize: str = "none") -> None:
-    """Build the graph; for int8/int4, quantize every MatMul weight (the layers and the LM head) with
-    ONNX Runtime's block-wise MatMulNBits (round-to-nearest, block 32, symmetric); the embedding lookup,
-    norms, attention, the steering input and its renormalization stay float32."""
+def source_blocks(model_spec: str, model, quantize: str) -> dict[str, gguf_blocks.Blocks]:
+    """The weights a GGUF source already holds in MatMulNBits-compatible blocks, taken as they are:
+    all of them (4- and 8-bit) for int4, the 8-bit ones for int8; none for other sources."""
+    source = models.resolve(model_spec)
+    config = model.config
+    if quantize == "none" or source.gguf_file is None or config.model_type != "llama":
+        return {}
+    found = gguf_blocks.llama_blocks(
+        Path(source.path) / source.gguf_file,
+        config.num_hidden_layers,
+        config.num_attention_heads,
+        getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+    )
+    wanted = {"int4": (4, 8), "int8": (8,)}[quantize]
+    return {name: blocks for name, blocks in found.items() if blocks.bits in wanted}
+
+
+def write_graph(model, steered: list[int], path: Path, quantize: str = "none", blocks=None) -> str:
+    """Build the graph and return how its MatMul weights are stored. For int8/int4, `blocks` (a GGUF's
+    own quantized weights) are used as they are; every other MatMul weight (the layers and the LM head)
+    is quantized with ONNX Runtime's block-wise MatMulNBits (round-to-nearest, block 32, symmetric).
+    The embedding lookup, norms, attention, the steering input and its renormalization stay float32."""
+    blocks = blocks or {}
     inputs, outputs = io_names(model.config.num_hidden_layers)
-    proto = graph.build(model, steered, inputs, outputs, separate_head=quantize != "none")
-    if quantize != "none":
+    proto = graph.build(model, steered, inputs, outputs, separate_head=quantize != "none", blocks=blocks)
+    offsets = [n.name for n in proto.graph.node if n.name.endswith(".offsets")]
+    rounded = [n for n in proto.graph.node if n.op_type == "MatMul" and n.name not in offsets]
+    if quantize != "none" and rounded:
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
         bits = {"int8": 8, "int4": 4}[quantize]
         # accuracy level 4: int8 activations inside the kernel, the fast path on x86 (fp32 compute is 20x slower)
-        quantizer = MatMulNBitsQuantizer(proto, bits=bits, block_size=32, is_symmetric=True, accuracy_level=4)
+        quantizer = MatMulNBitsQuantizer(
+            proto, bits=bits, block_size=32, is_symmetric=True, accuracy_level=4, nodes_to_exclude=offsets
+        )
         quantizer.process()
         proto = quantizer.model.model
     onnx.save_model(
@@ -73,6 +96,13 @@ def write_graph(model, steered: list[int], path: Path, quantize: str = "none") -
         location=path.name + ".data",
         size_threshold=1024,
     )
+    if quantize == "none":
+        return "float32"
+    kinds = sorted({f"{b.bits}-bit" for b in blocks.values()})
+    parts = [f"{len(blocks)} from the GGUF's own blocks ({', '.join(kinds)}, exact)"] if blocks else []
+    if rounded:
+        parts.append(f"{len(rounded)} rounded to {quantize}")
+    return "; ".join(parts)
 
 
 def run_graph(session, manifest: Manifest, ids: torch.Tensor, steering: torch.Tensor) -> np.ndarray:
@@ -189,7 +219,9 @@ def export(model_spec: str, out_dir: str | Path, layers_spec: str = "all", quant
     staging.mkdir(parents=True)
     try:
         log(f"writing the ONNX graph: {num_layers} layers, steering after {len(steered)} of them …")
-        write_graph(model, steered, staging / MODEL_NAME, quantize)
+        blocks = source_blocks(model_spec, model, quantize)
+        manifest.weights = write_graph(model, steered, staging / MODEL_NAME, quantize, blocks)
+        log(f"MatMul weights: {manifest.weights}")
         tokenizer.save_pretrained(staging)
         log("verifying ONNX Runtime against PyTorch (zero and non-zero steering, KV cache) …")
         manifest.verification = verify(model, staging, manifest)

@@ -33,6 +33,7 @@ class Manifest:
     weights_fingerprint: str
     versions: dict[str, str]
     quantization: str = "none"  # none | int8 | int4 (weight-only, MatMulNBits)
+    weights: str = "float32"  # how the MatMul weights are stored, e.g. taken from a GGUF's own blocks
     verification: dict[str, float] = field(default_factory=dict)
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     format_version: int = FORMAT_VERSION

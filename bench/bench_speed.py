@@ -1,0 +1,226 @@
+"""Speed of every way to run the default model with a steering vector, side by side, one run, JSON.
+
+Contenders (each greedy, exactly `--tokens` new tokens, ignoring EOS, steering on layers 10-19 with
+the random directions of bench_engine.py / bench_llamacpp.py):
+  engine-fp32 / engine-int8 / engine-int4   this ONNX Runtime engine on the float32, int8 and int4 exports
+                                            (int4 carries the GGUF's own Q4_1 / Q8_0 blocks, see
+                                            export/gguf_blocks.py; int8 rounds the float weights)
+  pytorch-eager                             transformers, float32, a KV-cache loop with steering hooks
+  llamacpp-q4_1                             llama-cpp-python on the same Q4_1 GGUF with the control vector
+                                            set by llama_set_adapter_cvec (skipped when not installed)
+For each: time to first token and decode tokens/s after a short chat prompt and after a 512-token
+prompt, and peak RSS. Every contender runs in its own process (so RSS is its own), one process per
+repetition, the contenders interleaved (A, B, C, A, B, C, …); medians are reported with the ratios
+the issue asks about. Exports that are missing are built first (a minute each).
+
+    python bench/bench_speed.py [--repeats 3] [--tokens 64] [--out bench/results/speed.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+QUANTIZATIONS = {"engine-fp32": "none", "engine-int8": "int8", "engine-int4": "int4"}
+CONTENDERS = (*QUANTIZATIONS, "pytorch-eager", "llamacpp-q4_1")
+LONG_PROMPT_TOKENS = 512
+
+
+def export_for(quantize: str) -> Path:
+    """The default model's export with this quantization (steering on all layers), built if missing."""
+    from grains_edge.bootstrap import ensure_export, export_dir_for
+    from grains_edge.manifest import Manifest
+
+    if quantize == "none":
+        return ensure_export("default")
+    target = export_dir_for("default").with_name(f"{export_dir_for('default').name}-{quantize}")
+    if not Manifest.is_current(target):
+        from grains_edge.export.onnx_export import export
+
+        export("default", target, quantize=quantize)
+    return target
+
+
+def steering_vector(layers: int, hidden: int) -> tuple[np.ndarray, int, int]:
+    from bench_llamacpp import control_vector
+
+    return control_vector(layers, hidden)
+
+
+def filler_ids(tokenize, count: int = LONG_PROMPT_TOKENS) -> list[int]:
+    from bench_llamacpp import LONG_TEXT
+
+    ids = tokenize(LONG_TEXT)
+    return (ids * (count // len(ids) + 1))[:count]
+
+
+def engine_worker(quantize: str, tokens: int) -> dict:
+    from bench_engine import PROMPT, engine_run
+
+    from grains_edge.engine import Engine
+
+    engine = Engine(export_for(quantize), device="cpu")
+    vector, _, _ = steering_vector(engine.num_layers, engine.hidden_size)
+    prompts = {
+        "short_chat": engine.chat_ids(PROMPT),
+        "long_512": filler_ids(lambda text: engine.tokenizer.encode(text, add_special_tokens=False)),
+    }
+    engine_run(engine, prompts["short_chat"], vector, 8)  # warm-up
+    return {name: engine_run(engine, ids, vector, tokens) for name, ids in prompts.items()}
+
+
+def pytorch_worker(tokens: int) -> dict:
+    import torch
+    from bench_engine import PROMPT, torch_loop_run
+
+    from grains_edge import models
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    model, tokenizer = models.load("default")
+    vector, _, _ = steering_vector(model.config.num_hidden_layers, model.config.hidden_size)
+    steering = torch.from_numpy(vector)[None]
+    chat = tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True, tokenize=True, return_dict=False)
+    prompts = {
+        "short_chat": chat,
+        "long_512": filler_ids(lambda text: tokenizer.encode(text, add_special_tokens=False)),
+    }
+    torch_loop_run(model, prompts["short_chat"], steering, 8)
+    return {name: torch_loop_run(model, list(ids), steering, tokens) for name, ids in prompts.items()}
+
+
+def llamacpp_worker(tokens: int) -> dict:
+    from bench_engine import PROMPT
+    from bench_llamacpp import LlamaRunner, default_gguf
+
+    runner = LlamaRunner(default_gguf(), threads=os.cpu_count() or 1)
+    ctx = runner.new_context()
+    vector, start, end = steering_vector(runner.n_layer, runner.n_embd)
+    runner.set_control_vector(ctx, vector, start, end)
+    prompts = {"short_chat": runner.chat_ids(PROMPT), "long_512": filler_ids(runner.tokenize)}
+    runner.greedy(ctx, prompts["short_chat"], 8)
+    results = {}
+    for name, ids in prompts.items():
+        _, first, rate = runner.greedy(ctx, ids, tokens)
+        results[name] = (first, rate)
+    return results
+
+
+def worker(name: str, tokens: int) -> dict:
+    if name in QUANTIZATIONS:
+        runs = engine_worker(QUANTIZATIONS[name], tokens)
+    elif name == "pytorch-eager":
+        runs = pytorch_worker(tokens)
+    else:
+        runs = llamacpp_worker(tokens)
+    result = {
+        prompt: {"time_to_first_token_ms": 1000 * first, "decode_tokens_per_second": rate}
+        for prompt, (first, rate) in runs.items()
+    }
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return result
+
+
+def run_worker(name: str, tokens: int) -> dict:
+    done = subprocess.run(
+        [sys.executable, __file__, "--worker", name, "--tokens", str(tokens)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"{name} failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def medians(samples: list[dict]) -> dict:
+    result: dict = {"peak_rss_mb": statistics.median(s["peak_rss_mb"] for s in samples)}
+    for prompt in ("short_chat", "long_512"):
+        result[prompt] = {
+            key: statistics.median(s[prompt][key] for s in samples)
+            for key in ("time_to_first_token_ms", "decode_tokens_per_second")
+        }
+    return result
+
+
+def ratios(results: dict) -> dict:
+    """Decode-rate ratios (above 1: the first is faster) and time-to-first-token ratios (below 1: the first
+    answers sooner), for the pairs whose both sides ran."""
+    pairs = [
+        ("engine-int4", "engine-fp32", ("short_chat",)),
+        ("engine-fp32", "pytorch-eager", ("short_chat",)),
+        ("engine-int4", "llamacpp-q4_1", ("short_chat", "long_512")),
+    ]
+    out = {}
+    for first, second, prompts in pairs:
+        if first not in results or second not in results:
+            continue
+        for prompt in prompts:
+            a, b = results[first][prompt], results[second][prompt]
+            out[f"{first}_vs_{second}_decode_{prompt}"] = a["decode_tokens_per_second"] / b["decode_tokens_per_second"]
+            out[f"{first}_vs_{second}_ttft_{prompt}"] = a["time_to_first_token_ms"] / b["time_to_first_token_ms"]
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--only", action="append", choices=CONTENDERS, help="just these contenders (repeatable)")
+    parser.add_argument("--out", default=None, help="also write the JSON here")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.tokens)))
+        return 0
+
+    contenders = list(args.only or CONTENDERS)
+    if "llamacpp-q4_1" in contenders and importlib.util.find_spec("llama_cpp") is None:
+        contenders.remove("llamacpp-q4_1")
+        print("llama-cpp-python is not installed (pip install '.[bench]'): llama.cpp skipped", file=sys.stderr)
+    for name in contenders:
+        if name in QUANTIZATIONS:
+            export_for(QUANTIZATIONS[name])
+    load_start = os.getloadavg()[0]
+    samples: dict[str, list[dict]] = {name: [] for name in contenders}
+    for repeat in range(args.repeats):
+        for name in contenders:
+            started = time.perf_counter()
+            samples[name].append(run_worker(name, args.tokens))
+            print(f"repeat {repeat + 1}/{args.repeats} {name}: {time.perf_counter() - started:.0f} s", file=sys.stderr)
+    results = {name: medians(runs) for name, runs in samples.items()}
+    report = {
+        "decode_tokens": args.tokens,
+        "long_prompt_tokens": LONG_PROMPT_TOKENS,
+        "repeats": args.repeats,
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "processor": platform.processor() or platform.machine(),
+            "load_average_1min": {"start": load_start, "end": os.getloadavg()[0]},
+        },
+        "results": results,
+        "ratios": ratios(results),
+    }
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

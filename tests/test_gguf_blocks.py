@@ -1,0 +1,98 @@
+"""A GGUF's quantized blocks carried into MatMulNBits: parity with gguf-py's reference dequantizer and,
+through a whole exported graph, with PyTorch on the same (dequantized) weights."""
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from gguf import GGMLQuantizationType, quants
+
+from grains_edge.export import graph, onnx_export
+from grains_edge.export.gguf_blocks import Blocks, decode, stacked, unpermute_rows
+
+
+def ggml_bytes(weight: np.ndarray, kind: str) -> np.ndarray:
+    return quants.quantize(weight.astype(np.float32), GGMLQuantizationType[kind])  # [N, bytes per row]
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q8_0"])
+def test_blocks_dequantize_exactly_as_the_reference(kind):
+    weight = np.random.default_rng(0).normal(size=(6, 96)).astype(np.float32)
+    raw = ggml_bytes(weight, kind)
+    blocks = decode(kind, raw)
+    np.testing.assert_array_equal(blocks.dequantized(), quants.dequantize(raw, GGMLQuantizationType[kind]))
+    assert blocks.packed().shape == (6, 3, 32 if kind == "Q8_0" else 16)
+    assert decode("Q4_K", raw) is None  # other formats are left to the quantizer
+
+
+def test_four_bit_packing_is_matmulnbits_order():
+    q = np.arange(32, dtype=np.uint8)[None] % 16  # one row, one block: levels 0..15, 0..15
+    packed = Blocks(4, q, np.ones((1, 1), np.float32), 0).packed()
+    assert packed[0, 0, 0] == 0 | (1 << 4) and packed[0, 0, 7] == 14 | (15 << 4)
+    assert list(Blocks(4, q, np.ones((1, 1), np.float32), 8).zero_points()) == [8 | (8 << 4)]
+
+
+def test_unpermute_matches_transformers_reverse_permutation():
+    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
+
+    reverse = LlamaTensorProcessor()._reverse_permute_weights
+    rows = np.random.default_rng(1).integers(0, 16, size=(16, 32)).astype(np.uint8)
+    blocks = Blocks(4, rows, np.arange(16, dtype=np.float32)[:, None], 0)
+    ours = unpermute_rows(blocks, heads=4)
+    reference = reverse(rows, 4, 4)
+    np.testing.assert_array_equal(ours.q, reference)
+    np.testing.assert_array_equal(ours.scales[:, 0], reverse(np.arange(16.0), 4))
+
+
+def test_stacking_refuses_mixed_formats():
+    a = Blocks(4, np.zeros((2, 32), np.uint8), np.ones((2, 1), np.float32), 0, np.zeros((2, 1), np.float32))
+    b = Blocks(4, np.zeros((2, 32), np.uint8), np.ones((2, 1), np.float32), 8)
+    assert stacked([a, b]) is None and stacked([a, a]).shape == (4, 32)
+
+
+@pytest.fixture
+def q4_1_llama(tmp_path, tiny_tokenizer):
+    """A tiny Llama whose linears are Q4_1 (head Q8_0) like the embedded GGUF, saved with the
+    dequantized weights, and the blocks graph.py should use for it."""
+    from tests.conftest import tiny_model
+
+    model = tiny_model("llama", len(tiny_tokenizer))
+    blocks = {}
+    with torch.no_grad():
+        for i, layer in enumerate(model.model.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            groups = {
+                "qkv": [attn.q_proj, attn.k_proj, attn.v_proj],
+                "o_proj": [attn.o_proj],
+                "gate_up": [mlp.gate_proj, mlp.up_proj],
+                "down_proj": [mlp.down_proj],
+            }
+            for name, linears in groups.items():
+                parts = [decode("Q4_1", ggml_bytes(linear.weight.numpy(), "Q4_1")) for linear in linears]
+                for linear, part in zip(linears, parts, strict=True):
+                    linear.weight.copy_(torch.from_numpy(part.dequantized()))
+                blocks[f"layers.{i}.{name}"] = stacked(parts)
+        head = decode("Q8_0", ggml_bytes(model.lm_head.weight.numpy(), "Q8_0"))
+        model.lm_head.weight.copy_(torch.from_numpy(head.dequantized()))  # tied: the embedding too
+        blocks["lm_head"] = head
+    model.save_pretrained(tmp_path / "q4_1")
+    tiny_tokenizer.save_pretrained(tmp_path / "q4_1")
+    return tmp_path / "q4_1", blocks
+
+
+@pytest.mark.parametrize(
+    ("level", "tolerance", "correlation"),
+    [(1, 1e-4, 0.9999), (4, onnx_export.QUANTIZED_TOLERANCE["int8"], onnx_export.MIN_EFFECT_CORRELATION["int8"])],
+)
+def test_exported_blocks_match_pytorch(tmp_path, monkeypatch, q4_1_llama, level, tolerance, correlation):
+    """Level 1 (float activations) is exact; level 4 (int8 activations, the default) is close."""
+    folder, blocks = q4_1_llama
+    monkeypatch.setattr(onnx_export, "source_blocks", lambda spec, model, quantize: blocks)
+    monkeypatch.setattr(graph, "ACCURACY_LEVEL", level)
+    manifest = onnx_export.export(str(folder), tmp_path / "out", layers_spec="1-2", quantize="int4")
+    assert manifest.weights == "17 from the GGUF's own blocks (4-bit, 8-bit, exact)"
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "out" / "model.onnx"), load_external_data=False).graph.node]
+    assert ops.count("MatMulNBits") == 17 and ops.count("MatMul") == 4 * 4  # each Q4_1 linear's offsets
+    checks = manifest.verification
+    assert checks["zero"] < tolerance and checks["steered"] < tolerance
+    assert checks["steering_effect_correlation"] > correlation
