@@ -130,8 +130,16 @@ def worker(name: str, tokens: int) -> dict:
         prompt: {"time_to_first_token_ms": 1000 * first, "decode_tokens_per_second": rate}
         for prompt, (first, rate) in runs.items()
     }
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["peak_rss_mb"] = peak_rss_mb()
     return result
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set (VmHWM; unlike ru_maxrss it is not inherited from the parent)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def run_worker(name: str, tokens: int) -> dict:

@@ -6,7 +6,10 @@ SimplifiedLayerNormalization / LayerNormalization, one MatMul for q|k|v and one 
 kernel; its past and present buffers may be the same memory, so decoding appends in place). After
 every steered layer, per token, the GRAINS renormalization
 
-    h' = (h + s_l) * ReduceL2(h) / Max(ReduceL2(h + s_l), eps)        s_l = steering[:, l:l+1, :]
+    h' = LpNormalization(h + s_l) * ReduceL2(h)        s_l = steering[:, l:l+1, :] (one Split for all l)
+
+that is (h + s_l) * ||h|| / ||h + s_l||, four small ops per steered layer (LpNormalization gives 0
+where h + s_l is 0, as an eps floor would).
 
 Graph interface:
   inputs   input_ids [b, s] int64, attention_mask [b, total] int64 (1 = token, right padding only),
@@ -31,7 +34,6 @@ from onnx import TensorProto, helper, numpy_helper
 from grains_edge.export.gguf_blocks import BLOCK, Blocks
 
 OPSET = 20
-EPS = 1e-6
 # MatMulNBits accuracy level 4: int8 activations inside the kernel, like llama.cpp's q8 dot products; the
 # fast path on x86 (level 1, float32 activations, is exact but 4-8x slower per decode step).
 ACCURACY_LEVEL = 4
@@ -149,8 +151,10 @@ def build(
     lengths = g.op("ReduceSum", mask, one_axis, keepdims=0)  # [b]
     seqlens_k = g.op("Cast", g.op("Sub", lengths, g.const(1)), to=TensorProto.INT32)  # [b]
     total = g.op("Cast", g.op("Gather", g.op("Shape", mask), g.const(1), axis=0), to=TensorProto.INT32)  # []
-    if steered_layers:
-        last_axis, eps = g.const([-1]), g.const(EPS, np.float32)
+    if steered_layers:  # one Split for all layers: shifts[i] = steering[:, i:i+1] [b, 1, hidden]
+        last_axis = g.const([-1])
+        split = g.op("Split", steering, outputs=num_layers, axis=1, num_outputs=num_layers)
+        shifts = [split] if num_layers == 1 else split
     attention = dict(domain="com.microsoft", num_heads=heads, kv_num_heads=kv_heads, scale=float(head_dim**-0.5))
     if llama:
         body = model.model
@@ -238,14 +242,9 @@ def build(
             act = g.op("Gelu", fc, approximate="tanh")
             h = g.op("Add", h, g.linear(act, f"h.{i}.mlp.c_proj", array(mlp.c_proj.weight), array(mlp.c_proj.bias)))
         if i in steered_layers:
-            shift = g.op("Slice", steering, g.const([i]), g.const([i + 1]), one_axis)  # [b, 1, hidden]
-            steered = g.op("Add", h, shift)  # [b, s, hidden]
-            ratio = g.op(
-                "Div",
-                g.op("ReduceL2", h, last_axis, keepdims=1),
-                g.op("Max", g.op("ReduceL2", steered, last_axis, keepdims=1), eps),
-            )  # [b, s, 1]
-            h = g.op("Mul", steered, ratio)
+            steered = g.op("Add", h, shifts[i])  # [b, s, hidden]
+            unit = g.op("LpNormalization", steered, axis=-1, p=2)  # (h + s) / ||h + s||; 0 where h + s = 0
+            h = g.op("Mul", unit, g.op("ReduceL2", h, last_axis, keepdims=1))  # [b, s, hidden]
 
     final = body.norm if llama else body.ln_f
     x = norm(h, final, "final_norm")

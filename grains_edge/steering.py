@@ -4,7 +4,7 @@ GRAINS applies, after each steered decoder layer and per token,
 
     h' = (h + s) * ||h||_2 / max(||h + s||_2, eps)        (norm over the hidden axis)
 
-The exported ONNX graph computes the same thing with ReduceL2/Add/Div/Mul; this module
+The exported ONNX graph computes the same thing with Add/LpNormalization/ReduceL2/Mul; this module
 is the PyTorch side: the formula, and forward hooks that apply it to a Hugging Face model
 (used to verify exports, to benchmark PyTorch eager, and to measure steered activations).
 """

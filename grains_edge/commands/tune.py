@@ -3,7 +3,8 @@
 For each layer window and alpha, the behaviour metric (TruthfulQA MC1 or the A/B matching rate) is
 measured on the tune split with the profile applied; a configuration is admissible when the response
 perplexity on Dolly rises by at most 3 % (and, with --mmlu, 2-choice MMLU drops by at most 1 point).
-The best admissible configuration is written into the profile with the whole sweep table.
+The best admissible configuration is written into the profile with the whole sweep table; ties of
+the metric (frequent on a few dozen items) go to MC2 or the mean log-prob margin, then to the smaller α.
 """
 
 from __future__ import annotations
@@ -53,22 +54,29 @@ def run(args: argparse.Namespace) -> int:
     alphas = [float(a) for a in args.alphas.split(",")]
     windows = auto_windows(engine.num_layers) if args.windows == "auto" else args.windows.split(";")
     if args.task == "truthfulqa":
-        items = select(datasets.load_truthfulqa(args.data)[0], "tune", lambda i: i.question, args.limit)
+        mc1, mc2 = datasets.load_truthfulqa(args.data)
+        items = select(mc1, "tune", lambda i: i.question, args.limit)
+        items2 = select(mc2, "tune", lambda i: i.question, args.limit)
 
-        def behaviour(steering) -> float:
-            return evaluation.truthfulqa(engine, items, (), steering)["mc1"]
+        def behaviour(steering) -> tuple[float, float]:
+            """(MC1, MC2): MC2, continuous, breaks the ties of MC1 on a small split."""
+            result = evaluation.truthfulqa(engine, items, items2, steering)
+            return result["mc1"], result["mc2"]
     else:
         items = select(datasets.load_ab(args.data, args.score, args.toward), "tune", lambda i: i.question, args.limit)
 
-        def behaviour(steering) -> float:
-            return evaluation.ab_preference(engine, items, steering)["matching_rate"]
+        def behaviour(steering) -> tuple[float, float]:
+            """(matching rate, mean log-prob margin): the margin breaks ties of the rate."""
+            result = evaluation.ab_preference(engine, items, steering)
+            return result["matching_rate"], result["mean_logprob_margin"]
 
     prompts, responses = datasets.load_dolly(args.ppl_data)
     dolly = select(list(zip(prompts, responses, strict=True)), "tune", lambda item: item[0], args.ppl_limit)
     mmlu = select(datasets.load_ab(args.mmlu, "text"), "tune", lambda i: i.question) if args.mmlu else []
 
     def measure(steering) -> dict:
-        row = {"behaviour": behaviour(steering)}
+        primary, secondary = behaviour(steering)
+        row = {"behaviour": primary, "tie_break": secondary}
         row["ppl"] = evaluation.perplexity(engine, [p for p, _ in dolly], [r for _, r in dolly], steering)["perplexity"]
         if mmlu:
             row["mmlu"] = evaluation.ab_preference(engine, mmlu, steering)["matching_rate"]
@@ -89,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
             rows.append(row)
             print(json.dumps(row), flush=True)
     admissible = [r for r in rows if r["admissible"]]
-    best = max(admissible, key=lambda r: (r["behaviour"], -r["alpha"])) if admissible else None
+    best = max(admissible, key=lambda r: (r["behaviour"], r["tie_break"], -r["alpha"])) if admissible else None
     report = {
         "task": args.task,
         "tune_items": len(items),
