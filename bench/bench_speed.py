@@ -5,6 +5,8 @@ the random directions of bench_engine.py / bench_llamacpp.py):
   engine-fp32 / engine-int8 / engine-int4   this ONNX Runtime engine on the float32, int8 and int4 exports
                                             (int4 carries the GGUF's own Q4_1 / Q8_0 blocks, see
                                             export/gguf_blocks.py; int8 rounds the float weights)
+  engine-int4-unsteered                     the int4 graph exported with no steered layer (no steering ops):
+                                            its decode rate over engine-int4's is the steering overhead
   pytorch-eager                             transformers, float32, a KV-cache loop with steering hooks
   llamacpp-q4_1                             llama-cpp-python on the same Q4_1 GGUF with the control vector
                                             set by llama_set_adapter_cvec (skipped when not installed)
@@ -35,23 +37,30 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-QUANTIZATIONS = {"engine-fp32": "none", "engine-int8": "int8", "engine-int4": "int4"}
-CONTENDERS = (*QUANTIZATIONS, "pytorch-eager", "llamacpp-q4_1")
+# engine contenders: (quantization, steered layers of the export)
+ENGINES = {
+    "engine-fp32": ("none", "all"),
+    "engine-int8": ("int8", "all"),
+    "engine-int4": ("int4", "all"),
+    "engine-int4-unsteered": ("int4", "none"),  # no steering ops at all: the steering overhead
+}
+CONTENDERS = (*ENGINES, "pytorch-eager", "llamacpp-q4_1")
 LONG_PROMPT_TOKENS = 512
 
 
-def export_for(quantize: str) -> Path:
-    """The default model's export with this quantization (steering on all layers), built if missing."""
+def export_for(quantize: str, layers: str) -> Path:
+    """The default model's export with this quantization and steered layers, built if missing."""
     from grains_edge.bootstrap import ensure_export, export_dir_for
     from grains_edge.manifest import Manifest
 
-    if quantize == "none":
+    if (quantize, layers) == ("none", "all"):
         return ensure_export("default")
-    target = export_dir_for("default").with_name(f"{export_dir_for('default').name}-{quantize}")
+    suffix = "".join(f"-{part}" for part in (quantize, "unsteered" if layers == "none" else "") if part)
+    target = export_dir_for("default").with_name(export_dir_for("default").name + suffix)
     if not Manifest.is_current(target):
         from grains_edge.export.onnx_export import export
 
-        export("default", target, quantize=quantize)
+        export("default", target, layers_spec=layers, quantize=quantize)
     return target
 
 
@@ -68,13 +77,13 @@ def filler_ids(tokenize, count: int = LONG_PROMPT_TOKENS) -> list[int]:
     return (ids * (count // len(ids) + 1))[:count]
 
 
-def engine_worker(quantize: str, tokens: int) -> dict:
+def engine_worker(quantize: str, layers: str, tokens: int) -> dict:
     from bench_engine import PROMPT, engine_run
 
     from grains_edge.engine import Engine
 
-    engine = Engine(export_for(quantize), device="cpu")
-    vector, _, _ = steering_vector(engine.num_layers, engine.hidden_size)
+    engine = Engine(export_for(quantize, layers), device="cpu")
+    vector = steering_vector(engine.num_layers, engine.hidden_size)[0] if layers != "none" else None
     prompts = {
         "short_chat": engine.chat_ids(PROMPT),
         "long_512": filler_ids(lambda text: engine.tokenizer.encode(text, add_special_tokens=False)),
@@ -120,8 +129,8 @@ def llamacpp_worker(tokens: int) -> dict:
 
 
 def worker(name: str, tokens: int) -> dict:
-    if name in QUANTIZATIONS:
-        runs = engine_worker(QUANTIZATIONS[name], tokens)
+    if name in ENGINES:
+        runs = engine_worker(*ENGINES[name], tokens)
     elif name == "pytorch-eager":
         runs = pytorch_worker(tokens)
     else:
@@ -171,6 +180,7 @@ def ratios(results: dict) -> dict:
         ("engine-int4", "engine-fp32", ("short_chat",)),
         ("engine-fp32", "pytorch-eager", ("short_chat",)),
         ("engine-int4", "llamacpp-q4_1", ("short_chat", "long_512")),
+        ("engine-int4-unsteered", "engine-int4", ("short_chat",)),  # decode ratio - 1 = steering overhead
     ]
     out = {}
     for first, second, prompts in pairs:
@@ -200,8 +210,8 @@ def main() -> int:
         contenders.remove("llamacpp-q4_1")
         print("llama-cpp-python is not installed (pip install '.[bench]'): llama.cpp skipped", file=sys.stderr)
     for name in contenders:
-        if name in QUANTIZATIONS:
-            export_for(QUANTIZATIONS[name])
+        if name in ENGINES:
+            export_for(*ENGINES[name])
     load_start = os.getloadavg()[0]
     samples: dict[str, list[dict]] = {name: [] for name in contenders}
     for repeat in range(args.repeats):

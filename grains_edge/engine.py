@@ -31,6 +31,7 @@ class GenerationSettings:
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
     seed: int | None = None
+    repetition_penalty: float = 1.0  # > 1 discourages tokens already in the context (1 = off)
 
 
 @dataclass
@@ -264,12 +265,14 @@ class Engine:
         self.last_stats = stats
         cache = self.new_cache(1, len(prompt_ids) + budget)
         generated: list[int] = []
+        seen = np.zeros(self.manifest.vocab_size, bool)  # [vocab] tokens already in the context
+        seen[[i for i in prompt_ids if i < len(seen)]] = True
         shown = ""
         started = time.perf_counter()
         ids = np.asarray([prompt_ids], np.int64)
         stats.stopped_by = "length"
         for _ in range(budget):
-            token = pick_token(self.step(ids, steer, cache)[0], settings, rng)
+            token = pick_token(self.step(ids, steer, cache)[0], settings, rng, seen)
             if not generated:
                 stats.first_token_seconds = time.perf_counter() - started
                 first_done = time.perf_counter()
@@ -277,6 +280,7 @@ class Engine:
                 stats.stopped_by = "eos"
                 break
             generated.append(token)
+            seen[token] = True
             stats.new_tokens = len(generated)
             text = self.tokenizer.decode(generated, skip_special_tokens=True)
             if not text.endswith("\ufffd") and len(text) > len(shown):
@@ -299,8 +303,17 @@ class Engine:
         return self.generate(self.chat_ids(messages), steering, settings, stop)
 
 
-def pick_token(logits: np.ndarray, settings: GenerationSettings, rng: np.random.Generator) -> int:
-    """Greedy at temperature 0, else temperature + nucleus (top-p) sampling."""
+def pick_token(
+    logits: np.ndarray, settings: GenerationSettings, rng: np.random.Generator, seen: np.ndarray | None = None
+) -> int:
+    """Greedy at temperature 0, else temperature + nucleus (top-p) sampling. With a repetition penalty p,
+    the logits of the tokens marked in `seen` [vocab] are divided by p when positive and multiplied by
+    p when negative first (Keskar et al. 2019, as transformers' RepetitionPenaltyLogitsProcessor)."""
+    if seen is not None and settings.repetition_penalty != 1.0:
+        penalty = settings.repetition_penalty
+        logits = logits.copy()
+        hit = logits[seen]
+        logits[seen] = np.where(hit > 0, hit / penalty, hit * penalty)
     if settings.temperature <= 0:
         return int(logits.argmax())
     scaled = logits.astype(np.float64) / settings.temperature

@@ -5,7 +5,7 @@ import threading
 import numpy as np
 import pytest
 
-from grains_edge.engine import Engine, GenerationSettings
+from grains_edge.engine import Engine, GenerationSettings, pick_token
 from grains_edge.errors import GrainsError
 
 HELLO = [{"role": "user", "content": "Hello, how are you today?"}]
@@ -48,6 +48,22 @@ def test_scaled_steering_matches_steering_scaled(engine):
 def test_seeded_sampling_is_reproducible(engine):
     a = tokens(engine, temperature=1.0, top_p=0.9, seed=7)
     assert a == tokens(engine, temperature=1.0, top_p=0.9, seed=7)
+
+
+def test_repetition_penalty_follows_the_ctrl_rule():
+    logits = np.array([2.0, -1.0, 1.0, 0.5], np.float32)
+    seen = np.array([True, True, False, False])
+    rng = np.random.default_rng(0)
+    assert pick_token(logits, GenerationSettings(), rng, seen) == 0  # 1 = off
+    assert pick_token(logits, GenerationSettings(repetition_penalty=2.5), rng, seen) == 2  # 2 / 2.5 < 1
+    negative = np.array([-1.0, -3.0])
+    assert pick_token(negative, GenerationSettings(repetition_penalty=4.0), rng, np.array([True, False])) == 1
+    assert logits[0] == 2.0  # the caller's logits are untouched
+
+
+def test_repetition_penalty_changes_a_looping_greedy_answer(engine):
+    plain = "".join(tokens(engine, max_new_tokens=30))
+    assert "".join(tokens(engine, max_new_tokens=30, repetition_penalty=1.5)) != plain
 
 
 def test_stop_event_ends_generation_early(engine):

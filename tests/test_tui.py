@@ -294,7 +294,8 @@ async def test_settings_modal_changes_the_next_reply(tmp_path):
         await pilot.press("ctrl+s")
         assert isinstance(app.screen, SettingsScreen)  # refused, with the reason shown
         assert "max-tokens" in str(app.screen.query_one("#settings-error", Label).content)
-        for name, value in {"max-tokens": "3", "temperature": "0.7", "top-p": "0.9", "seed": "7"}.items():
+        values = {"max-tokens": "3", "temperature": "0.7", "top-p": "0.9", "seed": "7", "repetition-penalty": "1.2"}
+        for name, value in values.items():
             app.screen.query_one(f"#{name}", Input).value = value
         app.screen.query_one("#seed", Input).focus()
         await pilot.press("enter")  # enter in any field saves too
@@ -305,6 +306,7 @@ async def test_settings_modal_changes_the_next_reply(tmp_path):
         assert "max tokens" in str(app.query_one(Answer).border_subtitle)
     settings = engine.calls[0].settings
     assert (settings.max_new_tokens, settings.temperature, settings.top_p, settings.seed) == (3, 0.7, 0.9, 7)
+    assert settings.repetition_penalty == 1.2
 
 
 async def test_system_prompt_is_sent_and_stored(tmp_path):

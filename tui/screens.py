@@ -68,6 +68,8 @@ class SettingsScreen(Dialog):
             yield Input(str(settings.top_p), id="top-p", validators=[Number(0.01, 1)])
             yield Label(f"Max new tokens  [dim]1–{self.max_context}[/]")
             yield Input(str(settings.max_new_tokens), id="max-tokens", validators=[Integer(1, self.max_context)])
+            yield Label("Repetition penalty  [dim]1 = off[/]")
+            yield Input(str(settings.repetition_penalty), id="repetition-penalty", validators=[Number(1, 2)])
             yield Label("Seed  [dim]empty = random[/]")
             yield Input(seed, id="seed", validators=[Integer(0)])
         yield Label("", id="settings-error", classes="error")
@@ -92,6 +94,7 @@ class SettingsScreen(Dialog):
                 temperature=float(inputs["temperature"].value),
                 top_p=float(inputs["top-p"].value),
                 seed=int(seed) if seed else None,
+                repetition_penalty=float(inputs["repetition-penalty"].value),
             )
         )
 

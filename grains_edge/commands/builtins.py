@@ -13,11 +13,15 @@ from pathlib import Path
 from grains_edge.data import data_file
 
 DOLLY = "dolly/dolly_dev.jsonl"
+# The sweep of every recipe: middle layers, where steering the default model moves behaviour at all, and
+# strengths around the 3 % perplexity budget (vectors are scaled to the mean hidden-state norm).
+ALPHAS = "0.005,0.01,0.02,0.03"
+WINDOWS = "8-12;10-19;13-17"
 RECIPES = {
     "truthful": {
         "data": "truthfulqa_mc_train.json",
         "task": "truthfulqa",
-        "limit": 80,
+        "limit": 120,
         "toward": "matching",
         "description": "answers truthfully rather than repeating popular misconceptions (TruthfulQA)",
     },
@@ -25,6 +29,7 @@ RECIPES = {
         "data": "caa/refusal_generate.json",
         "task": "ab",
         "limit": 60,
+        "tune_limit": 60,
         "toward": "matching",
         "description": "declines harmful requests and does not claim personal experiences (CAA refusal)",
     },
@@ -32,6 +37,7 @@ RECIPES = {
         "data": "caa/sycophancy_generate.json",
         "task": "ab",
         "limit": 60,
+        "tune_limit": 60,
         "toward": "not-matching",
         "description": "does not just agree with the user's stated view (CAA sycophancy, steered away)",
     },
@@ -39,6 +45,7 @@ RECIPES = {
         "data": "caa/hallucination_generate.json",
         "task": "ab",
         "limit": 60,
+        "tune_limit": 60,
         "toward": "not-matching",
         "description": "rejects false premises instead of inventing facts (CAA hallucination, steered away)",
     },
@@ -83,6 +90,8 @@ def commands(name: str, out_dir: Path, alphas: str, windows: str) -> list[list[s
     ]
     if recipe["task"] == "ab":
         tune += ["--mmlu", str(data_file("caa/mmlu_ab_dev.json"))]
+    if "tune_limit" in recipe:
+        tune += ["--limit", str(recipe["tune_limit"])]
     return [vectors, tune]
 
 
@@ -90,8 +99,8 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser("builtins", help="rebuild the built-in profiles (GRAINS vectors + tuning)")
     parser.add_argument("--only", choices=sorted(RECIPES), action="append", help="just this profile (repeatable)")
     parser.add_argument("--out-dir", default=None, help="where to write (default: the user profiles folder)")
-    parser.add_argument("--alphas", default="0.25,0.5,1.0")
-    parser.add_argument("--windows", default="auto")
+    parser.add_argument("--alphas", default=ALPHAS)
+    parser.add_argument("--windows", default=WINDOWS)
     parser.add_argument("--print", action="store_true", help="print the commands instead of running them")
     parser.set_defaults(run=run)
 

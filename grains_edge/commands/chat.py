@@ -18,6 +18,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default 1 = off)")
     parser.add_argument("--seed", type=int, default=None, help="sampling seed")
+    parser.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=1.1,
+        help="above 1 discourages repeating the context; small models loop without it (default 1.1, 1 = off)",
+    )
 
 
 def register(subparsers) -> None:
@@ -54,6 +60,8 @@ def check(args: argparse.Namespace) -> None:
         raise GrainsError("--max-tokens must be at least 1")
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         raise GrainsError("--temperature must be ≥ 0 and --top-p in (0, 1]")
+    if not 1 <= args.repetition_penalty <= 2:
+        raise GrainsError("--repetition-penalty must be in [1, 2] (1 = off)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -63,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
 
     check(args)
     prompt = one_shot_prompt(args)
-    settings = GenerationSettings(args.max_tokens, args.temperature, args.top_p, args.seed)
+    settings = GenerationSettings(args.max_tokens, args.temperature, args.top_p, args.seed, args.repetition_penalty)
     export_dir = ensure_export(args.model)
     ensure_builtin_profiles(args.model)
     engine = Engine(export_dir, device=args.device)
