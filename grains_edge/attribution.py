@@ -36,9 +36,13 @@ float32 on the pairs compared); F(x) and F(x') are always computed in float32.
 
 from __future__ import annotations
 
+import hashlib
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
 
 DEFAULT_STEPS = 20
@@ -130,3 +134,41 @@ def contrastive(
         integrated_gradients(model, prompt_ids, preferred_ids, +1.0, steps, template, bfloat16),
         integrated_gradients(model, prompt_ids, dispreferred_ids, -1.0, steps, template, bfloat16),
     )
+
+
+class ScoreCache:
+    """Attributions of earlier builds, in an .npz keyed by model, tokens and settings: rebuilding with
+    another k or aggregation, or resuming an interrupted build, skips the gradients of the pairs seen."""
+
+    def __init__(self, path: str | Path, model_id: str):
+        self.path = Path(path).expanduser()
+        self.model_id = model_id
+        self.entries: dict[str, np.ndarray] = {}
+        if self.path.is_file():
+            with np.load(self.path, allow_pickle=False) as saved:
+                self.entries = {key: saved[key] for key in saved.files}
+
+    def key(self, *parts) -> str:
+        return hashlib.sha256(repr((self.model_id, *parts)).encode()).hexdigest()[:32]
+
+    def contrastive(self, model, prompt_ids, preferred_ids, dispreferred_ids, steps, template, bfloat16):
+        """`contrastive(...)` from the cache when this pair was attributed with the same settings."""
+        pair = (list(prompt_ids), list(preferred_ids), list(dispreferred_ids))
+        key = self.key(*pair, steps, tuple(template))
+        if key + "+" not in self.entries:
+            positive, negative = contrastive(model, *pair, steps, template, bfloat16)
+            for suffix, found in (("+", positive), ("-", negative)):
+                self.entries[key + suffix] = np.append(found.scores.numpy(), [found.objective, found.baseline])
+        results = []
+        for suffix, answer in (("+", preferred_ids), ("-", dispreferred_ids)):
+            saved = self.entries[key + suffix]
+            tokens = list(prompt_ids) + list(answer)
+            results.append(Attribution(tokens, torch.from_numpy(saved[:-2]), float(saved[-2]), float(saved[-1])))
+        return tuple(results)
+
+    def save(self) -> None:
+        """Write atomically (a temporary file renamed over the old one)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = self.path.with_name(self.path.name + ".tmp.npz")
+        np.savez(temporary, **self.entries)
+        os.replace(temporary, self.path)

@@ -12,7 +12,9 @@ of the last-token hidden state
 
 is collected over pairs; v+ and v- are the first principal components (uncentred SVD: the dominant
 direction, mean included; deterministic; sign chosen so the mean projection is positive) and
-v = v+ - v-, toward the preferred behaviour and away from the dispreferred one.
+v = v+ - v-, toward the preferred behaviour and away from the dispreferred one. Other ways to reduce
+the deltas to v+ and v- (`AGGREGATES`: the centred first component, the normalized mean) are options,
+compared on the tune split in the README.
 
 Baselines on the same pairs: mean-diff (CAA, Rimsky et al. 2023): mean of h(pref) - h(dispref);
 pca-diff (repeng, Vogel 2024): first principal component of the centred differences, sign-aligned to
@@ -30,7 +32,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from grains_edge.attribution import DEFAULT_STEPS, contrastive
+from grains_edge.attribution import DEFAULT_STEPS, ScoreCache, contrastive
 from grains_edge.steering import decoder_layers
 
 METHODS = ("grains", "mean-diff", "pca-diff")
@@ -91,10 +93,10 @@ def top_positions(scores: torch.Tensor, k: int, sign: float) -> list[int]:
 
 
 def grains_deltas(
-    model, pair: TokenPair, k: int, steps: int, bfloat16: bool = False
+    model, pair: TokenPair, k: int, steps: int, bfloat16: bool = False, attribute: Callable = contrastive
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(d+, d-, h(pref)) of one pair, each [layers, hidden]."""
-    positive, negative = contrastive(model, *pair[:3], steps, pair.template, bfloat16)
+    """(d+, d-, h(pref)) of one pair, each [layers, hidden]; `attribute` is `contrastive` or a cache's."""
+    positive, negative = attribute(model, *pair[:3], steps, pair.template, bfloat16)
     pref = last_token_states(model, positive.tokens, [top_positions(positive.scores, k, +1.0)])
     disp = last_token_states(model, negative.tokens, [top_positions(negative.scores, k, -1.0)])
     return pref[0] - pref[1], disp[0] - disp[1], pref[0]
@@ -106,6 +108,20 @@ def scale_to_hidden_norm(directions: torch.Tensor, states: torch.Tensor) -> np.n
     return (unit * states.norm(dim=-1).mean(0)[:, None]).numpy().astype(np.float32)
 
 
+def per_layer(aggregate: Callable, deltas: torch.Tensor) -> torch.Tensor:
+    """aggregate applied to deltas [n, layers, hidden] layer by layer -> [layers, hidden]."""
+    return torch.stack([aggregate(deltas[:, layer]) for layer in range(deltas.shape[1])])
+
+
+# How GRAINS turns one layer's deltas [n, hidden] into a unit direction (v+ or v-).
+AGGREGATES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "pc1": first_component,  # uncentred: the dominant direction, the mean included
+    "centered-pc1": lambda deltas: first_component(deltas, center=True),  # the axis of most variation
+    "mean": lambda deltas: deltas.mean(0) / deltas.mean(0).norm().clamp_min(1e-12),
+}
+DEFAULT_AGGREGATE = "pc1"
+
+
 def build(
     model,
     pairs: Sequence[TokenPair],
@@ -114,9 +130,12 @@ def build(
     steps: int = DEFAULT_STEPS,
     progress: Callable | None = None,
     bfloat16: bool | None = None,
+    aggregate: str = DEFAULT_AGGREGATE,
+    cache: ScoreCache | None = None,
 ) -> np.ndarray:
     """Steering vectors [layers, hidden] from token-id pairs (TokenPair or (prompt, preferred, dispreferred))
-    with `method` (grains | mean-diff | pca-diff). bfloat16: IG under bfloat16 autocast; None = when fast."""
+    with `method` (grains | mean-diff | pca-diff). bfloat16: IG under bfloat16 autocast; None = when fast.
+    GRAINS: `aggregate` names the AGGREGATES entry giving v+ and v-; `cache` keeps and reuses attributions."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method}")
     for parameter in model.parameters():
@@ -125,16 +144,19 @@ def build(
     iterator = progress(pairs) if progress else pairs
     if method == "grains":
         fast = bfloat16_is_fast() if bfloat16 is None else bfloat16
+        attribute = cache.contrastive if cache is not None else contrastive
         plus, minus, states = [], [], []
-        for pair in iterator:
-            d_plus, d_minus, state = grains_deltas(model, pair, k, steps, fast)
+        for number, pair in enumerate(iterator, 1):
+            d_plus, d_minus, state = grains_deltas(model, pair, k, steps, fast, attribute)
             plus.append(d_plus)
             minus.append(d_minus)
             states.append(state)
-        plus_t, minus_t = torch.stack(plus), torch.stack(minus)  # [n, layers, hidden]
-        layers = plus_t.shape[1]
-        v_plus = torch.stack([first_component(plus_t[:, layer]) for layer in range(layers)])
-        v_minus = torch.stack([first_component(minus_t[:, layer]) for layer in range(layers)])
+            if cache is not None and number % 10 == 0:
+                cache.save()  # an interrupted build resumes from here
+        if cache is not None:
+            cache.save()
+        combine = AGGREGATES[aggregate]
+        v_plus, v_minus = per_layer(combine, torch.stack(plus)), per_layer(combine, torch.stack(minus))
         return scale_to_hidden_norm(v_plus - v_minus, torch.stack(states))
     differences, states = [], []
     for prompt, preferred, dispreferred, _ in iterator:
@@ -143,10 +165,7 @@ def build(
         differences.append(pref - disp)
         states.append(pref)
     diffs = torch.stack(differences)  # [n, layers, hidden]
-    if method == "mean-diff":
-        directions = diffs.mean(0)
-    else:
-        directions = torch.stack([first_component(diffs[:, layer], center=True) for layer in range(diffs.shape[1])])
+    directions = diffs.mean(0) if method == "mean-diff" else per_layer(AGGREGATES["centered-pc1"], diffs)
     return scale_to_hidden_norm(directions, torch.stack(states))
 
 

@@ -3,10 +3,12 @@ import pytest
 import torch
 
 from grains_edge.vectors import (
+    AGGREGATES,
     TokenPair,
     build,
     first_component,
     last_token_states,
+    per_layer,
     template_span,
     tokenize_pairs,
     top_positions,
@@ -86,3 +88,26 @@ def test_grains_accepts_template_marked_pairs_deterministically(arch):
     first = build(model, marked, "grains", k=2, steps=4, bfloat16=False)
     assert first.shape == (4, 64) and np.isfinite(first).all()
     np.testing.assert_array_equal(first, build(model, marked, "grains", k=2, steps=4, bfloat16=False))
+
+
+@pytest.mark.parametrize("aggregate", ["pc1", "centered-pc1", "mean"])
+def test_attribution_cache_gives_the_same_vectors_and_skips_the_gradients(tmp_path, monkeypatch, aggregate):
+    from grains_edge import attribution
+
+    model = tiny_model("llama", 64)
+    direct = build(model, PAIRS, "grains", k=2, steps=4, bfloat16=False, aggregate=aggregate)
+    cache = attribution.ScoreCache(tmp_path / "scores.npz", "tiny")
+    cached = build(model, PAIRS, "grains", k=2, steps=4, bfloat16=False, aggregate=aggregate, cache=cache)
+    np.testing.assert_array_equal(direct, cached)
+    monkeypatch.setattr(attribution, "contrastive", lambda *args: pytest.fail("recomputed a cached attribution"))
+    reloaded = attribution.ScoreCache(tmp_path / "scores.npz", "tiny")
+    again = build(model, PAIRS, "grains", k=2, steps=4, bfloat16=False, aggregate=aggregate, cache=reloaded)
+    np.testing.assert_array_equal(direct, again)
+
+
+def test_aggregates_differ_and_are_unit_directions():
+    deltas = torch.randn(20, 3, 8) + torch.tensor([1.0] * 8)
+    results = {name: per_layer(combine, deltas) for name, combine in AGGREGATES.items()}
+    for result in results.values():
+        torch.testing.assert_close(result.norm(dim=-1), torch.ones(3))
+    assert not torch.allclose(results["pc1"], results["centered-pc1"])

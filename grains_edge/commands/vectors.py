@@ -21,6 +21,15 @@ def register(subparsers) -> None:
     parser.add_argument("--alpha", type=float, default=0.5, help="default strength (tune chooses one)")
     parser.add_argument("--k", type=int, default=10, help="GRAINS: tokens masked on each side")
     parser.add_argument("--ig-steps", type=int, default=20, help="GRAINS: Integrated Gradients steps")
+    parser.add_argument(
+        "--aggregate", default="pc1", choices=("pc1", "centered-pc1", "mean"), help="GRAINS: deltas -> v+ and v-"
+    )
+    parser.add_argument(
+        "--attributions",
+        default=None,
+        help="GRAINS: an .npz that keeps the Integrated Gradients of every pair; a rebuild with another --k or "
+        "--aggregate, or after an interruption, reuses them",
+    )
     parser.add_argument("--limit", type=int, default=None, help="use at most N pairs")
     parser.add_argument("--split", default="train", choices=("train", "all"), help="train: hold out validation")
     parser.add_argument("--score", default="text", choices=("text", "letter"), help="CAA answers as text or letter")
@@ -43,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from grains_edge import datasets, models, vectors
+    from grains_edge.attribution import ScoreCache
     from grains_edge.layers import parse_layers
     from grains_edge.profiles import Profile, save_profile
 
@@ -58,6 +68,8 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     model, tokenizer = models.load(args.model)
     layers = parse_layers(args.layers, model.config.num_hidden_layers)
+    fingerprint = models.fingerprint(model)
+    cache = ScoreCache(args.attributions, fingerprint) if args.attributions and args.method == "grains" else None
     started = time.perf_counter()
     steering = vectors.build(
         model,
@@ -66,6 +78,8 @@ def run(args: argparse.Namespace) -> int:
         k=args.k,
         steps=args.ig_steps,
         progress=vectors.progress_bar(f"{args.method} vectors"),
+        aggregate=args.aggregate,
+        cache=cache,
     )
     seconds = time.perf_counter() - started
     name = Path(args.out).stem
@@ -79,9 +93,10 @@ def run(args: argparse.Namespace) -> int:
             "source": f"{Path(args.data).name} ({args.split} split, {len(pairs)} pairs, {args.score} answers, "
             f"toward {args.toward})",
             "model": args.model,
-            "fingerprint": models.fingerprint(model),
+            "fingerprint": fingerprint,
             "k": str(args.k),
             "ig_steps": str(args.ig_steps),
+            "aggregate": args.aggregate if args.method == "grains" else "",
             "build_seconds": f"{seconds:.0f}",
             "description": args.description,
         },
