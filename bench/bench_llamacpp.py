@@ -160,12 +160,18 @@ class LlamaRunner:
         logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, -1), shape=(self.n_vocab,))
         return int(logits.argmax())
 
-    def greedy(self, ctx: Any, ids: Sequence[int], tokens: int) -> tuple[list[int], float, float]:
+    def greedy(
+        self, ctx: Any, ids: Sequence[int], tokens: int, prompt_batch: int | None = None
+    ) -> tuple[list[int], float, float]:
         """Greedy-decode exactly `tokens` tokens after `ids` on an emptied context: (the tokens,
-        time to first token in s, decode tokens/s over the `tokens - 1` after the first)."""
+        time to first token in s, decode tokens/s over the `tokens - 1` after the first). The prompt
+        goes in one batch, or in batches of `prompt_batch` tokens (1 for builds that crash on more)."""
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
         started = time.perf_counter()
-        out = [self._decode_argmax(ctx, ids)]
+        step = prompt_batch or len(ids)
+        for start in range(0, len(ids) - step, step):
+            self._decode_argmax(ctx, ids[start : start + step])
+        out = [self._decode_argmax(ctx, ids[(len(ids) - 1) // step * step :])]
         first = time.perf_counter()
         for _ in range(tokens - 1):
             out.append(self._decode_argmax(ctx, [out[-1]]))

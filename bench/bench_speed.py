@@ -10,6 +10,8 @@ the random directions of bench_engine.py / bench_llamacpp.py):
   pytorch-eager                             transformers, float32, a KV-cache loop with steering hooks
   llamacpp-q4_1                             llama-cpp-python on the same Q4_1 GGUF with the control vector
                                             set by llama_set_adapter_cvec (skipped when not installed)
+  llamacpp-q4_1-amx                         with --llamacpp-amx DIR: a second llama-cpp-python build, with
+                                            AMX kernels, prompts fed one token at a time (see bench/README.md)
 For each: time to first token and decode tokens/s after a short chat prompt and after a 512-token
 prompt, and peak RSS. Every contender runs in its own process (so RSS is its own), one process per
 repetition, the contenders interleaved (A, B, C, A, B, C, …); medians are reported with the ratios
@@ -111,7 +113,7 @@ def pytorch_worker(tokens: int) -> dict:
     return {name: torch_loop_run(model, list(ids), steering, tokens) for name, ids in prompts.items()}
 
 
-def llamacpp_worker(tokens: int) -> dict:
+def llamacpp_worker(tokens: int, prompt_batch: int | None = None) -> dict:
     from bench_engine import PROMPT
     from bench_llamacpp import LlamaRunner, default_gguf
 
@@ -120,10 +122,10 @@ def llamacpp_worker(tokens: int) -> dict:
     vector, start, end = steering_vector(runner.n_layer, runner.n_embd)
     runner.set_control_vector(ctx, vector, start, end)
     prompts = {"short_chat": runner.chat_ids(PROMPT), "long_512": filler_ids(runner.tokenize)}
-    runner.greedy(ctx, prompts["short_chat"], 8)
+    runner.greedy(ctx, prompts["short_chat"], 8, prompt_batch)
     results = {}
     for name, ids in prompts.items():
-        _, first, rate = runner.greedy(ctx, ids, tokens)
+        _, first, rate = runner.greedy(ctx, ids, tokens, prompt_batch)
         results[name] = (first, rate)
     return results
 
@@ -133,6 +135,8 @@ def worker(name: str, tokens: int) -> dict:
         runs = engine_worker(*ENGINES[name], tokens)
     elif name == "pytorch-eager":
         runs = pytorch_worker(tokens)
+    elif name == "llamacpp-q4_1-amx":
+        runs = llamacpp_worker(tokens, prompt_batch=1)
     else:
         runs = llamacpp_worker(tokens)
     result = {
@@ -151,12 +155,16 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_worker(name: str, tokens: int) -> dict:
+def run_worker(name: str, tokens: int, amx_build: str | None = None) -> dict:
+    environment = dict(os.environ)
+    if name == "llamacpp-q4_1-amx":
+        environment["PYTHONPATH"] = os.pathsep.join(filter(None, [amx_build, environment.get("PYTHONPATH")]))
     done = subprocess.run(
         [sys.executable, __file__, "--worker", name, "--tokens", str(tokens)],
         capture_output=True,
         text=True,
         check=False,
+        env=environment,
     )
     if done.returncode != 0:
         raise SystemExit(f"{name} failed:\n{done.stderr[-2000:]}")
@@ -180,6 +188,7 @@ def ratios(results: dict) -> dict:
         ("engine-int4", "engine-fp32", ("short_chat",)),
         ("engine-fp32", "pytorch-eager", ("short_chat",)),
         ("engine-int4", "llamacpp-q4_1", ("short_chat", "long_512")),
+        ("engine-int4", "llamacpp-q4_1-amx", ("short_chat", "long_512")),
         ("engine-int4-unsteered", "engine-int4", ("short_chat",)),  # decode ratio - 1 = steering overhead
     ]
     out = {}
@@ -199,6 +208,13 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--only", action="append", choices=CONTENDERS, help="just these contenders (repeatable)")
     parser.add_argument("--out", default=None, help="also write the JSON here")
+    parser.add_argument(
+        "--llamacpp-amx",
+        default=None,
+        metavar="DIR",
+        help="also run a llama-cpp-python build with AMX installed in DIR (pip install --target DIR); its "
+        "prompts go one token per batch, since such builds crash on larger batches on this CPU",
+    )
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -206,6 +222,8 @@ def main() -> int:
         return 0
 
     contenders = list(args.only or CONTENDERS)
+    if args.llamacpp_amx:
+        contenders.append("llamacpp-q4_1-amx")
     if "llamacpp-q4_1" in contenders and importlib.util.find_spec("llama_cpp") is None:
         contenders.remove("llamacpp-q4_1")
         print("llama-cpp-python is not installed (pip install '.[bench]'): llama.cpp skipped", file=sys.stderr)
@@ -217,7 +235,7 @@ def main() -> int:
     for repeat in range(args.repeats):
         for name in contenders:
             started = time.perf_counter()
-            samples[name].append(run_worker(name, args.tokens))
+            samples[name].append(run_worker(name, args.tokens, args.llamacpp_amx))
             print(f"repeat {repeat + 1}/{args.repeats} {name}: {time.perf_counter() - started:.0f} s", file=sys.stderr)
     results = {name: medians(runs) for name, runs in samples.items()}
     report = {

@@ -77,3 +77,11 @@ def test_skipped_json_without_llama_cpp(bench: ModuleType, monkeypatch, capsys) 
     assert json.loads(capsys.readouterr().out) == {
         "skipped": "llama-cpp-python is not installed (pip install '.[bench]')"
     }
+
+
+def test_prompt_in_one_token_batches_gives_the_same_tokens(runner) -> None:
+    ctx = runner.new_context()
+    ids = runner.tokenize("The capital of France is")
+    whole, _, _ = runner.greedy(ctx, ids, TOKENS)
+    assert runner.greedy(ctx, ids, TOKENS, prompt_batch=1)[0] == whole
+    assert runner.greedy(ctx, ids, TOKENS, prompt_batch=2)[0] == whole
