@@ -13,15 +13,17 @@ from pathlib import Path
 from grains_edge.data import data_file
 
 DOLLY = "dolly/dolly_dev.jsonl"
-# The sweep of every recipe: middle layers, where steering the default model moves behaviour at all, and
-# strengths around the 3 % perplexity budget (vectors are scaled to the mean hidden-state norm).
-ALPHAS = "0.005,0.01,0.02,0.03"
-WINDOWS = "8-12;10-19;13-17"
+# The sweeps: middle layers, where steering the default model moves behaviour at all, and strengths
+# around the 3 % perplexity budget (vectors are scaled to the mean hidden-state norm). The A/B sets take
+# the two windows and the strengths that mattered for `truthful`, to keep each rebuild within minutes.
+SWEEP = {"alphas": "0.005,0.01,0.02,0.03", "windows": "8-12;10-19;13-17"}
+AB_SWEEP = {"alphas": "0.01,0.02,0.03", "windows": "10-19;13-17"}
 RECIPES = {
     "truthful": {
         "data": "truthfulqa_mc_train.json",
         "task": "truthfulqa",
         "limit": 120,
+        **SWEEP,
         "toward": "matching",
         "description": "answers truthfully rather than repeating popular misconceptions (TruthfulQA)",
     },
@@ -30,6 +32,7 @@ RECIPES = {
         "task": "ab",
         "limit": 60,
         "tune_limit": 60,
+        **AB_SWEEP,
         "toward": "matching",
         "description": "declines harmful requests and does not claim personal experiences (CAA refusal)",
     },
@@ -38,6 +41,7 @@ RECIPES = {
         "task": "ab",
         "limit": 60,
         "tune_limit": 60,
+        **AB_SWEEP,
         "toward": "not-matching",
         "description": "does not just agree with the user's stated view (CAA sycophancy, steered away)",
     },
@@ -46,13 +50,15 @@ RECIPES = {
         "task": "ab",
         "limit": 60,
         "tune_limit": 60,
+        **AB_SWEEP,
         "toward": "not-matching",
         "description": "rejects false premises instead of inventing facts (CAA hallucination, steered away)",
     },
 }
 
 
-def commands(name: str, out_dir: Path, alphas: str, windows: str) -> list[list[str]]:
+def commands(name: str, out_dir: Path, alphas: str | None = None, windows: str | None = None) -> list[list[str]]:
+    """The recipe's `vectors` and `tune` argument lists; alphas / windows override its sweep."""
     recipe = RECIPES[name]
     profile = str(out_dir / f"{name}.safetensors")
     data = str(data_file(recipe["data"]))
@@ -84,9 +90,9 @@ def commands(name: str, out_dir: Path, alphas: str, windows: str) -> list[list[s
         "--ppl-data",
         str(data_file(DOLLY)),
         "--alphas",
-        alphas,
+        alphas or recipe["alphas"],
         "--windows",
-        windows,
+        windows or recipe["windows"],
     ]
     if recipe["task"] == "ab":
         tune += ["--mmlu", str(data_file("caa/mmlu_ab_dev.json"))]
@@ -99,8 +105,8 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser("builtins", help="rebuild the built-in profiles (GRAINS vectors + tuning)")
     parser.add_argument("--only", choices=sorted(RECIPES), action="append", help="just this profile (repeatable)")
     parser.add_argument("--out-dir", default=None, help="where to write (default: the user profiles folder)")
-    parser.add_argument("--alphas", default=ALPHAS)
-    parser.add_argument("--windows", default=WINDOWS)
+    parser.add_argument("--alphas", default=None, help="override every recipe's strengths (comma-separated)")
+    parser.add_argument("--windows", default=None, help="override every recipe's layer windows (';'-separated)")
     parser.add_argument("--print", action="store_true", help="print the commands instead of running them")
     parser.set_defaults(run=run)
 
