@@ -13,7 +13,9 @@ the random directions of bench_engine.py / bench_llamacpp.py):
   llamacpp-q4_1-amx                         with --llamacpp-amx DIR: a second llama-cpp-python build, with
                                             AMX kernels, prompts fed one token at a time (see bench/README.md)
 For each: time to first token and decode tokens/s after a short chat prompt and after a 512-token
-prompt, and peak RSS. Every contender runs in its own process (so RSS is its own), one process per
+prompt, peak RSS, and the roofline: bytes of weights a decoded token reads (from the export's or the
+GGUF's own tensors) over the machine's measured read bandwidth gives the decode rate it cannot exceed.
+Every contender runs in its own process (so RSS is its own), one process per
 repetition, the contenders interleaved (A, B, C, A, B, C, …); medians are reported with the ratios
 the issue asks about. Exports that are missing are built first (a minute each).
 
@@ -147,6 +149,52 @@ def worker(name: str, tokens: int) -> dict:
     return result
 
 
+def export_weight_bytes(folder: Path) -> int:
+    """Bytes of weights one decoded token reads from an export: every initializer that a node other than
+    the embedding lookup consumes (the lookup reads one row; a tied head still reads the whole table)."""
+    import onnx
+
+    graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
+    read = {name for node in graph.node if node.op_type != "Gather" for name in node.input}
+    total = 0
+    for tensor in graph.initializer:
+        if tensor.name not in read:
+            continue
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            total += int({entry.key: entry.value for entry in tensor.external_data}["length"])
+        else:
+            total += onnx.numpy_helper.to_array(tensor).nbytes
+    return total
+
+
+def gguf_weight_bytes(path: Path) -> int:
+    """Bytes of a GGUF's tensors; the default model ties its head to the embedding, so a token reads them all."""
+    from gguf import GGUFReader
+
+    return sum(int(tensor.n_bytes) for tensor in GGUFReader(str(path)).tensors)
+
+
+def roofline(contenders: list[str]) -> dict:
+    """Measured read bandwidth and, per contender, weight bytes per token and the decode rate they allow."""
+    from bench_engine import measure_bandwidth
+    from bench_llamacpp import default_gguf
+
+    bandwidth = measure_bandwidth()
+    per_token = {}
+    for name in contenders:
+        if name in ENGINES:
+            per_token[name] = export_weight_bytes(export_for(*ENGINES[name]))
+        elif name.startswith("llamacpp"):
+            per_token[name] = gguf_weight_bytes(default_gguf())
+        else:
+            per_token[name] = export_weight_bytes(export_for("none", "all"))
+    return {
+        "measured_bandwidth_gb_per_s": bandwidth / 1e9,
+        "weight_mb_per_token": {name: size / 1e6 for name, size in per_token.items()},
+        "bandwidth_bound_tokens_per_second": {name: bandwidth / size for name, size in per_token.items()},
+    }
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident set (VmHWM; unlike ru_maxrss it is not inherited from the parent)."""
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -238,6 +286,11 @@ def main() -> int:
             samples[name].append(run_worker(name, args.tokens, args.llamacpp_amx))
             print(f"repeat {repeat + 1}/{args.repeats} {name}: {time.perf_counter() - started:.0f} s", file=sys.stderr)
     results = {name: medians(runs) for name, runs in samples.items()}
+    bound = roofline(contenders)
+    for name, result in results.items():
+        result["fraction_of_roofline_short_chat"] = (
+            result["short_chat"]["decode_tokens_per_second"] / bound["bandwidth_bound_tokens_per_second"][name]
+        )
     report = {
         "decode_tokens": args.tokens,
         "long_prompt_tokens": LONG_PROMPT_TOKENS,
@@ -247,6 +300,7 @@ def main() -> int:
             "processor": platform.processor() or platform.machine(),
             "load_average_1min": {"start": load_start, "end": os.getloadavg()[0]},
         },
+        "roofline": bound,
         "results": results,
         "ratios": ratios(results),
     }
