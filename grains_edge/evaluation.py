@@ -122,6 +122,7 @@ def ab_preference(engine: Engine, items: Sequence[ABItem], steering=None) -> dic
         "matching_rate": float(wins.mean()) if len(wins) else float("nan"),
         "matching_rate_ci95": bootstrap_interval(wins),
         "mean_logprob_margin": float(margin.mean()) if len(margin) else float("nan"),
+        "mean_logprob_margin_ci95": bootstrap_interval(margin),
         "items": len(items),
     }
 
