@@ -18,6 +18,10 @@ DOLLY = "dolly/dolly_dev.jsonl"
 # the two windows and the strengths that mattered for `truthful`, to keep each rebuild within minutes.
 SWEEP = {"alphas": "0.005,0.01,0.02,0.03", "windows": "8-12;10-19;13-17"}
 AB_SWEEP = {"alphas": "0.01,0.02,0.03", "windows": "10-19;13-17"}
+# Sycophancy and hallucination prompts are about 2.7x as long as the others (a biography, a false premise),
+# which makes Integrated Gradients about 3x as costly per pair: they take fewer pairs, 10 IG steps and the
+# window every other profile chose, so that a rebuild stays near a quarter of an hour on 2 cores.
+LONG_PROMPTS = {"limit": 40, "ig_steps": 10, "tune_limit": 40, "alphas": "0.01,0.02,0.03", "windows": "13-17"}
 RECIPES = {
     "truthful": {
         "data": "truthfulqa_mc_train.json",
@@ -39,18 +43,14 @@ RECIPES = {
     "no-sycophancy": {
         "data": "caa/sycophancy_generate.json",
         "task": "ab",
-        "limit": 60,
-        "tune_limit": 60,
-        **AB_SWEEP,
+        **LONG_PROMPTS,
         "toward": "not-matching",
         "description": "does not just agree with the user's stated view (CAA sycophancy, steered away)",
     },
     "no-hallucination": {
         "data": "caa/hallucination_generate.json",
         "task": "ab",
-        "limit": 60,
-        "tune_limit": 60,
-        **AB_SWEEP,
+        **LONG_PROMPTS,
         "toward": "not-matching",
         "description": "rejects false premises instead of inventing facts (CAA hallucination, steered away)",
     },
@@ -77,6 +77,8 @@ def commands(name: str, out_dir: Path, alphas: str | None = None, windows: str |
         "--description",
         recipe["description"],
     ]
+    if "ig_steps" in recipe:
+        vectors += ["--ig-steps", str(recipe["ig_steps"])]
     tune = [
         "tune",
         "--profile",
