@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from grains_edge.cli import main
 from grains_edge.commands.builtins import RECIPES, commands
+from grains_edge.layers import parse_layers
+from grains_edge.profiles import load_profile
 
 
 @pytest.mark.parametrize("name", sorted(RECIPES))
@@ -34,3 +38,23 @@ def test_print_shows_the_commands_without_running_them(tmp_path, capsys) -> None
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[1] for line in lines] == ["vectors", "tune"]
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_each_recipe_ships_as_a_tuned_profile_for_the_default_model(name) -> None:
+    profile = load_profile(name)
+    recipe = RECIPES[name]
+    assert profile.builtin and profile.name == name and profile.method == "grains"
+    assert profile.vectors.shape == (30, 576) and np.isfinite(profile.vectors).all()  # SmolLM2-135M
+    assert profile.metadata["description"] == recipe["description"]
+    assert profile.metadata["source"].startswith(Path(recipe["data"]).name)
+    assert f"{recipe['limit']} pairs" in profile.metadata["source"] and recipe["toward"] in profile.metadata["source"]
+    chosen = json.loads(profile.metadata["tuning"])["chosen"]
+    assert chosen["admissible"] and chosen["alpha"] == profile.alpha
+    assert profile.layers == parse_layers(chosen["layers"], 30)
+    assert str(chosen["alpha"]) in recipe["alphas"].split(",")
+    assert "/" not in profile.metadata["source"]  # no path of the machine that built it
+
+
+def test_built_ins_share_one_model_fingerprint() -> None:
+    assert len({load_profile(name).metadata["fingerprint"] for name in RECIPES}) == 1
