@@ -4,23 +4,27 @@ Requantizing already-quantized weights adds a second rounding on top of the firs
 Q4_1, round-to-nearest symmetric int4 of the dequantized weights kept the argmax token only 30 % of the
 time). When the source is a GGUF, the blocks are carried over exactly instead:
 
-    Q8_0  w = d * q               q int8          -> 8 bits, q + 128, zero point 128
-    Q4_0  w = d * (q - 8)         q in 0..15      -> 4 bits, zero point 8
-    Q4_1  w = d * q + m           q in 0..15      -> 4 bits, zero point 0, plus the block minimum m
+    Q8_0  w = d * q               q int8          -> 8 bits, q + 128
+    Q4_0  w = d * (q - 8)         q in 0..15      -> 4 bits, q
+    Q4_1  w = d * q + m           q in 0..15      -> 4 bits, q, plus the block offset m + 8d
 
-MatMulNBits computes (q - zero_point) * scale with an integer zero point; a float zero point (-m/d)
-would be exact but ONNX Runtime 1.32 then falls back to a kernel ~40x slower (measured on a
-576x1536 weight: 1.7 ms vs 45 us). So Q4_1's minimum is applied separately and exactly:
+all with MatMulNBits' default zero point (2^(bits-1): 128, 8), given as no zero_points input at all:
+its kernels without zero points are faster (about 5 % of an int4 decode step on SmolLM2-135M). A
+float zero point (-m/d) would be exact but ONNX Runtime 1.32 then falls back to a kernel ~40x slower
+(measured on a 576x1536 weight: 1.7 ms vs 45 us), and refitting Q4_1 blocks to integer zero points
+(least squares per block) raised Dolly perplexity by 14 %. So Q4_1's offset is applied separately and
+exactly:
 
-    x @ w[n]^T = sum_b d[n,b] * (x_b . q[n,b]) + sum_b m[n,b] * sum(x_b)
+    x @ w[n]^T = sum_b d[n,b] * (x_b . (q[n,b] - 8)) + sum_b (m[n,b] + 8 d[n,b]) * sum(x_b)
 
-the second term being the block sums of x [.., K/32] times m^T [K/32, N], a 1/32-size float MatMul.
+the second term being the block sums of x [.., K/32] times the offsets^T [K/32, N], a 1/32-size float
+MatMul.
 
 Layouts. GGUF stores a weight [N, K] row-major as blocks of 32 along K; a Q4 block keeps element j in
 the low nibble of byte j and element j + 16 in the high nibble; MatMulNBits wants B [N, K/32, 16]
-with elements 2j and 2j + 1 in the low and high nibbles of byte j, scales [N * K/32], and 4-bit zero
-points packed two per byte, each row padded to whole bytes. llama.cpp stores q and k rows permuted
-for its RoPE layout; they are permuted back as transformers does (`_reverse_permute_weights`).
+with elements 2j and 2j + 1 in the low and high nibbles of byte j, and scales [N * K/32]. llama.cpp
+stores q and k rows permuted for its RoPE layout; they are permuted back as transformers does
+(`_reverse_permute_weights`).
 
 Sources: ggml's block formats (ggml-common.h, `block_q4_0`, `block_q4_1`, `block_q8_0`); ONNX Runtime
 contrib op docs (`com.microsoft.MatMulNBits`).
@@ -38,13 +42,12 @@ BLOCK = 32
 
 @dataclass
 class Blocks:
-    """One weight [N, K] in MatMulNBits form: w[n, k] = scales[n, b] * (q[n, k] - zero) + offsets[n, b]."""
+    """One weight [N, K] in MatMulNBits form: w[n, k] = scales[n, b] * (q[n, k] - 2^(bits-1)) + offsets[n, b]."""
 
     bits: int
     q: np.ndarray  # [N, K] uint8, unpacked levels
     scales: np.ndarray  # [N, K/32] float32
-    zero: int  # the same integer zero point for every block
-    offsets: np.ndarray | None = None  # [N, K/32] float32 (Q4_1's minimum), None when 0
+    offsets: np.ndarray | None = None  # [N, K/32] float32 (Q4_1's minimum + 8 d), None when 0
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -58,18 +61,10 @@ class Blocks:
             return np.ascontiguousarray(blocks)
         return np.ascontiguousarray(blocks[..., 0::2] | (blocks[..., 1::2] << 4))
 
-    def zero_points(self) -> np.ndarray:
-        """zero_points input: one byte per block for 8 bits; two 4-bit points per byte, per row, for 4 bits."""
-        rows, cols = self.q.shape
-        per_row = cols // BLOCK
-        if self.bits == 8:
-            return np.full(rows * per_row, self.zero, np.uint8)
-        return np.full(rows * ((per_row + 1) // 2), self.zero | (self.zero << 4), np.uint8)
-
     def dequantized(self) -> np.ndarray:
         """[N, K] float32, the weight these blocks represent."""
         rows, cols = self.q.shape
-        levels = self.q.reshape(rows, cols // BLOCK, BLOCK).astype(np.float32) - self.zero
+        levels = self.q.reshape(rows, cols // BLOCK, BLOCK).astype(np.float32) - (1 << (self.bits - 1))
         weight = levels * self.scales[..., None]
         if self.offsets is not None:
             weight = weight + self.offsets[..., None]
@@ -92,13 +87,14 @@ def decode(kind: str, data: np.ndarray) -> Blocks | None:
     if kind == "Q8_0":  # f16 d, 32 x int8
         raw = data.reshape(rows, -1, 34)
         q = (raw[..., 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8)
-        return Blocks(8, q.reshape(rows, -1), halves(raw, 0), 128)
+        return Blocks(8, q.reshape(rows, -1), halves(raw, 0))
     if kind == "Q4_0":  # f16 d, 16 bytes of nibbles
         raw = data.reshape(rows, -1, 18)
-        return Blocks(4, nibbles(raw[..., 2:]).reshape(rows, -1), halves(raw, 0), 8)
+        return Blocks(4, nibbles(raw[..., 2:]).reshape(rows, -1), halves(raw, 0))
     if kind == "Q4_1":  # f16 d, f16 m, 16 bytes of nibbles
         raw = data.reshape(rows, -1, 20)
-        return Blocks(4, nibbles(raw[..., 4:]).reshape(rows, -1), halves(raw, 0), 0, halves(raw, 2))
+        scales = halves(raw, 0)
+        return Blocks(4, nibbles(raw[..., 4:]).reshape(rows, -1), scales, halves(raw, 2) + 8 * scales)
     return None
 
 
@@ -107,19 +103,18 @@ def unpermute_rows(blocks: Blocks, heads: int) -> Blocks:
     rows = np.arange(blocks.shape[0])
     order = rows.reshape(heads, rows.size // heads // 2, 2).swapaxes(2, 1).reshape(-1)
     pick = lambda a: None if a is None else a[order]  # noqa: E731
-    return Blocks(blocks.bits, blocks.q[order], blocks.scales[order], blocks.zero, pick(blocks.offsets))
+    return Blocks(blocks.bits, blocks.q[order], blocks.scales[order], pick(blocks.offsets))
 
 
 def stacked(parts: list[Blocks]) -> Blocks | None:
     """Row-wise concatenation of weights with one format (a fused q|k|v or gate|up), else None."""
-    if len({(p.bits, p.zero, p.offsets is None) for p in parts}) != 1:
+    if len({(p.bits, p.offsets is None) for p in parts}) != 1:
         return None
     offsets = None if parts[0].offsets is None else np.concatenate([p.offsets for p in parts])
     return Blocks(
         parts[0].bits,
         np.concatenate([p.q for p in parts]),
         np.concatenate([p.scales for p in parts]),
-        parts[0].zero,
         offsets,
     )
 

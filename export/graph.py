@@ -6,10 +6,13 @@ SimplifiedLayerNormalization / LayerNormalization, one MatMul for q|k|v and one 
 kernel; its past and present buffers may be the same memory, so decoding appends in place). After
 every steered layer, per token, the GRAINS renormalization
 
-    h' = LpNormalization(h + s_l) * ReduceL2(h)        s_l = steering[:, l:l+1, :] (one Split for all l)
+    h' = (h + s_l) * ||h|| / ||h + s_l||        s_l = steering[:, l:l+1, :] (one Split for all l)
 
-that is (h + s_l) * ||h|| / ||h + s_l||, four small ops per steered layer (LpNormalization gives 0
-where h + s_l is 0, as an eps floor would).
+in four kernels that also do the layer's residual add: SkipSimplifiedLayerNormalization(h, delta) with
+unit scale outputs h and 1/rms(h); Add and SimplifiedLayerNormalization give (h + s_l) / rms(h + s_l);
+a Div by the first 1/rms finishes it (the sqrt(hidden) in the two RMS cancel). Decode steps run
+hundreds of small kernels, each costing microseconds, so the count matters: this is 4 where Add, Add,
+LpNormalization, ReduceL2, Mul were 5.
 
 Graph interface:
   inputs   input_ids [b, s] int64, attention_mask [b, total] int64 (1 = token, right padding only),
@@ -37,6 +40,9 @@ OPSET = 20
 # MatMulNBits accuracy level 4: int8 activations inside the kernel, like llama.cpp's q8 dot products; the
 # fast path on x86 (level 1, float32 activations, is exact but 4-8x slower per decode step).
 ACCURACY_LEVEL = 4
+# The eps under the RMS of the steering renormalization: far below any hidden state's mean square, so the
+# result is (h + s) * ||h|| / ||h + s|| to float precision, and 0 (not NaN) where h + s = 0.
+STEER_EPSILON = 1e-12
 
 
 def array(tensor: torch.Tensor) -> np.ndarray:
@@ -77,14 +83,13 @@ class GraphBuilder:
         return y if bias is None else self.op("Add", y, self.weight(f"{name}.bias", bias))
 
     def block_matmul(self, x: str, name: str, blocks: Blocks, rank: int) -> str:
-        """MatMulNBits on the blocks as they are, plus block_sums(x) @ offsets^T for Q4_1-style minimums."""
+        """MatMulNBits on the blocks as they are, plus block_sums(x) @ offsets^T for Q4_1-style offsets."""
         rows, cols = blocks.shape  # [N, K]
         y = self.op(
             "MatMulNBits",
             x,
             self.weight(f"{name}.qweight", blocks.packed()),
-            self.weight(f"{name}.scales", blocks.scales.reshape(-1)),
-            self.weight(f"{name}.zero_points", blocks.zero_points()),
+            self.weight(f"{name}.scales", blocks.scales.reshape(-1)),  # no zero points: the default, 2^(bits-1)
             domain="com.microsoft",
             K=cols,
             N=rows,
@@ -152,9 +157,9 @@ def build(
     seqlens_k = g.op("Cast", g.op("Sub", lengths, g.const(1)), to=TensorProto.INT32)  # [b]
     total = g.op("Cast", g.op("Gather", g.op("Shape", mask), g.const(1), axis=0), to=TensorProto.INT32)  # []
     if steered_layers:  # one Split for all layers: shifts[i] = steering[:, i:i+1] [b, 1, hidden]
-        last_axis = g.const([-1])
         split = g.op("Split", steering, outputs=num_layers, axis=1, num_outputs=num_layers)
         shifts = [split] if num_layers == 1 else split
+        ones = g.weight("steer.ones", np.ones(hidden, np.float32))  # [hidden], the unit norm scale
     attention = dict(domain="com.microsoft", num_heads=heads, kv_num_heads=kv_heads, scale=float(head_dim**-0.5))
     if llama:
         body = model.model
@@ -193,6 +198,16 @@ def build(
         normed, _, _, total = g.op(kind, h, delta, scale, *extra, outputs=4, domain="com.microsoft", epsilon=eps_value)
         g.nodes[-1].output[1:3] = ["", ""]  # mean and inverse std are not needed
         return normed, total
+
+    def steer(h: str, delta: str, shift: str) -> str:
+        """h + delta, then steered: (h + s) * ||h|| / ||h + s|| per token (the module docstring)."""
+        _, _, inverse_rms, total = g.op(
+            "SkipSimplifiedLayerNormalization", h, delta, ones, outputs=4, domain="com.microsoft", epsilon=STEER_EPSILON
+        )  # [b, s, 1] 1/rms(h), [b, s, hidden] h
+        g.nodes[-1].output[1] = ""
+        steered = g.op("Add", total, shift)  # [b, s, hidden]; the skip input of the kernel above cannot broadcast
+        unit = g.op("SimplifiedLayerNormalization", steered, ones, axis=-1, epsilon=STEER_EPSILON)  # (h+s)/rms(h+s)
+        return g.op("Div", unit, inverse_rms)
 
     for i, block in enumerate(blocks):
         past_k, past_v = input_names[4 + 2 * i], input_names[5 + 2 * i]
@@ -235,16 +250,13 @@ def build(
             )
             act = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up)  # silu(gate) * up
             down = (array(mlp.down_proj.weight).T, None if mlp.down_proj.bias is None else array(mlp.down_proj.bias))
-            h = g.op("Add", h, g.linear(act, f"layers.{i}.down_proj", *down))
+            delta = g.linear(act, f"layers.{i}.down_proj", *down)
         else:
             x, h = add_then_norm(h, attended, block.ln_2, f"h.{i}.ln_2")
             fc = g.linear(x, f"h.{i}.c_fc", array(mlp.c_fc.weight), array(mlp.c_fc.bias))
             act = g.op("Gelu", fc, approximate="tanh")
-            h = g.op("Add", h, g.linear(act, f"h.{i}.mlp.c_proj", array(mlp.c_proj.weight), array(mlp.c_proj.bias)))
-        if i in steered_layers:
-            steered = g.op("Add", h, shifts[i])  # [b, s, hidden]
-            unit = g.op("LpNormalization", steered, axis=-1, p=2)  # (h + s) / ||h + s||; 0 where h + s = 0
-            h = g.op("Mul", unit, g.op("ReduceL2", h, last_axis, keepdims=1))  # [b, s, hidden]
+            delta = g.linear(act, f"h.{i}.mlp.c_proj", array(mlp.c_proj.weight), array(mlp.c_proj.bias))
+        h = steer(h, delta, shifts[i]) if i in steered_layers else g.op("Add", h, delta)  # [b, s, hidden]
 
     final = body.norm if llama else body.ln_f
     x = norm(h, final, "final_norm")

@@ -27,9 +27,10 @@ def test_blocks_dequantize_exactly_as_the_reference(kind):
 
 def test_four_bit_packing_is_matmulnbits_order():
     q = np.arange(32, dtype=np.uint8)[None] % 16  # one row, one block: levels 0..15, 0..15
-    packed = Blocks(4, q, np.ones((1, 1), np.float32), 0).packed()
+    blocks = Blocks(4, q, np.ones((1, 1), np.float32))
+    packed = blocks.packed()
     assert packed[0, 0, 0] == 0 | (1 << 4) and packed[0, 0, 7] == 14 | (15 << 4)
-    assert list(Blocks(4, q, np.ones((1, 1), np.float32), 8).zero_points()) == [8 | (8 << 4)]
+    np.testing.assert_array_equal(blocks.dequantized(), q - 8.0)  # MatMulNBits' default zero point
 
 
 def test_unpermute_matches_transformers_reverse_permutation():
@@ -37,7 +38,7 @@ def test_unpermute_matches_transformers_reverse_permutation():
 
     reverse = LlamaTensorProcessor()._reverse_permute_weights
     rows = np.random.default_rng(1).integers(0, 16, size=(16, 32)).astype(np.uint8)
-    blocks = Blocks(4, rows, np.arange(16, dtype=np.float32)[:, None], 0)
+    blocks = Blocks(4, rows, np.arange(16, dtype=np.float32)[:, None])
     ours = unpermute_rows(blocks, heads=4)
     reference = reverse(rows, 4, 4)
     np.testing.assert_array_equal(ours.q, reference)
@@ -45,8 +46,8 @@ def test_unpermute_matches_transformers_reverse_permutation():
 
 
 def test_stacking_refuses_mixed_formats():
-    a = Blocks(4, np.zeros((2, 32), np.uint8), np.ones((2, 1), np.float32), 0, np.zeros((2, 1), np.float32))
-    b = Blocks(4, np.zeros((2, 32), np.uint8), np.ones((2, 1), np.float32), 8)
+    a = Blocks(4, np.zeros((2, 32), np.uint8), np.ones((2, 1), np.float32), np.zeros((2, 1), np.float32))
+    b = Blocks(4, np.zeros((2, 32), np.uint8), np.ones((2, 1), np.float32))
     assert stacked([a, b]) is None and stacked([a, a]).shape == (4, 32)
 
 
