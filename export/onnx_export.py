@@ -76,16 +76,13 @@ def write_graph(model, steered: list[int], path: Path, quantize: str = "none", b
     blocks = blocks or {}
     inputs, outputs = io_names(model.config.num_hidden_layers)
     proto = graph.build(model, steered, inputs, outputs, separate_head=quantize != "none", blocks=blocks)
-    offsets = [n.name for n in proto.graph.node if n.name.endswith(".offsets")]
-    rounded = [n for n in proto.graph.node if n.op_type == "MatMul" and n.name not in offsets]
+    rounded = [n for n in proto.graph.node if n.op_type == "MatMul"]
     if quantize != "none" and rounded:
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
         bits = {"int8": 8, "int4": 4}[quantize]
         # accuracy level 4: int8 activations inside the kernel, the fast path on x86 (fp32 compute is 20x slower)
-        quantizer = MatMulNBitsQuantizer(
-            proto, bits=bits, block_size=32, is_symmetric=True, accuracy_level=4, nodes_to_exclude=offsets
-        )
+        quantizer = MatMulNBitsQuantizer(proto, bits=bits, block_size=32, is_symmetric=True, accuracy_level=4)
         quantizer.process()
         proto = quantizer.model.model
     onnx.save_model(
@@ -99,7 +96,8 @@ def write_graph(model, steered: list[int], path: Path, quantize: str = "none", b
     if quantize == "none":
         return "float32"
     kinds = sorted({f"{b.bits}-bit" for b in blocks.values()})
-    parts = [f"{len(blocks)} from the GGUF's own blocks ({', '.join(kinds)}, exact)"] if blocks else []
+    exactness = "Q4_1 offsets to 8 bits" if any(b.offsets is not None for b in blocks.values()) else "exact"
+    parts = [f"{len(blocks)} from the GGUF's own blocks ({', '.join(kinds)}; {exactness})"] if blocks else []
     if rounded:
         parts.append(f"{len(rounded)} rounded to {quantize}")
     return "; ".join(parts)

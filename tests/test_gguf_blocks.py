@@ -8,7 +8,15 @@ import torch
 from gguf import GGMLQuantizationType, quants
 
 from grains_edge.export import graph, onnx_export
-from grains_edge.export.gguf_blocks import Blocks, decode, stacked, unpermute_rows
+from grains_edge.export.gguf_blocks import (
+    Blocks,
+    block_sum_indicator,
+    decode,
+    folded,
+    offset_columns,
+    stacked,
+    unpermute_rows,
+)
 
 
 def ggml_bytes(weight: np.ndarray, kind: str) -> np.ndarray:
@@ -51,6 +59,35 @@ def test_stacking_refuses_mixed_formats():
     assert stacked([a, b]) is None and stacked([a, a]).shape == (4, 32)
 
 
+def test_block_sum_indicator_gives_the_block_sums_once_per_digit():
+    cols = 96  # 3 blocks
+    indicator = block_sum_indicator(cols)
+    x = np.random.default_rng(2).normal(size=(4, cols))
+    sums = x @ indicator.dequantized().T  # [4, offset_columns]
+    block_sums = x.reshape(4, 3, 32).sum(-1)
+    assert sums.shape == (4, offset_columns(cols)) == (4, 64)
+    np.testing.assert_allclose(sums[:, :3], block_sums)
+    np.testing.assert_allclose(sums[:, 32:35], block_sums)
+    assert not sums[:, 3:32].any() and not sums[:, 35:].any()
+
+
+@pytest.mark.parametrize("cols", [96, 1536])  # one group of offsets, and two (48 blocks)
+def test_folded_offsets_reproduce_the_q4_1_weight(cols):
+    """[x, block sums] @ folded^T is x @ w^T with the offsets to 8 bits: within 1/224 of each group's
+    largest offset per block sum, far below Q4_1's own rounding."""
+    rng = np.random.default_rng(3)
+    weight = rng.normal(size=(8, cols)).astype(np.float32) + rng.normal(size=(8, 1)).astype(np.float32)
+    blocks = decode("Q4_1", ggml_bytes(weight, "Q4_1"))
+    extended = folded(blocks)
+    assert extended.offsets is None and extended.shape == (8, cols + offset_columns(cols))
+    x = rng.normal(size=(5, cols))
+    x_aug = np.concatenate([x, x @ block_sum_indicator(cols).dequantized().T], axis=1)
+    ours, exact = x_aug @ extended.dequantized().T, x @ blocks.dequantized().T
+    bound = np.abs(blocks.offsets).max() / 224 * np.abs(x.reshape(5, -1, 32).sum(-1)).sum(-1, keepdims=True)
+    assert (np.abs(ours - exact) <= bound).all()
+    assert np.abs(ours - exact).max() > 0  # offsets are rounded, not carried: the bound is what is tested
+
+
 @pytest.fixture
 def q4_1_llama(tmp_path, tiny_tokenizer):
     """A tiny Llama whose linears are Q4_1 (head Q8_0) like the embedded GGUF, saved with the
@@ -83,17 +120,18 @@ def q4_1_llama(tmp_path, tiny_tokenizer):
 
 @pytest.mark.parametrize(
     ("level", "tolerance", "correlation"),
-    [(1, 1e-4, 0.9999), (4, onnx_export.QUANTIZED_TOLERANCE["int8"], onnx_export.MIN_EFFECT_CORRELATION["int8"])],
+    [(1, 0.02, 0.999), (4, onnx_export.QUANTIZED_TOLERANCE["int8"], onnx_export.MIN_EFFECT_CORRELATION["int8"])],
 )
 def test_exported_blocks_match_pytorch(tmp_path, monkeypatch, q4_1_llama, level, tolerance, correlation):
-    """Level 1 (float activations) is exact; level 4 (int8 activations, the default) is close."""
+    """Level 1 (float activations) differs only by the offsets' 8-bit digits (relative logit error 9e-3 on
+    this tiny model); level 4 (int8 activations, the default) is close."""
     folder, blocks = q4_1_llama
     monkeypatch.setattr(onnx_export, "source_blocks", lambda spec, model, quantize: blocks)
     monkeypatch.setattr(graph, "ACCURACY_LEVEL", level)
     manifest = onnx_export.export(str(folder), tmp_path / "out", layers_spec="1-2", quantize="int4")
-    assert manifest.weights == "17 from the GGUF's own blocks (4-bit, 8-bit, exact)"
+    assert manifest.weights == "17 from the GGUF's own blocks (4-bit, 8-bit; Q4_1 offsets to 8 bits)"
     ops = [n.op_type for n in onnx.load(str(tmp_path / "out" / "model.onnx"), load_external_data=False).graph.node]
-    assert ops.count("MatMulNBits") == 17 and ops.count("MatMul") == 4 * 4  # each Q4_1 linear's offsets
+    assert ops.count("MatMulNBits") == 17 + 4 * 4 and "MatMul" not in ops  # + each Q4_1 linear's block sums
     checks = manifest.verification
     assert checks["zero"] < tolerance and checks["steered"] < tolerance
     assert checks["steering_effect_correlation"] > correlation
