@@ -91,14 +91,17 @@ def test_batched_forward_with_right_padding_matches_single_rows(engine):
 
 
 def test_cached_steps_match_the_full_forward_pass(engine):
+    """Prompt, decode steps (fixed-shape mask with zeros past the cache), a second prompt chunk, decode."""
     ids = engine.chat_ids(HELLO)
     steering = engine.batched_steering(np.full((engine.num_layers, engine.hidden_size), 0.5, np.float32), 1)
     full = engine.forward(np.array([ids]), np.ones((1, len(ids)), np.int64), steering)[0]  # [seq, vocab]
-    cache = engine.new_cache(1, len(ids))
-    prefix = engine.step(np.array([ids[:-3]]), steering, cache)
-    steps = [engine.step(np.array([[token]]), steering, cache)[0] for token in ids[-3:]]
-    np.testing.assert_allclose(prefix[0], full[-4], atol=1e-4)
-    np.testing.assert_allclose(np.stack(steps), full[-3:], atol=1e-4)
+    cache = engine.new_cache(1, len(ids) + 8)
+    prefix = engine.step(np.array([ids[:-6]]), steering, cache)
+    steps = [engine.step(np.array([[token]]), steering, cache)[0] for token in ids[-6:-4]]
+    chunk = engine.step(np.array([ids[-4:-2]]), steering, cache)
+    steps += [chunk[0]] + [engine.step(np.array([[token]]), steering, cache)[0] for token in ids[-2:]]
+    np.testing.assert_allclose(prefix[0], full[-7], atol=1e-4)
+    np.testing.assert_allclose(np.stack(steps), full[[-6, -5, -3, -2, -1]], atol=1e-4)
 
 
 def test_wrong_steering_shape_is_a_clear_error(engine):
