@@ -225,6 +225,7 @@ def medians(samples: list[dict]) -> dict:
             key: statistics.median(s[prompt][key] for s in samples)
             for key in ("time_to_first_token_ms", "decode_tokens_per_second")
         }
+        result[prompt]["decode_tokens_per_second_runs"] = [s[prompt]["decode_tokens_per_second"] for s in samples]
     return result
 
 

@@ -22,8 +22,8 @@ block sums S (computed by a tiny MatMulNBits whose weight is the 0/1 block indic
 digits, digit i with scale u * 16^(digits-1-i). Two digits give the offsets to 8 bits: at most 1/224 of
 the largest offset of their group of 32, about d/30, against Q4_1's own rounding of d/2. Per linear that
 is 3 kernels (indicator, Concat, MatMulNBits) where the float path (Reshape, ReduceSum, MatMul, Add and
-the MatMulNBits) was 5: -0.95 ms of a 10.7 ms int4 decode step on SmolLM2-135M, with the same logit
-error against float32 (relative 0.012 vs 0.014).
+the MatMulNBits) was 5: -0.6 to -0.95 ms of a 10.1-10.7 ms int4 decode step on SmolLM2-135M (two
+A/B runs), with the same logit error against float32 (relative 0.012 vs 0.014).
 
 Layouts. GGUF stores a weight [N, K] row-major as blocks of 32 along K; a Q4 block keeps element j in
 the low nibble of byte j and element j + 16 in the high nibble; MatMulNBits wants B [N, K/32, 16]

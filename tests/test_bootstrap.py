@@ -1,11 +1,15 @@
 import json
 
+import pytest
+
 from grains_edge import paths
 from grains_edge.bootstrap import ensure_export, export_dir_for
+from grains_edge.errors import GrainsError
 
 
 def test_default_export_lives_under_the_home_folder():
     assert export_dir_for("default") == paths.exports_dir() / "smollm2-135m-instruct"
+    assert export_dir_for("default", "int4") == paths.exports_dir() / "smollm2-135m-instruct-int4"
 
 
 def test_an_export_folder_is_used_as_it_is(tiny_export):
@@ -22,3 +26,15 @@ def test_builds_once_then_reuses_and_rebuilds_a_stale_export(tiny_model_dir):
     manifest.write_text(json.dumps({**data, "format_version": 1}))
     ensure_export(str(tiny_model_dir))
     assert json.loads(manifest.read_text())["format_version"] == data["format_version"]
+
+
+def test_a_quantized_export_is_built_beside_the_float_one(tiny_model_dir):
+    float_dir, int8_dir = ensure_export(str(tiny_model_dir)), ensure_export(str(tiny_model_dir), "int8")
+    assert int8_dir == float_dir.with_name(float_dir.name + "-int8")
+    assert json.loads((int8_dir / "manifest.json").read_text())["quantization"] == "int8"
+    assert ensure_export(str(int8_dir), "int8") == int8_dir  # an export folder of that kind is used as it is
+
+
+def test_an_export_folder_of_another_kind_is_a_clear_error(tiny_export):
+    with pytest.raises(GrainsError, match="fix: drop --quantize"):
+        ensure_export(str(tiny_export), "int4")

@@ -13,7 +13,13 @@ from tests.fake_engine import FakeEngine, fake_profile, plain_reply
 @pytest.fixture
 def engine(monkeypatch, tmp_path):
     fake = FakeEngine()
-    monkeypatch.setattr("grains_edge.bootstrap.ensure_export", lambda spec: tmp_path / "export")
+    fake.exports = []  # (model, quantize) of each export asked for
+
+    def ensure_export(spec, quantize="none"):
+        fake.exports.append((spec, quantize))
+        return tmp_path / "export"
+
+    monkeypatch.setattr("grains_edge.bootstrap.ensure_export", ensure_export)
     monkeypatch.setattr("grains_edge.bootstrap.ensure_builtin_profiles", lambda spec: None, raising=False)
     monkeypatch.setattr("grains_edge.engine.Engine", lambda path, device="auto": fake)
     return fake
@@ -28,6 +34,12 @@ def test_ask_streams_one_answer_to_stdout(engine, capsys):
         {"role": "user", "content": "What is the capital of France?"},
     ]
     assert call.steering is None and call.settings.max_new_tokens == 5
+    assert engine.exports == [("default", "none")]
+
+
+def test_quantize_picks_the_quantized_export(engine, capsys):
+    assert main(["ask", "Hi", "--quantize", "int4"]) == 0
+    assert engine.exports == [("default", "int4")]
 
 
 def test_ask_with_a_profile_and_strength(engine, capsys, tmp_path):

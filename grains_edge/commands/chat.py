@@ -13,6 +13,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", default=None, help="behaviour profile: NAME, PATH or none (default: none)")
     parser.add_argument("--alpha", type=float, default=None, help="profile strength (default: the profile's own)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument(
+        "--quantize",
+        default="none",
+        choices=("none", "int8", "int4"),
+        help="weights of the export to run, built on first use (int4: about 2x faster decoding; default none)",
+    )
     parser.add_argument("--system", default="", help="system prompt (default: the model's own)")
     parser.add_argument("--max-tokens", type=int, default=256, help="longest answer in tokens (default 256)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -72,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     check(args)
     prompt = one_shot_prompt(args)
     settings = GenerationSettings(args.max_tokens, args.temperature, args.top_p, args.seed, args.repetition_penalty)
-    export_dir = ensure_export(args.model)
+    export_dir = ensure_export(args.model, args.quantize)
     ensure_builtin_profiles(args.model)
     engine = Engine(export_dir, device=args.device)
     if prompt is None:
