@@ -19,6 +19,11 @@ Every contender runs in its own process (so RSS is its own), one process per
 repetition, the contenders interleaved (A, B, C, A, B, C, …); medians are reported with the ratios
 the issue asks about. Exports that are missing are built first (a minute each).
 
+Between processes this machine's speed drifts by ±10 %, more than some of the differences measured. So a
+last, paired run (`paired` in the JSON, `--paired-rounds`) loads the int4 engine with and without steering
+ops and llama.cpp into one process and alternates short-prompt decodes between them, round after round;
+the ratios it reports are medians of the per-round ratios.
+
     python bench/bench_speed.py [--repeats 3] [--tokens 64] [--out bench/results/speed.json]
 """
 
@@ -131,7 +136,55 @@ def llamacpp_worker(tokens: int, prompt_batch: int | None = None) -> dict:
     return results
 
 
-def worker(name: str, tokens: int) -> dict:
+def paired_worker(tokens: int, rounds: int) -> dict:
+    """One process, the short chat prompt, `rounds` rounds of: int4 engine with steering, the int4 graph
+    without steering ops, llama.cpp with its control vector (when installed). Ratios are taken within each
+    round and their median reported, so the machine's drift between processes cancels out."""
+    from bench_engine import PROMPT, engine_run
+
+    from grains_edge.engine import Engine
+
+    steered = Engine(export_for("int4", "all"), device="cpu")
+    plain = Engine(export_for("int4", "none"), device="cpu")
+    vector = steering_vector(steered.num_layers, steered.hidden_size)[0]
+    ids = steered.chat_ids(PROMPT)
+    contenders = {
+        "engine-int4": lambda: engine_run(steered, ids, vector, tokens)[1],
+        "engine-int4-unsteered": lambda: engine_run(plain, ids, None, tokens)[1],
+    }
+    from bench_llamacpp import llama_cpp
+
+    if llama_cpp is not None:
+        from bench_llamacpp import LlamaRunner, default_gguf
+
+        runner = LlamaRunner(default_gguf(), threads=os.cpu_count() or 1)
+        ctx = runner.new_context()
+        runner.set_control_vector(ctx, *steering_vector(runner.n_layer, runner.n_embd))
+        llama_ids = runner.chat_ids(PROMPT)
+        contenders["llamacpp-q4_1"] = lambda: runner.greedy(ctx, llama_ids, tokens)[2]
+    rates: dict[str, list[float]] = {name: [] for name in contenders}
+    for round_index in range(rounds + 1):  # round 0 warms up
+        for name, run in contenders.items():
+            time.sleep(0.2)  # let the previous contender's spinning threads go idle
+            rate = run()
+            if round_index:
+                rates[name].append(rate)
+    pairs = [("engine-int4", "llamacpp-q4_1"), ("engine-int4-unsteered", "engine-int4")]
+    return {
+        "rounds": rounds,
+        "decode_tokens_per_second": {name: statistics.median(runs) for name, runs in rates.items()},
+        "decode_tokens_per_second_runs": rates,
+        "ratios": {
+            f"{a}_vs_{b}_decode_short_chat": statistics.median(x / y for x, y in zip(rates[a], rates[b], strict=True))
+            for a, b in pairs
+            if a in rates and b in rates
+        },
+    }
+
+
+def worker(name: str, tokens: int, rounds: int) -> dict:
+    if name == "paired":
+        return paired_worker(tokens, rounds)
     if name in ENGINES:
         runs = engine_worker(*ENGINES[name], tokens)
     elif name == "pytorch-eager":
@@ -202,12 +255,12 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_worker(name: str, tokens: int, amx_build: str | None = None) -> dict:
+def run_worker(name: str, tokens: int, amx_build: str | None = None, rounds: int = 0) -> dict:
     environment = dict(os.environ)
     if name == "llamacpp-q4_1-amx":
         environment["PYTHONPATH"] = os.pathsep.join(filter(None, [amx_build, environment.get("PYTHONPATH")]))
     done = subprocess.run(
-        [sys.executable, __file__, "--worker", name, "--tokens", str(tokens)],
+        [sys.executable, __file__, "--worker", name, "--tokens", str(tokens), "--paired-rounds", str(rounds)],
         capture_output=True,
         text=True,
         check=False,
@@ -263,10 +316,16 @@ def main() -> int:
         help="also run a llama-cpp-python build with AMX installed in DIR (pip install --target DIR); its "
         "prompts go one token per batch, since such builds crash on larger batches on this CPU",
     )
+    parser.add_argument(
+        "--paired-rounds",
+        type=int,
+        default=15,
+        help="rounds of the in-process paired comparison (int4 steered / unsteered / llama.cpp); 0 skips it",
+    )
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, args.tokens)))
+        print(json.dumps(worker(args.worker, args.tokens, args.paired_rounds)))
         return 0
 
     contenders = list(args.only or CONTENDERS)
@@ -306,6 +365,8 @@ def main() -> int:
         "results": results,
         "ratios": ratios(results),
     }
+    if args.paired_rounds and "engine-int4" in contenders:
+        report["paired"] = run_worker("paired", args.tokens, rounds=args.paired_rounds)
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:
