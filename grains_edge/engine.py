@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from grains_edge.chat_tokenizer import ChatTokenizer
 from grains_edge.errors import GrainsError
 from grains_edge.manifest import MODEL_NAME, Manifest
 
@@ -96,7 +97,6 @@ class Engine:
 
     def __init__(self, export_dir: str | Path, device: str = "auto", threads: int | None = None):
         import onnxruntime as ort
-        from transformers import AutoTokenizer
 
         self.export_dir = Path(export_dir).expanduser()
         self.manifest = Manifest.load(self.export_dir)
@@ -115,7 +115,7 @@ class Engine:
         # KV buffers live in host memory on either provider: ONNX Runtime's CUDA GroupQueryAttention takes
         # fp16/bf16 only, so in a float32 graph attention (and its cache) runs on the CPU provider.
         self.cache_device = "cpu"
-        self.tokenizer = AutoTokenizer.from_pretrained(str(self.export_dir))
+        self.tokenizer = ChatTokenizer(self.export_dir)
         self.past_names = self.manifest.input_names[4:]
         self.present_names = self.manifest.output_names[1:]
         vocab = self.tokenizer.get_vocab()
@@ -241,11 +241,7 @@ class Engine:
 
     def chat_ids(self, messages: Sequence[dict]) -> list[int]:
         """Token ids of a conversation under the chat template, ending with the assistant prompt."""
-        if self.tokenizer.chat_template:
-            encoded = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
-            return list(encoded["input_ids"] if isinstance(encoded, dict) or hasattr(encoded, "keys") else encoded)
-        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
-        return self.tokenizer.encode(text)
+        return self.tokenizer.chat_ids(messages)
 
     def fit_context(self, prompt_ids: list[int], max_new_tokens: int) -> int:
         """Tokens that may still be generated; a prompt that leaves no room is a GrainsError."""

@@ -1,0 +1,65 @@
+"""ChatTokenizer against transformers' own tokenizer on the same files: the same ids, text and special tokens."""
+
+import json
+
+import pytest
+from transformers import AutoTokenizer
+
+from grains_edge.chat_tokenizer import ChatTokenizer
+from grains_edge.errors import GrainsError
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Steering vectors, déjà vu — 数字 ✓"},
+        {"role": "assistant", "content": "Sure."},
+        {"role": "user", "content": "  spaces\n\nand lines  "},
+    ],
+]
+
+
+def reference_ids(tokenizer, messages) -> list[int]:
+    encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+
+
+def check_parity(folder) -> None:
+    ours, theirs = ChatTokenizer(folder), AutoTokenizer.from_pretrained(str(folder))
+    for messages in CONVERSATIONS:
+        ids = ours.chat_ids(messages)
+        assert ids == reference_ids(theirs, messages)
+        assert ours.decode(ids) == theirs.decode(ids, skip_special_tokens=True)
+        assert ours.decode(ids, skip_special_tokens=False) == theirs.decode(ids, skip_special_tokens=False)
+    text = "The capital of France is Paris."
+    assert ours.encode(text, add_special_tokens=False) == theirs.encode(text, add_special_tokens=False)
+    assert (ours.eos_token_id, ours.pad_token_id) == (theirs.eos_token_id, theirs.pad_token_id)
+    assert ours.get_vocab() == theirs.get_vocab()
+
+
+def test_matches_transformers_on_a_tiny_export(tiny_export):
+    check_parity(tiny_export)
+
+
+def test_matches_transformers_on_the_default_model(default_export):
+    check_parity(default_export)  # its template adds a default system prompt when there is none
+
+
+def test_without_a_chat_template_roles_are_plain_lines(tiny_export, tmp_path):
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).write_bytes((tiny_export / name).read_bytes())
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    ours = ChatTokenizer(tmp_path)
+    assert ours.chat_template is None
+    assert ours.decode(ours.chat_ids(CONVERSATIONS[0])) == "user: What is the capital of France?\nassistant:"
+
+
+def test_template_errors_and_missing_files_are_clear(tiny_export, tmp_path):
+    with pytest.raises(GrainsError, match="has no tokenizer.json; fix: re-run 'grains-edge export'"):
+        ChatTokenizer(tmp_path)
+    ours = ChatTokenizer(tiny_export)
+    ours.chat_template = "{{ raise_exception('only user turns') }}"
+    with pytest.raises(GrainsError, match="refused the conversation: only user turns"):
+        ours.chat_ids(CONVERSATIONS[0])
