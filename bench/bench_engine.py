@@ -25,14 +25,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from engine_runs import PROMPT, engine_run, engine_stream_run
 
 from grains_edge import models
 from grains_edge.bootstrap import ensure_export, export_dir_for
-from grains_edge.engine import Engine, GenerationSettings
+from grains_edge.engine import Engine
 from grains_edge.export.onnx_export import export
 from grains_edge.steering import steering_hooks
-
-PROMPT = [{"role": "user", "content": "Write a short story about a robot who learns to paint."}]
 
 
 def measure_bandwidth(megabytes: int = 1024, repeats: int = 5) -> float:
@@ -54,26 +53,6 @@ def weight_bytes_per_token(model) -> int:
     embedding = model.get_input_embeddings().weight
     tied = model.get_output_embeddings().weight.data_ptr() == embedding.data_ptr()
     return total if tied else total - embedding.numel() * embedding.element_size()
-
-
-def engine_run(engine: Engine, ids: list[int], steering: np.ndarray | None, tokens: int) -> tuple[float, float]:
-    """(time to first token, decode tokens/s) for a greedy run of exactly `tokens` tokens."""
-    steer = engine.batched_steering(steering, 1)
-    cache = engine.new_cache(1, len(ids) + tokens)
-    started = time.perf_counter()
-    logits = engine.step(np.asarray([ids]), steer, cache)  # [1, vocab]
-    first = time.perf_counter()
-    for _ in range(tokens - 1):
-        logits = engine.step(np.asarray([[int(logits[0].argmax())]]), steer, cache)
-    done = time.perf_counter()
-    return first - started, (tokens - 1) / (done - first)
-
-
-def engine_stream_run(engine: Engine, ids: list[int], steering: np.ndarray | None, tokens: int) -> float:
-    """Decode tokens/s through the public streaming API (detokenization included)."""
-    settings = GenerationSettings(max_new_tokens=tokens)
-    list(engine.generate(ids, steering, settings))
-    return engine.last_stats.tokens_per_second
 
 
 def torch_loop_run(model, ids: list[int], steering: torch.Tensor, tokens: int) -> tuple[float, float]:

@@ -86,7 +86,7 @@ def filler_ids(tokenize, count: int = LONG_PROMPT_TOKENS) -> list[int]:
 
 
 def engine_worker(quantize: str, layers: str, tokens: int) -> dict:
-    from bench_engine import PROMPT, engine_run
+    from engine_runs import PROMPT, engine_run
 
     from grains_edge.engine import Engine
 
@@ -120,8 +120,8 @@ def pytorch_worker(tokens: int) -> dict:
 
 
 def llamacpp_worker(tokens: int, prompt_batch: int | None = None) -> dict:
-    from bench_engine import PROMPT
     from bench_llamacpp import LlamaRunner, default_gguf
+    from engine_runs import PROMPT
 
     runner = LlamaRunner(default_gguf(), threads=os.cpu_count() or 1)
     ctx = runner.new_context()
@@ -140,7 +140,7 @@ def paired_worker(tokens: int, rounds: int) -> dict:
     """One process, the short chat prompt, `rounds` rounds of: int4 engine with steering, the int4 graph
     without steering ops, llama.cpp with its control vector (when installed). Ratios are taken within each
     round and their median reported, so the machine's drift between processes cancels out."""
-    from bench_engine import PROMPT, engine_run
+    from engine_runs import PROMPT, engine_run
 
     from grains_edge.engine import Engine
 
