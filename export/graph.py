@@ -158,8 +158,27 @@ def build(
     attention = dict(domain="com.microsoft", num_heads=heads, kv_num_heads=kv_heads, scale=float(head_dim**-0.5))
     if llama:
         body = model.model
-        embedding = g.weight("embed_tokens.weight", array(body.embed_tokens.weight))  # [vocab, hidden]
-        h = g.op("Gather", embedding, ids, axis=0)  # [b, s, hidden]
+        head_blocks = g.blocks.get("lm_head")
+        tied = model.get_output_embeddings().weight.data_ptr() == body.embed_tokens.weight.data_ptr()
+        if tied and head_blocks is not None and head_blocks.offsets is None:
+            # the table is the head's own blocks: looked up quantized, with no float32 copy of it
+            vocab = head_blocks.shape[0]
+            table = g.weight("embed_tokens.qweight", head_blocks.packed().reshape(vocab, -1))  # [vocab, hidden*bits/8]
+            scales = g.weight("embed_tokens.scales", head_blocks.scales)  # [vocab, hidden/32]
+            h = g.op(
+                "GatherBlockQuantized",
+                table,
+                ids,
+                scales,
+                domain="com.microsoft",
+                bits=head_blocks.bits,
+                block_size=BLOCK,
+                gather_axis=0,
+                quantize_axis=1,
+            )  # [b, s, hidden], (q - 2^(bits-1)) * scale: the default zero point, as in MatMulNBits
+        else:
+            embedding = g.weight("embed_tokens.weight", array(body.embed_tokens.weight))  # [vocab, hidden]
+            h = g.op("Gather", embedding, ids, axis=0)  # [b, s, hidden]
         cos, sin = rope_caches(model, max_positions, head_dim)
         rope = [g.weight("rope.cos", cos), g.weight("rope.sin", sin)]
         attention.update(do_rotary=1, rotary_interleaved=0)

@@ -12,9 +12,9 @@ from grains_edge.errors import GrainsError
 
 MANIFEST_NAME = "manifest.json"
 MODEL_NAME = "model.onnx"
-FORMAT_VERSION = 4  # 2: graph built by export/graph.py (GroupQueryAttention, in-place KV cache); 3: default
+FORMAT_VERSION = 5  # 2: graph built by export/graph.py (GroupQueryAttention, in-place KV cache); 3: default
 # MatMulNBits zero points (Q4_1 offsets m + 8d), the renormalization in 4 kernels; 4: Q4_1 offsets folded
-# into the MatMulNBits as extra K blocks
+# into the MatMulNBits as extra K blocks; 5: a tied embedding from the GGUF head's blocks (GatherBlockQuantized)
 
 
 @dataclass

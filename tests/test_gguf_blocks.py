@@ -132,6 +132,7 @@ def test_exported_blocks_match_pytorch(tmp_path, monkeypatch, q4_1_llama, level,
     assert manifest.weights == "17 from the GGUF's own blocks (4-bit, 8-bit; Q4_1 offsets to 8 bits)"
     ops = [n.op_type for n in onnx.load(str(tmp_path / "out" / "model.onnx"), load_external_data=False).graph.node]
     assert ops.count("MatMulNBits") == 17 + 4 * 4 and "MatMul" not in ops  # + each Q4_1 linear's block sums
+    assert ops.count("GatherBlockQuantized") == 1  # the tied embedding read from the head's Q8_0 blocks
     checks = manifest.verification
     assert checks["zero"] < tolerance and checks["steered"] < tolerance
     assert checks["steering_effect_correlation"] > correlation
