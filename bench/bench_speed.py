@@ -203,11 +203,13 @@ def worker(name: str, tokens: int, rounds: int) -> dict:
 
 def export_weight_bytes(folder: Path) -> int:
     """Bytes of weights one decoded token reads from an export: every initializer that a node other than
-    the embedding lookup consumes (the lookup reads one row; a tied head still reads the whole table)."""
+    the embedding lookup (Gather or GatherBlockQuantized) consumes: the lookup reads one row; a tied head
+    still reads the whole table."""
     import onnx
 
     graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
-    read = {name for node in graph.node if node.op_type != "Gather" for name in node.input}
+    lookups = ("Gather", "GatherBlockQuantized")
+    read = {name for node in graph.node if node.op_type not in lookups for name in node.input}
     total = 0
     for tensor in graph.initializer:
         if tensor.name not in read:
