@@ -61,10 +61,10 @@ def export_for(quantize: str, layers: str) -> Path:
     from grains_edge.bootstrap import ensure_export, export_dir_for
     from grains_edge.manifest import Manifest
 
-    if (quantize, layers) == ("none", "all"):
-        return ensure_export("default")
-    suffix = "".join(f"-{part}" for part in (quantize, "unsteered" if layers == "none" else "") if part)
-    target = export_dir_for("default").with_name(export_dir_for("default").name + suffix)
+    if layers == "all":
+        return ensure_export("default", quantize)
+    quantized = export_dir_for("default", quantize)
+    target = quantized.with_name(quantized.name + "-unsteered")
     if not Manifest.is_current(target):
         from grains_edge.export.onnx_export import export
 
@@ -119,14 +119,20 @@ def pytorch_worker(tokens: int) -> dict:
     return {name: torch_loop_run(model, list(ids), steering, tokens) for name, ids in prompts.items()}
 
 
-def llamacpp_worker(tokens: int, prompt_batch: int | None = None) -> dict:
+def steered_llamacpp():
+    """llama.cpp on the default GGUF, on all cores, and a context with the benchmark's control vector."""
     from bench_llamacpp import LlamaRunner, default_gguf
-    from engine_runs import PROMPT
 
     runner = LlamaRunner(default_gguf(), threads=os.cpu_count() or 1)
     ctx = runner.new_context()
-    vector, start, end = steering_vector(runner.n_layer, runner.n_embd)
-    runner.set_control_vector(ctx, vector, start, end)
+    runner.set_control_vector(ctx, *steering_vector(runner.n_layer, runner.n_embd))
+    return runner, ctx
+
+
+def llamacpp_worker(tokens: int, prompt_batch: int | None = None) -> dict:
+    from engine_runs import PROMPT
+
+    runner, ctx = steered_llamacpp()
     prompts = {"short_chat": runner.chat_ids(PROMPT), "long_512": filler_ids(runner.tokenize)}
     runner.greedy(ctx, prompts["short_chat"], 8, prompt_batch)
     results = {}
@@ -155,11 +161,7 @@ def paired_worker(tokens: int, rounds: int) -> dict:
     from bench_llamacpp import llama_cpp
 
     if llama_cpp is not None:
-        from bench_llamacpp import LlamaRunner, default_gguf
-
-        runner = LlamaRunner(default_gguf(), threads=os.cpu_count() or 1)
-        ctx = runner.new_context()
-        runner.set_control_vector(ctx, *steering_vector(runner.n_layer, runner.n_embd))
+        runner, ctx = steered_llamacpp()
         llama_ids = runner.chat_ids(PROMPT)
         contenders["llamacpp-q4_1"] = lambda: runner.greedy(ctx, llama_ids, tokens)[2]
     rates: dict[str, list[float]] = {name: [] for name in contenders}

@@ -156,10 +156,11 @@ def build(
         shifts = [split] if num_layers == 1 else split
         ones = g.weight("steer.ones", np.ones(hidden, np.float32))  # [hidden], the unit norm scale
     attention = dict(domain="com.microsoft", num_heads=heads, kv_num_heads=kv_heads, scale=float(head_dim**-0.5))
+    head = model.get_output_embeddings().weight
+    tied = head.data_ptr() == model.get_input_embeddings().weight.data_ptr()
     if llama:
         body = model.model
         head_blocks = g.blocks.get("lm_head")
-        tied = model.get_output_embeddings().weight.data_ptr() == body.embed_tokens.weight.data_ptr()
         if tied and head_blocks is not None and head_blocks.offsets is None:
             # the table is the head's own blocks: looked up quantized, with no float32 copy of it
             vocab = head_blocks.shape[0]
@@ -274,8 +275,6 @@ def build(
 
     final = body.norm if llama else body.ln_f
     x = norm(h, final, "final_norm")
-    head = model.get_output_embeddings().weight
-    tied = head.data_ptr() == model.get_input_embeddings().weight.data_ptr()
     flat = g.op("Reshape", x, g.const([-1, hidden]))  # [b*s, hidden]
     if separate_head or "lm_head" in g.blocks:
         logits = g.linear(flat, "lm_head", array(head).T, None)  # [b*s, vocab]
