@@ -1,6 +1,7 @@
 import json
 
 from grains_edge.cli import main
+from grains_edge.commands.eval import select
 from grains_edge.profiles import load_profile
 
 
@@ -131,5 +132,15 @@ def test_tune_writes_the_chosen_layers_alpha_and_sweep_into_the_profile(tmp_path
     tuned = load_profile(str(profile))
     report = json.loads(tuned.metadata["tuning"])
     assert len(report["sweep"]) == 4 and report["unsteered"]["ppl"] > 0
+    assert report["ppl_items"] == 60 - len(select(list(range(60)), "report", lambda i: f"Say hello {i}"))
     if report["chosen"]:
         assert tuned.alpha == report["chosen"]["alpha"]
+
+
+def test_splits_partition_the_items_and_train_plus_tune_is_all_but_report():
+    items = [f"item {i}" for i in range(400)]
+    parts = {split: select(items, split, str) for split in ("train", "tune", "report", "validation", "train+tune")}
+    assert sorted(parts["train"] + parts["tune"] + parts["report"]) == sorted(items)
+    assert sorted(parts["validation"]) == sorted(parts["tune"] + parts["report"])
+    assert sorted(parts["train+tune"]) == sorted(parts["train"] + parts["tune"])
+    assert min(len(parts[s]) for s in ("train", "tune", "report")) > 40

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-SPLITS = ("report", "tune", "validation", "train", "all")
+SPLITS = ("report", "tune", "validation", "train", "train+tune", "all")
 
 
 def register(subparsers) -> None:
@@ -20,7 +20,8 @@ def register(subparsers) -> None:
         "--split",
         default="report",
         choices=SPLITS,
-        help="train: vectors; tune: layer/alpha choice; report: held out from both; validation = tune + report",
+        help="train: vectors; tune: layer/alpha choice; report: held out from both; validation = tune + report; "
+        "train+tune = all but report",
     )
     parser.add_argument("--score", default="text", choices=("text", "letter"), help="ab: score the letter or the text")
     parser.add_argument("--toward", default="matching", choices=("matching", "not-matching"), help="ab: preferred side")
@@ -49,11 +50,9 @@ def select(items, split: str, key, limit=None):
 
     if split != "all":
         train, validation = datasets.split(items, key)
-        if split in ("tune", "report"):
-            report, tune = datasets.split(validation, lambda item: "tune/" + key(item), validation_fraction=0.5)
-            items = tune if split == "tune" else report
-        else:
-            items = validation if split == "validation" else train
+        report, tune = datasets.split(validation, lambda item: "tune/" + key(item), validation_fraction=0.5)
+        chosen = {"train": train, "validation": validation, "tune": tune, "report": report, "train+tune": train + tune}
+        items = chosen[split]
     return items[:limit] if limit else items
 
 
