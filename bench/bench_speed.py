@@ -45,6 +45,8 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from prompts import LONG_PROMPT_TOKENS, PROMPT, filler_ids  # noqa: E402
+
 # engine contenders: (quantization, steered layers of the export)
 ENGINES = {
     "engine-fp32": ("none", "all"),
@@ -53,7 +55,6 @@ ENGINES = {
     "engine-int4-unsteered": ("int4", "none"),  # no steering ops at all: the steering overhead
 }
 CONTENDERS = (*ENGINES, "pytorch-eager", "llamacpp-q4_1")
-LONG_PROMPT_TOKENS = 512
 
 
 def export_for(quantize: str, layers: str) -> Path:
@@ -78,15 +79,8 @@ def steering_vector(layers: int, hidden: int) -> tuple[np.ndarray, int, int]:
     return control_vector(layers, hidden)
 
 
-def filler_ids(tokenize, count: int = LONG_PROMPT_TOKENS) -> list[int]:
-    from bench_llamacpp import LONG_TEXT
-
-    ids = tokenize(LONG_TEXT)
-    return (ids * (count // len(ids) + 1))[:count]
-
-
 def engine_worker(quantize: str, layers: str, tokens: int) -> dict:
-    from engine_runs import PROMPT, engine_run
+    from engine_runs import engine_run
 
     from grains_edge.engine import Engine
 
@@ -102,7 +96,7 @@ def engine_worker(quantize: str, layers: str, tokens: int) -> dict:
 
 def pytorch_worker(tokens: int) -> dict:
     import torch
-    from bench_engine import PROMPT, torch_loop_run
+    from bench_engine import torch_loop_run
 
     from grains_edge import models
 
@@ -130,8 +124,6 @@ def steered_llamacpp():
 
 
 def llamacpp_worker(tokens: int, prompt_batch: int | None = None) -> dict:
-    from engine_runs import PROMPT
-
     runner, ctx = steered_llamacpp()
     prompts = {"short_chat": runner.chat_ids(PROMPT), "long_512": filler_ids(runner.tokenize)}
     runner.greedy(ctx, prompts["short_chat"], 8, prompt_batch)
@@ -146,7 +138,7 @@ def paired_worker(tokens: int, rounds: int) -> dict:
     """One process, the short chat prompt, `rounds` rounds of: int4 engine with steering, the int4 graph
     without steering ops, llama.cpp with its control vector (when installed). Ratios are taken within each
     round and their median reported, so the machine's drift between processes cancels out."""
-    from engine_runs import PROMPT, engine_run
+    from engine_runs import engine_run
 
     from grains_edge.engine import Engine
 

@@ -9,8 +9,6 @@ import numpy as np
 
 from grains_edge.engine import Engine, GenerationSettings
 
-PROMPT = [{"role": "user", "content": "Write a short story about a robot who learns to paint."}]
-
 
 def engine_run(engine: Engine, ids: list[int], steering: np.ndarray | None, tokens: int) -> tuple[float, float]:
     """(time to first token, decode tokens/s) for a greedy run of exactly `tokens` tokens."""
