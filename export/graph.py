@@ -17,8 +17,12 @@ LpNormalization, ReduceL2, Mul were 5.
 Graph interface:
   inputs   input_ids [b, s] int64, attention_mask [b, total] int64 (1 = token, right padding only),
            position_ids [b, s] int64, steering [b, num_layers, hidden] float32,
+           logits_to_keep [1] int64 (k: logits of the last k positions only; 0 = all, as scoring needs;
+           a prompt step needs only the last, and for 512 prompt tokens the LM head is otherwise the
+           largest matmul of the step and its logits 100 MB),
            past_key_values.{i}.key|value [b, kv_heads, past, head_dim] float32
-  outputs  logits [b, s, vocab], present.{i}.key|value [b, kv_heads, total or buffer, head_dim]
+  outputs  logits [b, k, vocab] (the last k = logits_to_keep positions, or all s),
+           present.{i}.key|value [b, kv_heads, total or buffer, head_dim]
 The causal mask and positions come from attention_mask (seqlens_k = sum(mask) - 1, as
 GroupQueryAttention defines them); position_ids feed GPT-2's learned position table.
 
@@ -144,7 +148,8 @@ def build(
     head_dim = getattr(config, "head_dim", None) or hidden // heads
     max_positions = int(getattr(config, "max_position_embeddings", 0) or config.n_positions)
     g = GraphBuilder(blocks)
-    ids, mask, positions, steering = input_names[:4]
+    ids, mask, positions, steering, keep = input_names[:5]
+    past = input_names[5:]
 
     # prelude: GroupQueryAttention's view of the mask, the embeddings
     one_axis = g.const([1])
@@ -225,7 +230,7 @@ def build(
         return g.op("Div", unit, inverse_rms)
 
     for i, block in enumerate(blocks):
-        past_k, past_v = input_names[4 + 2 * i], input_names[5 + 2 * i]
+        past_k, past_v = past[2 * i], past[2 * i + 1]
         if llama:
             attn, mlp = block.self_attn, block.mlp
             x = norm(h, block.input_layernorm, f"layers.{i}.input_norm")
@@ -274,14 +279,15 @@ def build(
         h = steer(h, delta, shifts[i]) if i in steered_layers else g.op("Add", h, delta)  # [b, s, hidden]
 
     final = body.norm if llama else body.ln_f
-    x = norm(h, final, "final_norm")
-    flat = g.op("Reshape", x, g.const([-1, hidden]))  # [b*s, hidden]
+    kept = g.op("Slice", h, g.op("Neg", keep), g.const([np.iinfo(np.int64).max]), one_axis)  # [b, k, hidden]
+    x = norm(kept, final, "final_norm")
+    flat = g.op("Reshape", x, g.const([-1, hidden]))  # [b*k, hidden]
     if separate_head or "lm_head" in g.blocks:
         logits = g.linear(flat, "lm_head", array(head).T, None)  # [b*s, vocab]
     else:  # the tied embedding table read in place, no transposed copy
         head_name = embedding if tied else g.weight("lm_head.weight", array(head))  # [vocab, hidden]
         logits = g.op("Gemm", flat, head_name, transB=1)  # [b*s, vocab]
-    batch_seq = g.op("Slice", g.op("Shape", ids), g.const([0]), g.const([2]))
+    batch_seq = g.op("Slice", g.op("Shape", kept), g.const([0]), g.const([2]))
     g.nodes.append(
         helper.make_node("Reshape", [logits, g.op("Concat", batch_seq, g.const([-1]), axis=0)], [output_names[0]])
     )
@@ -293,10 +299,11 @@ def build(
         helper.make_tensor_value_info(mask, int_t, ["batch", "total"]),
         helper.make_tensor_value_info(positions, int_t, ["batch", "seq"]),
         helper.make_tensor_value_info(steering, float_t, ["batch", num_layers, hidden]),
-        *[helper.make_tensor_value_info(name, float_t, cache) for name in input_names[4:]],
+        helper.make_tensor_value_info(keep, int_t, [1]),
+        *[helper.make_tensor_value_info(name, float_t, cache) for name in past],
     ]
     outputs = [
-        helper.make_tensor_value_info(output_names[0], float_t, ["batch", "seq", config.vocab_size]),
+        helper.make_tensor_value_info(output_names[0], float_t, ["batch", "kept", config.vocab_size]),
         *[
             helper.make_tensor_value_info(n, float_t, ["batch", kv_heads, "present", head_dim])
             for n in output_names[1:]

@@ -22,6 +22,7 @@ import onnx
 import torch
 
 from grains_edge import models
+from grains_edge.engine import ALL_POSITIONS
 from grains_edge.errors import GrainsError
 from grains_edge.export import gguf_blocks, graph
 from grains_edge.layers import parse_layers
@@ -40,7 +41,7 @@ def log(message: str) -> None:
 def io_names(num_layers: int) -> tuple[list[str], list[str]]:
     past = [f"past_key_values.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
     present = [f"present.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
-    return ["input_ids", "attention_mask", "position_ids", "steering", *past], ["logits", *present]
+    return ["input_ids", "attention_mask", "position_ids", "steering", "logits_to_keep", *past], ["logits", *present]
 
 
 QUANTIZATIONS = ("none", "int8", "int4")
@@ -113,7 +114,8 @@ def run_graph(session, manifest: Manifest, ids: torch.Tensor, steering: torch.Te
         "attention_mask": np.ones((batch, seq - 1), np.int64),
         "position_ids": np.arange(seq - 1)[None].repeat(batch, 0),
         "steering": steering.numpy(),
-        **dict.fromkeys(inputs[4:], empty),
+        "logits_to_keep": ALL_POSITIONS,
+        **dict.fromkeys(inputs[5:], empty),
     }
     logits, *present = session.run(None, prompt)
     step = {
@@ -121,7 +123,8 @@ def run_graph(session, manifest: Manifest, ids: torch.Tensor, steering: torch.Te
         "attention_mask": np.ones((batch, seq), np.int64),
         "position_ids": np.full((batch, 1), seq - 1),
         "steering": steering.numpy(),
-        **dict(zip(inputs[4:], present, strict=True)),
+        "logits_to_keep": ALL_POSITIONS,
+        **dict(zip(inputs[5:], present, strict=True)),
     }
     return np.concatenate([logits, session.run(["logits"], step)[0]], axis=1)
 

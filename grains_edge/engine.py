@@ -49,6 +49,8 @@ class GenerationStats:
 
 
 DEVICES = ("auto", "cpu", "cuda")
+# logits_to_keep: a step returns the last position's logits only, forward() every position's
+LAST_POSITION, ALL_POSITIONS = np.ones(1, np.int64), np.zeros(1, np.int64)
 
 
 def choose_providers(device: str, available: list[str]) -> list[str]:
@@ -116,7 +118,7 @@ class Engine:
         # fp16/bf16 only, so in a float32 graph attention (and its cache) runs on the CPU provider.
         self.cache_device = "cpu"
         self.tokenizer = ChatTokenizer(self.export_dir)
-        self.past_names = self.manifest.input_names[4:]
+        self.past_names = [n for n in self.manifest.input_names if n.startswith("past_key_values.")]
         self.present_names = self.manifest.output_names[1:]
         vocab = self.tokenizer.get_vocab()
         self.stop_ids = {vocab[t] for t in STOP_TOKENS if t in vocab}
@@ -169,6 +171,7 @@ class Engine:
         ]
         binding = self.session.io_binding()
         binding.bind_output("logits", "cpu")  # first, so it is get_outputs()[0]
+        binding.bind_cpu_input("logits_to_keep", LAST_POSITION)
         for past, present, buffer in zip(self.past_names, self.present_names, buffers, strict=True):
             binding.bind_ortvalue_input(past, buffer)
             binding.bind_ortvalue_output(present, buffer)
@@ -233,6 +236,7 @@ class Engine:
             "attention_mask": np.ascontiguousarray(attention_mask, np.int64),
             "position_ids": np.arange(seq, dtype=np.int64)[None].repeat(batch, 0),
             "steering": self.batched_steering(steering, batch),
+            "logits_to_keep": ALL_POSITIONS,
             **dict.fromkeys(self.past_names, empty),
         }
         return self.session.run(["logits"], feeds)[0]

@@ -7,7 +7,8 @@ the answer is the assistant turn. Sequences are scored in right-padded batches s
     (Lin, Hilton & Evans 2021, `mc_task.json` metrics).
   * A/B behaviour (CAA format, Rimsky et al. 2023): how often the behaviour-matching answer outscores
     the other, scored on the letter "(A)" or on the option's full text.
-  * Perplexity: mean per-token negative log-likelihood of reference responses (Dolly).
+  * Perplexity: mean per-token negative log-likelihood of reference responses (Dolly); a profile's
+    change of it is measured against the unsteered model on the same items (paired).
 Intervals are 95 % bootstrap intervals over items (1,000 resamples, fixed seed).
 """
 
@@ -74,6 +75,21 @@ def answer_logprobs(
             totals[index] = log_probs[np.arange(len(answer)), answer].sum()
         start = end
     return totals, counts
+
+
+def perplexity_change(engine: Engine, prompts: Sequence[str], responses: Sequence[str], steering) -> dict:
+    """How much `steering` raises the perplexity of `responses`: steered / unsteered - 1, with a paired
+    95 % bootstrap interval (both runs resampled on the same items, so item difficulty cancels out)."""
+    steered, counts = answer_logprobs(engine, prompts, responses, steering)
+    unsteered, _ = answer_logprobs(engine, prompts, responses, None)
+    rng = np.random.default_rng(0)
+    picks = rng.integers(0, len(prompts), (1000, len(prompts)))  # [resamples, items]
+    changes = np.exp((unsteered[picks] - steered[picks]).sum(1) / np.maximum(counts[picks].sum(1), 1)) - 1
+    return {
+        "unsteered_perplexity": float(np.exp(-unsteered.sum() / max(1, counts.sum()))),
+        "perplexity_change": float(np.exp((unsteered - steered).sum() / max(1, counts.sum())) - 1),
+        "perplexity_change_ci95": [float(np.percentile(changes, 2.5)), float(np.percentile(changes, 97.5))],
+    }
 
 
 def bootstrap_interval(values: np.ndarray, resamples: int = 1000, seed: int = 0) -> list[float]:

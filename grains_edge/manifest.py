@@ -12,9 +12,10 @@ from grains_edge.errors import GrainsError
 
 MANIFEST_NAME = "manifest.json"
 MODEL_NAME = "model.onnx"
-FORMAT_VERSION = 5  # 2: graph built by export/graph.py (GroupQueryAttention, in-place KV cache); 3: default
+FORMAT_VERSION = 6  # 2: graph built by export/graph.py (GroupQueryAttention, in-place KV cache); 3: default
 # MatMulNBits zero points (Q4_1 offsets m + 8d), the renormalization in 4 kernels; 4: Q4_1 offsets folded
-# into the MatMulNBits as extra K blocks; 5: a tied embedding from the GGUF head's blocks (GatherBlockQuantized)
+# into the MatMulNBits as extra K blocks; 5: a tied embedding from the GGUF head's blocks (GatherBlockQuantized);
+# 6: input logits_to_keep (a prompt step computes the last position's logits only)
 
 
 @dataclass

@@ -2,7 +2,16 @@ import numpy as np
 import pytest
 
 from grains_edge.engine import Engine
-from grains_edge.evaluation import ABItem, MCItem, ab_preference, answer_logprobs, bootstrap_interval, truthfulqa
+from grains_edge.evaluation import (
+    ABItem,
+    MCItem,
+    ab_preference,
+    answer_logprobs,
+    bootstrap_interval,
+    perplexity,
+    perplexity_change,
+    truthfulqa,
+)
 
 
 @pytest.fixture(scope="module")
@@ -45,3 +54,16 @@ def test_bootstrap_interval_brackets_the_mean():
     values = np.random.default_rng(0).random(200)
     low, high = bootstrap_interval(values)
     assert low < values.mean() < high and high - low < 0.2
+
+
+def test_perplexity_change_is_the_ratio_of_the_two_runs_with_a_paired_interval(engine):
+    prompts = [f"Tell me about item {i}." for i in range(12)]
+    responses = [f"Item {i} is a thing with {i} parts and a name." for i in range(12)]
+    steering = np.full((engine.num_layers, engine.hidden_size), 0.5, np.float32)
+    change = perplexity_change(engine, prompts, responses, steering)
+    steered, unsteered = perplexity(engine, prompts, responses, steering), perplexity(engine, prompts, responses)
+    assert change["unsteered_perplexity"] == pytest.approx(unsteered["perplexity"])
+    assert change["perplexity_change"] == pytest.approx(steered["perplexity"] / unsteered["perplexity"] - 1)
+    low, high = change["perplexity_change_ci95"]
+    assert change["perplexity_change"] != 0 and low < change["perplexity_change"] < high
+    assert perplexity_change(engine, prompts, responses, None)["perplexity_change_ci95"] == [0.0, 0.0]

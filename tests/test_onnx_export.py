@@ -19,8 +19,9 @@ def test_manifest_describes_the_graph(tiny_export):
     manifest = Manifest.load(tiny_export)
     assert manifest.steered_layers == [1, 2]
     assert manifest.num_layers == 4 and manifest.hidden_size == 64
-    assert manifest.input_names[:4] == ["input_ids", "attention_mask", "position_ids", "steering"]
-    assert len(manifest.input_names) == 4 + 2 * manifest.num_layers
+    fixed = ["input_ids", "attention_mask", "position_ids", "steering", "logits_to_keep"]
+    assert manifest.input_names[:5] == fixed
+    assert len(manifest.input_names) == 5 + 2 * manifest.num_layers
     checks = manifest.verification
     assert checks["zero"] < 1e-3 and checks["steered"] < 1e-3 and checks["steering_effect_correlation"] > 0.99
     assert len(manifest.weights_fingerprint) == 16 and "onnxruntime" in manifest.versions
@@ -45,7 +46,8 @@ def run_ort(export_dir, feeds):
     if past is None:
         empty = np.zeros((batch, manifest.num_kv_heads, 0, manifest.head_dim), np.float32)
         past = [empty] * (2 * manifest.num_layers)
-    feeds.update(zip(manifest.input_names[4:], past, strict=True))
+    feeds.setdefault("logits_to_keep", np.zeros(1, np.int64))
+    feeds.update(zip(manifest.input_names[5:], past, strict=True))
     return session.run(None, feeds)
 
 
@@ -99,6 +101,23 @@ def test_cached_steps_equal_full_sequence_logits(tiny_export):
         logits, *past = run_ort(tiny_export, feeds)
         steps.append(logits)
     np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("keep", [1, 3, 8, 20])
+def test_logits_to_keep_gives_the_last_positions_and_the_same_cache(tiny_export, keep):
+    rng = np.random.default_rng(2)
+    feeds = {
+        "input_ids": rng.integers(0, 200, (2, 8)),
+        "attention_mask": np.ones((2, 8), np.int64),
+        "position_ids": np.arange(8)[None].repeat(2, 0),
+        "steering": rng.normal(0, 2, (2, 4, 64)).astype(np.float32),
+    }
+    full, *full_cache = run_ort(tiny_export, dict(feeds))
+    kept, *kept_cache = run_ort(tiny_export, {**feeds, "logits_to_keep": np.array([keep])})
+    assert full.shape[1] == 8 and kept.shape[1] == min(keep, 8)
+    np.testing.assert_allclose(kept, full[:, -kept.shape[1] :], atol=1e-5, rtol=1e-5)
+    for a, b in zip(full_cache, kept_cache, strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_unsupported_architecture_is_a_clear_error(tmp_path, tiny_tokenizer):
