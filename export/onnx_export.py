@@ -215,7 +215,7 @@ def export(model_spec: str, out_dir: str | Path, layers_spec: str = "all", quant
         versions=package_versions(),
         quantization=quantize,
     )
-    staging = out_dir.with_name(out_dir.name + ".partial")
+    staging = out_dir.with_name(f"{out_dir.name}.partial-{os.getpid()}")  # two exports never share one
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:

@@ -40,12 +40,26 @@ def ensure_export(model_spec: str, quantize: str = "none") -> Path:
                 f"{target} is an export with {existing} weights, not {quantize}; "
                 "fix: drop --quantize, or pass the source model with --model"
             )
-    if not Manifest.is_current(target):
-        from grains_edge.export.onnx_export import export, log
+    if Manifest.is_current(target):
+        return target
+    from filelock import FileLock, Timeout
 
-        kind = "" if quantize == "none" else f"{quantize} "
-        log(f"no usable {kind}export of '{model_spec}' yet, building it in {target} (under a minute)")
-        export(model_spec, target, quantize=quantize)
+    from grains_edge.export.onnx_export import export, log
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(target.with_name(target.name + ".lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:  # a second chat started on first run: wait for the first one's build and use it
+        log(f"another grains-edge process is building {target}; waiting for it …")
+        lock.acquire()
+    try:
+        if not Manifest.is_current(target):
+            kind = "" if quantize == "none" else f"{quantize} "
+            log(f"no usable {kind}export of '{model_spec}' yet, building it in {target} (under a minute)")
+            export(model_spec, target, quantize=quantize)
+    finally:
+        lock.release()
     return target
 
 

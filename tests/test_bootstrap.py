@@ -1,4 +1,5 @@
 import json
+import threading
 
 import pytest
 
@@ -38,3 +39,25 @@ def test_a_quantized_export_is_built_beside_the_float_one(tiny_model_dir):
 def test_an_export_folder_of_another_kind_is_a_clear_error(tiny_export):
     with pytest.raises(GrainsError, match="fix: drop --quantize"):
         ensure_export(str(tiny_export), "int4")
+
+
+def test_a_second_process_waits_for_the_first_build_and_uses_it(tiny_model_dir, capsys):
+    from filelock import FileLock
+
+    from grains_edge.export.onnx_export import export
+
+    target = export_dir_for(str(tiny_model_dir))
+    target.parent.mkdir(parents=True)
+    other = FileLock(target.with_name(target.name + ".lock"))  # the first process, mid-build
+    other.acquire()
+    second = threading.Thread(target=ensure_export, args=(str(tiny_model_dir),))
+    second.start()
+    second.join(timeout=1.0)
+    assert second.is_alive() and not target.exists()
+    export(str(tiny_model_dir), target)  # the first process's build
+    stamp = (target / "manifest.json").stat().st_mtime_ns
+    other.release()
+    second.join(timeout=60)
+    assert not second.is_alive() and (target / "manifest.json").stat().st_mtime_ns == stamp
+    assert "another grains-edge process is building" in capsys.readouterr().err
+    assert not list(target.parent.glob("*.partial*"))
