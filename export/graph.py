@@ -283,10 +283,10 @@ def build(
     x = norm(kept, final, "final_norm")
     flat = g.op("Reshape", x, g.const([-1, hidden]))  # [b*k, hidden]
     if separate_head or "lm_head" in g.blocks:
-        logits = g.linear(flat, "lm_head", array(head).T, None)  # [b*s, vocab]
+        logits = g.linear(flat, "lm_head", array(head).T, None)  # [b*k, vocab]
     else:  # the tied embedding table read in place, no transposed copy
         head_name = embedding if tied else g.weight("lm_head.weight", array(head))  # [vocab, hidden]
-        logits = g.op("Gemm", flat, head_name, transB=1)  # [b*s, vocab]
+        logits = g.op("Gemm", flat, head_name, transB=1)  # [b*k, vocab]
     batch_seq = g.op("Slice", g.op("Shape", kept), g.const([0]), g.const([2]))
     g.nodes.append(
         helper.make_node("Reshape", [logits, g.op("Concat", batch_seq, g.const([-1]), axis=0)], [output_names[0]])

@@ -77,21 +77,6 @@ def answer_logprobs(
     return totals, counts
 
 
-def perplexity_change(engine: Engine, prompts: Sequence[str], responses: Sequence[str], steering) -> dict:
-    """How much `steering` raises the perplexity of `responses`: steered / unsteered - 1, with a paired
-    95 % bootstrap interval (both runs resampled on the same items, so item difficulty cancels out)."""
-    steered, counts = answer_logprobs(engine, prompts, responses, steering)
-    unsteered, _ = answer_logprobs(engine, prompts, responses, None)
-    rng = np.random.default_rng(0)
-    picks = rng.integers(0, len(prompts), (1000, len(prompts)))  # [resamples, items]
-    changes = np.exp((unsteered[picks] - steered[picks]).sum(1) / np.maximum(counts[picks].sum(1), 1)) - 1
-    return {
-        "unsteered_perplexity": float(np.exp(-unsteered.sum() / max(1, counts.sum()))),
-        "perplexity_change": float(np.exp((unsteered - steered).sum() / max(1, counts.sum())) - 1),
-        "perplexity_change_ci95": [float(np.percentile(changes, 2.5)), float(np.percentile(changes, 97.5))],
-    }
-
-
 def bootstrap_interval(values: np.ndarray, resamples: int = 1000, seed: int = 0) -> list[float]:
     """95 % percentile interval of the mean."""
     values = np.asarray(values, float)
@@ -143,14 +128,26 @@ def ab_preference(engine: Engine, items: Sequence[ABItem], steering=None) -> dic
     }
 
 
-def perplexity(engine: Engine, prompts: Sequence[str], responses: Sequence[str], steering=None) -> dict:
-    """Mean per-token negative log-likelihood of `responses` and its exp."""
+def perplexity(
+    engine: Engine, prompts: Sequence[str], responses: Sequence[str], steering=None, against_unsteered: bool = False
+) -> dict:
+    """Mean per-token negative log-likelihood of `responses` and its exp. With `against_unsteered` (and a
+    steering), also how much the steering raises it: steered / unsteered - 1, with a paired 95 % bootstrap
+    interval (both runs resampled on the same items, so item difficulty cancels out)."""
     scores, counts = answer_logprobs(engine, prompts, responses, steering)
     nll = float(-scores.sum() / max(1, counts.sum()))
     per_item = -scores / np.maximum(counts, 1)
-    return {
+    result = {
         "nll_per_token": nll,
         "perplexity": float(np.exp(nll)),
         "nll_ci95": bootstrap_interval(per_item),
         "items": len(prompts),
     }
+    if against_unsteered and steering is not None:
+        unsteered, _ = answer_logprobs(engine, prompts, responses, None)
+        picks = np.random.default_rng(0).integers(0, len(prompts), (1000, len(prompts)))  # [resamples, items]
+        changes = np.exp((unsteered[picks] - scores[picks]).sum(1) / np.maximum(counts[picks].sum(1), 1)) - 1
+        result["unsteered_perplexity"] = float(np.exp(-unsteered.sum() / max(1, counts.sum())))
+        result["perplexity_change"] = float(np.exp((unsteered - scores).sum() / max(1, counts.sum())) - 1)
+        result["perplexity_change_ci95"] = [float(np.percentile(changes, 2.5)), float(np.percentile(changes, 97.5))]
+    return result

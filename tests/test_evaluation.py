@@ -9,7 +9,6 @@ from grains_edge.evaluation import (
     answer_logprobs,
     bootstrap_interval,
     perplexity,
-    perplexity_change,
     truthfulqa,
 )
 
@@ -60,10 +59,11 @@ def test_perplexity_change_is_the_ratio_of_the_two_runs_with_a_paired_interval(e
     prompts = [f"Tell me about item {i}." for i in range(12)]
     responses = [f"Item {i} is a thing with {i} parts and a name." for i in range(12)]
     steering = np.full((engine.num_layers, engine.hidden_size), 0.5, np.float32)
-    change = perplexity_change(engine, prompts, responses, steering)
+    result = perplexity(engine, prompts, responses, steering, against_unsteered=True)
     steered, unsteered = perplexity(engine, prompts, responses, steering), perplexity(engine, prompts, responses)
-    assert change["unsteered_perplexity"] == pytest.approx(unsteered["perplexity"])
-    assert change["perplexity_change"] == pytest.approx(steered["perplexity"] / unsteered["perplexity"] - 1)
-    low, high = change["perplexity_change_ci95"]
-    assert change["perplexity_change"] != 0 and low < change["perplexity_change"] < high
-    assert perplexity_change(engine, prompts, responses, None)["perplexity_change_ci95"] == [0.0, 0.0]
+    assert result["perplexity"] == pytest.approx(steered["perplexity"])
+    assert result["unsteered_perplexity"] == pytest.approx(unsteered["perplexity"])
+    assert result["perplexity_change"] == pytest.approx(steered["perplexity"] / unsteered["perplexity"] - 1)
+    low, high = result["perplexity_change_ci95"]
+    assert result["perplexity_change"] != 0 and low < result["perplexity_change"] < high
+    assert "perplexity_change" not in perplexity(engine, prompts, responses, None, against_unsteered=True)

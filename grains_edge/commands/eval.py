@@ -72,11 +72,9 @@ def evaluate(engine, task: str, data: str, steering, split: str, score: str, lim
         return evaluation.ab_preference(engine, items, steering)
     prompts, responses = datasets.load_dolly(data)
     chosen = select(list(zip(prompts, responses, strict=True)), split, lambda item: item[0], limit)
-    prompts, responses = [p for p, _ in chosen], [r for _, r in chosen]
-    result = evaluation.perplexity(engine, prompts, responses, steering)
-    if steering is not None:
-        result |= evaluation.perplexity_change(engine, prompts, responses, steering)
-    return result
+    return evaluation.perplexity(
+        engine, [p for p, _ in chosen], [r for _, r in chosen], steering, against_unsteered=True
+    )
 
 
 def run(args: argparse.Namespace) -> int:
