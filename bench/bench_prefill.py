@@ -33,7 +33,7 @@ SETTINGS = {"last_only": 1, "all_positions": 0}
 
 
 def prompt_step(engine, ids: list[int], keep: int):
-    """(seconds, logits [1, vocab]) of one prompt step with this logits_to_keep."""
+    """(seconds, logits [1, vocab], cache) of one prompt step with this logits_to_keep."""
     cache = engine.new_cache(1, len(ids) + 64)
     cache.binding.bind_cpu_input("logits_to_keep", np.array([keep], np.int64))
     started = time.perf_counter()

@@ -77,13 +77,21 @@ def answer_logprobs(
     return totals, counts
 
 
-def bootstrap_interval(values: np.ndarray, resamples: int = 1000, seed: int = 0) -> list[float]:
-    """95 % percentile interval of the mean."""
+def bootstrap_interval(
+    values: np.ndarray, resamples: int = 1000, seed: int = 0, weights: np.ndarray | None = None
+) -> list[float]:
+    """95 % percentile interval of the mean (weighted by `weights` when given: e.g. per-item rates
+    weighted by token counts give a ratio of sums)."""
     values = np.asarray(values, float)
     if len(values) == 0:
         return [float("nan"), float("nan")]
     rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, len(values), (resamples, len(values)))].mean(axis=1)
+    picks = rng.integers(0, len(values), (resamples, len(values)))  # [resamples, items]
+    if weights is None:
+        means = values[picks].mean(axis=1)
+    else:
+        weights = np.asarray(weights, float)
+        means = (values * weights)[picks].sum(axis=1) / np.maximum(weights[picks].sum(axis=1), 1)
     return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
 
 
@@ -145,9 +153,9 @@ def perplexity(
     }
     if against_unsteered and steering is not None:
         unsteered, _ = answer_logprobs(engine, prompts, responses, None)
-        picks = np.random.default_rng(0).integers(0, len(prompts), (1000, len(prompts)))  # [resamples, items]
-        changes = np.exp((unsteered[picks] - scores[picks]).sum(1) / np.maximum(counts[picks].sum(1), 1)) - 1
+        raised = (unsteered - scores) / np.maximum(counts, 1)  # per item: NLL per token, steered - unsteered
         result["unsteered_perplexity"] = float(np.exp(-unsteered.sum() / max(1, counts.sum())))
         result["perplexity_change"] = float(np.exp((unsteered - scores).sum() / max(1, counts.sum())) - 1)
-        result["perplexity_change_ci95"] = [float(np.percentile(changes, 2.5)), float(np.percentile(changes, 97.5))]
+        low, high = bootstrap_interval(raised, weights=counts)  # of the NLL rise; exp - 1 is monotonic
+        result["perplexity_change_ci95"] = [float(np.expm1(low)), float(np.expm1(high))]
     return result
