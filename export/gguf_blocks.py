@@ -25,6 +25,9 @@ is 3 kernels (indicator, Concat, MatMulNBits) where the float path (Reshape, Red
 the MatMulNBits) was 5: -0.6 to -0.95 ms of a 10.1-10.7 ms int4 decode step on SmolLM2-135M (two
 A/B runs), with the same logit error against float32 (relative 0.012 vs 0.014).
 
+When grains-edge's own kernel can be built here (grains_edge/kernels), a Q4_1 linear is instead one
+`grains_edge.Q4_1MatMul` on the GGUF's own fields (`q4_1_fields`): exact offsets, one kernel.
+
 Layouts. GGUF stores a weight [N, K] row-major as blocks of 32 along K; a Q4 block keeps element j in
 the low nibble of byte j and element j + 16 in the high nibble; MatMulNBits wants B [N, K/32, 16]
 with elements 2j and 2j + 1 in the low and high nibbles of byte j, and scales [N * K/32]. llama.cpp
@@ -170,6 +173,23 @@ def folded(blocks: Blocks) -> Blocks:
         np.concatenate([blocks.q, *levels], axis=1),
         np.concatenate([blocks.scales, *scales], axis=1).astype(np.float32),
     )
+
+
+def q4_1_fields(blocks: Blocks) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The GGUF Q4_1 fields of 4-bit blocks with offsets, as grains_edge.Q4_1MatMul takes them: nibbles
+    [N, K/2] uint8 (ggml order: level j in the low nibble of byte j, level j + 16 in the high one), d and
+    m [N, K/32] float16, w = d * q + m."""
+    rows, cols = blocks.shape
+    levels = blocks.q.reshape(rows, cols // BLOCK, BLOCK)
+    nibbles = (levels[..., :16] | (levels[..., 16:] << 4)).reshape(rows, cols // 2)
+    d = blocks.scales.astype(np.float16)
+    m = (blocks.offsets - 8 * blocks.scales).astype(np.float16)
+    exact = np.array_equal(d.astype(np.float32), blocks.scales) and np.array_equal(
+        m.astype(np.float32) + 8 * d.astype(np.float32), blocks.offsets
+    )
+    if not exact:
+        raise ValueError("these blocks are not float16 Q4_1 fields (d, m)")
+    return np.ascontiguousarray(nibbles), d, m
 
 
 def llama_blocks(path: str | Path, num_layers: int, heads: int, kv_heads: int) -> dict[str, Blocks]:

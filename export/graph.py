@@ -38,7 +38,8 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from grains_edge.export.gguf_blocks import BLOCK, Blocks, block_sum_indicator, folded
+from grains_edge import kernels
+from grains_edge.export.gguf_blocks import BLOCK, Blocks, block_sum_indicator, folded, q4_1_fields
 
 OPSET = 20
 # MatMulNBits accuracy level 4: int8 activations inside the kernel, like llama.cpp's q8 dot products; the
@@ -55,13 +56,15 @@ def array(tensor: torch.Tensor) -> np.ndarray:
 
 class GraphBuilder:
     """Accumulates nodes and initializers; `op` returns the output name(s) of the node it adds.
-    `blocks`: weights (by linear name) already quantized, e.g. a GGUF's own (`gguf_blocks.py`)."""
+    `blocks`: weights (by linear name) already quantized, e.g. a GGUF's own (`gguf_blocks.py`);
+    `fused_q4_1`: Q4_1 blocks go to grains-edge's own Q4_1MatMul kernel (grains_edge/kernels)."""
 
-    def __init__(self, blocks: dict[str, Blocks] | None = None) -> None:
+    def __init__(self, blocks: dict[str, Blocks] | None = None, fused_q4_1: bool = False) -> None:
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self.count = 0
         self.blocks = blocks or {}
+        self.fused_q4_1 = fused_q4_1
 
     def weight(self, name: str, value: np.ndarray) -> str:
         self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
@@ -84,6 +87,10 @@ class GraphBuilder:
             y = self.op("MatMul", x, self.weight(f"{name}.weight", weight))
         elif blocks.offsets is None:
             y = self.block_matmul(x, name, blocks)
+        elif self.fused_q4_1:
+            rows, cols = blocks.shape  # [N, K]
+            fields = [self.weight(f"{name}.{f}", v) for f, v in zip("qdm", q4_1_fields(blocks), strict=True)]
+            y = self.op("Q4_1MatMul", x, *fields, domain=kernels.DOMAIN, K=cols, N=rows)
         else:  # Q4_1: the offsets ride as extra K columns fed by x's block sums (gguf_blocks.folded)
             sums = self.block_matmul(x, f"{name}.block_sums", block_sum_indicator(blocks.shape[1]))
             y = self.block_matmul(self.op("Concat", x, sums, axis=-1), name, folded(blocks))
@@ -136,10 +143,12 @@ def build(
     output_names: list[str],
     separate_head: bool = False,
     blocks: dict[str, Blocks] | None = None,
+    fused_q4_1: bool = False,
 ) -> onnx.ModelProto:
     """The steered graph of `model` (a loaded HF LlamaForCausalLM or GPT2LMHeadModel). `separate_head`
     gives the LM head its own [hidden, vocab] MatMul weight even when tied, so a quantizer can take it;
-    `blocks` replaces the named linears (and `lm_head`) with MatMulNBits on already-quantized weights."""
+    `blocks` replaces the named linears (and `lm_head`) with MatMulNBits on already-quantized weights, or
+    their Q4_1 ones with grains-edge's Q4_1MatMul when `fused_q4_1`."""
     config = model.config
     llama = config.model_type == "llama"
     num_layers, hidden = config.num_hidden_layers, config.hidden_size
@@ -147,7 +156,7 @@ def build(
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or hidden // heads
     max_positions = int(getattr(config, "max_position_embeddings", 0) or config.n_positions)
-    g = GraphBuilder(blocks)
+    g = GraphBuilder(blocks, fused_q4_1)
     ids, mask, positions, steering, keep = input_names[:5]
     past = input_names[5:]
 
@@ -311,4 +320,6 @@ def build(
     ]
     graph = helper.make_graph(g.nodes, "grains_edge_steered_decoder", inputs, outputs, g.initializers)
     opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)]
+    if any(node.domain == kernels.DOMAIN for node in g.nodes):
+        opsets.append(helper.make_opsetid(kernels.DOMAIN, 1))
     return helper.make_model(graph, opset_imports=opsets, producer_name="grains-edge")

@@ -21,6 +21,7 @@ import numpy as np
 import onnx
 import torch
 
+from grains_edge import kernels as own_kernels
 from grains_edge import models
 from grains_edge.engine import ALL_POSITIONS
 from grains_edge.errors import GrainsError
@@ -32,6 +33,7 @@ from grains_edge.steering import steering_hooks
 OPSET = graph.OPSET
 # ORT vs PyTorch: max |Δlogit| / max(1, max |logit|) must stay below this (float32 throughout).
 TOLERANCE = 1e-3
+KERNEL_CHOICES = ("auto", "fused", "stock")
 
 
 def log(message: str) -> None:
@@ -69,14 +71,32 @@ def source_blocks(model_spec: str, model, quantize: str) -> dict[str, gguf_block
     return {name: blocks for name, blocks in found.items() if blocks.bits in wanted}
 
 
-def write_graph(model, steered: list[int], path: Path, quantize: str = "none", blocks=None) -> str:
+def fused_kernels(choice: str, blocks: dict[str, gguf_blocks.Blocks]) -> bool:
+    """Whether the Q4_1 linears among `blocks` go to grains-edge's own kernel: `choice` auto (when it can
+    be built here), fused (must be) or stock (never)."""
+    if choice not in KERNEL_CHOICES:
+        raise GrainsError(f"unknown kernels '{choice}'; fix: use one of {', '.join(KERNEL_CHOICES)}")
+    if choice == "stock" or not any(b.offsets is not None for b in blocks.values()):
+        return False
+    reason = own_kernels.unavailable_reason()
+    if reason and choice == "fused":
+        raise GrainsError(reason)
+    if reason:
+        log(f"Q4_1 linears on stock ONNX Runtime kernels (3 per linear): {reason}")
+    return reason is None
+
+
+def write_graph(model, steered: list[int], path: Path, quantize: str = "none", blocks=None, fused=False) -> str:
     """Build the graph and return how its MatMul weights are stored. For int8/int4, `blocks` (a GGUF's
-    own quantized weights) are used as they are; every other MatMul weight (the layers and the LM head)
-    is quantized with ONNX Runtime's block-wise MatMulNBits (round-to-nearest, block 32, symmetric).
-    The embedding lookup, norms, attention, the steering input and its renormalization stay float32."""
+    own quantized weights) are used as they are (Q4_1 ones in grains-edge's own kernel when `fused`);
+    every other MatMul weight (the layers and the LM head) is quantized with ONNX Runtime's block-wise
+    MatMulNBits (round-to-nearest, block 32, symmetric). The embedding lookup, norms, attention, the
+    steering input and its renormalization stay float32."""
     blocks = blocks or {}
     inputs, outputs = io_names(model.config.num_hidden_layers)
-    proto = graph.build(model, steered, inputs, outputs, separate_head=quantize != "none", blocks=blocks)
+    proto = graph.build(
+        model, steered, inputs, outputs, separate_head=quantize != "none", blocks=blocks, fused_q4_1=fused
+    )
     rounded = [n for n in proto.graph.node if n.op_type == "MatMul"]
     if quantize != "none" and rounded:
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
@@ -97,7 +117,10 @@ def write_graph(model, steered: list[int], path: Path, quantize: str = "none", b
     if quantize == "none":
         return "float32"
     kinds = sorted({f"{b.bits}-bit" for b in blocks.values()})
-    exactness = "Q4_1 offsets to 8 bits" if any(b.offsets is not None for b in blocks.values()) else "exact"
+    has_offsets = any(b.offsets is not None for b in blocks.values())
+    exactness = "Q4_1 offsets to 8 bits" if has_offsets and not fused else "exact"
+    if has_offsets and fused:
+        exactness = "exact, Q4_1 in grains-edge's kernel"
     parts = [f"{len(blocks)} from the GGUF's own blocks ({', '.join(kinds)}; {exactness})"] if blocks else []
     if rounded:
         parts.append(f"{len(rounded)} rounded to {quantize}")
@@ -136,7 +159,10 @@ def verify(model, export_dir: Path, manifest: Manifest) -> dict:
     must correlate with PyTorch's (MIN_EFFECT_CORRELATION), which catches any wiring error of the steering."""
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(export_dir / MODEL_NAME), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    if manifest.kernels == "fused":
+        own_kernels.register(options)
+    session = ort.InferenceSession(str(export_dir / MODEL_NAME), options, providers=["CPUExecutionProvider"])
     generator = torch.Generator().manual_seed(1)
     ids = torch.randint(0, min(manifest.vocab_size, 1000), (2, 10), generator=generator)
     with torch.no_grad():
@@ -182,8 +208,11 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def export(model_spec: str, out_dir: str | Path, layers_spec: str = "all", quantize: str = "none") -> Manifest:
-    """Load, export, verify and atomically publish `out_dir`, steering the layers named by `layers_spec`."""
+def export(
+    model_spec: str, out_dir: str | Path, layers_spec: str = "all", quantize: str = "none", kernels: str = "auto"
+) -> Manifest:
+    """Load, export, verify and atomically publish `out_dir`, steering the layers named by `layers_spec`;
+    `kernels`: auto | fused | stock, whether a GGUF's Q4_1 linears use grains-edge's own kernel."""
     out_dir = Path(out_dir).expanduser()
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / MANIFEST_NAME).is_file():
         raise GrainsError(f"{out_dir} exists and is not an export; fix: choose an empty or new --out folder")
@@ -221,7 +250,9 @@ def export(model_spec: str, out_dir: str | Path, layers_spec: str = "all", quant
     try:
         log(f"writing the ONNX graph: {num_layers} layers, steering after {len(steered)} of them …")
         blocks = source_blocks(model_spec, model, quantize)
-        manifest.weights = write_graph(model, steered, staging / MODEL_NAME, quantize, blocks)
+        fused = fused_kernels(kernels, blocks)
+        manifest.kernels = "fused" if fused else "stock"
+        manifest.weights = write_graph(model, steered, staging / MODEL_NAME, quantize, blocks, fused)
         log(f"MatMul weights: {manifest.weights}")
         tokenizer.save_pretrained(staging)
         log("verifying ONNX Runtime against PyTorch (zero and non-zero steering, KV cache) …")

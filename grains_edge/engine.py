@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from grains_edge import kernels
 from grains_edge.chat_tokenizer import ChatTokenizer
 from grains_edge.errors import GrainsError
 from grains_edge.manifest import MODEL_NAME, Manifest
@@ -108,6 +109,11 @@ class Engine:
         options.intra_op_num_threads = threads or max(1, os.cpu_count() or 1)
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        if self.manifest.kernels == "fused":
+            try:
+                kernels.register(options)
+            except kernels.KernelsUnavailable as error:
+                raise GrainsError(f"{error}; or re-export {self.export_dir} with --kernels stock") from None
         providers = choose_providers(device, available)
         self.session = ort.InferenceSession(str(self.export_dir / MODEL_NAME), options, providers=providers)
         self.provider = self.session.get_providers()[0]

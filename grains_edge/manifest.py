@@ -12,10 +12,11 @@ from grains_edge.errors import GrainsError
 
 MANIFEST_NAME = "manifest.json"
 MODEL_NAME = "model.onnx"
-FORMAT_VERSION = 6  # 2: graph built by export/graph.py (GroupQueryAttention, in-place KV cache); 3: default
+FORMAT_VERSION = 7  # 2: graph built by export/graph.py (GroupQueryAttention, in-place KV cache); 3: default
 # MatMulNBits zero points (Q4_1 offsets m + 8d), the renormalization in 4 kernels; 4: Q4_1 offsets folded
 # into the MatMulNBits as extra K blocks; 5: a tied embedding from the GGUF head's blocks (GatherBlockQuantized);
-# 6: input logits_to_keep (a prompt step computes the last position's logits only)
+# 6: input logits_to_keep (a prompt step computes the last position's logits only); 7: field `kernels`, Q4_1
+# linears in grains-edge's own kernel (grains_edge/kernels) when it builds
 
 
 @dataclass
@@ -37,6 +38,7 @@ class Manifest:
     versions: dict[str, str]
     quantization: str = "none"  # none | int8 | int4 (weight-only, MatMulNBits)
     weights: str = "float32"  # how the MatMul weights are stored, e.g. taken from a GGUF's own blocks
+    kernels: str = "stock"  # stock | fused: the graph uses grains-edge's own kernels (grains_edge/kernels)
     verification: dict[str, float] = field(default_factory=dict)
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     format_version: int = FORMAT_VERSION

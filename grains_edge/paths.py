@@ -1,4 +1,5 @@
-"""Where grains-edge keeps what it builds and what the user makes ($GRAINS_EDGE_HOME overrides)."""
+"""Where grains-edge keeps what it builds and what the user makes ($GRAINS_EDGE_HOME overrides), and its
+build cache ($GRAINS_EDGE_CACHE overrides)."""
 
 from __future__ import annotations
 
@@ -23,3 +24,9 @@ def exports_dir() -> Path:
 
 def db_path() -> Path:
     return home() / "chat.sqlite3"
+
+
+def cache_dir() -> Path:
+    """Rebuildable artefacts (compiled kernels): the platform's cache folder."""
+    override = os.environ.get("GRAINS_EDGE_CACHE")
+    return Path(override).expanduser() if override else Path(platformdirs.user_cache_dir("grains-edge"))

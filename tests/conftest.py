@@ -27,6 +27,18 @@ def isolated_home(tmp_path, monkeypatch):
     monkeypatch.setenv("GRAINS_EDGE_HOME", str(tmp_path / "home"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def session_cache(tmp_path_factory):
+    """One GRAINS_EDGE_CACHE per run: the kernels compile once, outside the user's cache."""
+    previous = os.environ.get("GRAINS_EDGE_CACHE")
+    os.environ["GRAINS_EDGE_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if previous is None:
+        os.environ.pop("GRAINS_EDGE_CACHE")
+    else:
+        os.environ["GRAINS_EDGE_CACHE"] = previous
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     from tokenizers import ByteLevelBPETokenizer

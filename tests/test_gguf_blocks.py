@@ -7,6 +7,8 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType, quants
 
+from grains_edge import kernels
+from grains_edge.errors import GrainsError
 from grains_edge.export import graph, onnx_export
 from grains_edge.export.gguf_blocks import (
     Blocks,
@@ -14,6 +16,7 @@ from grains_edge.export.gguf_blocks import (
     decode,
     folded,
     offset_columns,
+    q4_1_fields,
     stacked,
     unpermute_rows,
 )
@@ -128,11 +131,47 @@ def test_exported_blocks_match_pytorch(tmp_path, monkeypatch, q4_1_llama, level,
     folder, blocks = q4_1_llama
     monkeypatch.setattr(onnx_export, "source_blocks", lambda spec, model, quantize: blocks)
     monkeypatch.setattr(graph, "ACCURACY_LEVEL", level)
-    manifest = onnx_export.export(str(folder), tmp_path / "out", layers_spec="1-2", quantize="int4")
+    manifest = onnx_export.export(str(folder), tmp_path / "out", layers_spec="1-2", quantize="int4", kernels="stock")
     assert manifest.weights == "17 from the GGUF's own blocks (4-bit, 8-bit; Q4_1 offsets to 8 bits)"
+    assert manifest.kernels == "stock"
     ops = [n.op_type for n in onnx.load(str(tmp_path / "out" / "model.onnx"), load_external_data=False).graph.node]
     assert ops.count("MatMulNBits") == 17 + 4 * 4 and "MatMul" not in ops  # + each Q4_1 linear's block sums
     assert ops.count("GatherBlockQuantized") == 1  # the tied embedding read from the head's Q8_0 blocks
     checks = manifest.verification
     assert checks["zero"] < tolerance and checks["steered"] < tolerance
     assert checks["steering_effect_correlation"] > correlation
+
+
+@pytest.mark.skipif(kernels.unavailable_reason() is not None, reason="kernels cannot build here")
+def test_fused_export_runs_each_q4_1_linear_in_one_kernel(tmp_path, monkeypatch, q4_1_llama):
+    folder, blocks = q4_1_llama
+    monkeypatch.setattr(onnx_export, "source_blocks", lambda spec, model, quantize: blocks)
+    manifest = onnx_export.export(str(folder), tmp_path / "out", layers_spec="1-2", quantize="int4")
+    assert manifest.kernels == "fused"
+    assert manifest.weights == "17 from the GGUF's own blocks (4-bit, 8-bit; exact, Q4_1 in grains-edge's kernel)"
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "out" / "model.onnx"), load_external_data=False).graph.node]
+    assert ops.count("Q4_1MatMul") == 4 * 4 and ops.count("MatMulNBits") == 1  # the head; no block sums
+    tolerance = onnx_export.QUANTIZED_TOLERANCE["int4"]
+    checks = manifest.verification
+    assert checks["zero"] < tolerance and checks["steered"] < tolerance
+    assert checks["steering_effect_correlation"] > onnx_export.MIN_EFFECT_CORRELATION["int4"]
+
+
+def test_explicit_fused_kernels_that_cannot_build_fail_clearly(tmp_path, monkeypatch, q4_1_llama):
+    folder, blocks = q4_1_llama
+    monkeypatch.setattr(onnx_export, "source_blocks", lambda spec, model, quantize: blocks)
+    monkeypatch.setattr(kernels, "header_dirs", lambda: [tmp_path])
+    with pytest.raises(GrainsError, match="no ONNX Runtime headers"):
+        onnx_export.export(str(folder), tmp_path / "out", quantize="int4", kernels="fused")
+    assert not (tmp_path / "out").exists()
+    manifest = onnx_export.export(str(folder), tmp_path / "out", layers_spec="1-2", quantize="int4")
+    assert manifest.kernels == "stock"  # auto falls back
+
+
+def test_q4_1_fields_are_the_ggml_block_fields():
+    weight = np.random.default_rng(4).normal(size=(3, 64)).astype(np.float32)
+    raw = ggml_bytes(weight, "Q4_1").reshape(3, 2, 20)  # [rows, blocks, {d, m, 16 bytes}]
+    nibbles, d, m = q4_1_fields(decode("Q4_1", raw.reshape(3, -1)))
+    np.testing.assert_array_equal(nibbles, raw[..., 4:].reshape(3, 32))
+    np.testing.assert_array_equal(d.view(np.uint8).reshape(3, 2, 2), raw[..., 0:2])
+    np.testing.assert_array_equal(m.view(np.uint8).reshape(3, 2, 2), raw[..., 2:4])

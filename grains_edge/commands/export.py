@@ -13,11 +13,17 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--quantize", default="none", choices=("none", "int8", "int4"), help="weight-only quantization of the MatMuls"
     )
+    parser.add_argument(
+        "--kernels",
+        default="auto",
+        choices=("auto", "fused", "stock"),
+        help="a GGUF's Q4_1 linears in grains-edge's own kernel (auto: when it builds here) or stock ONNX Runtime's",
+    )
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from grains_edge.export.onnx_export import export
 
-    export(args.model, args.out, layers_spec=args.layers, quantize=args.quantize)
+    export(args.model, args.out, layers_spec=args.layers, quantize=args.quantize, kernels=args.kernels)
     return 0

@@ -1,0 +1,115 @@
+"""grains-edge's own ONNX Runtime kernels (C++, `q4_1_matmul.cc`), compiled on first use for this machine.
+
+`Q4_1MatMul` computes a linear layer from a GGUF's Q4_1 blocks in one kernel, where stock ONNX Runtime needs
+three for the same exact weight (export/gguf_blocks.py). Compiling it needs a C++17 compiler (`$CXX`, else
+`c++`) and ONNX Runtime's C/C++ API headers, which the onnxruntime wheel does not ship. They are looked for
+in `$GRAINS_EDGE_ORT_INCLUDE`, in the virtualenv's `include/onnxruntime` (where `make` unpacks Debian's
+libonnxruntime-dev), then in /usr/include/onnxruntime and /usr/local/include/onnxruntime. The library is
+built with -march=native into grains-edge's cache folder, keyed by the source, the headers, the compiler and the
+CPU, so a second run loads it at once. Without compiler or headers, exports use the stock kernels.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from grains_edge import paths
+from grains_edge.errors import GrainsError
+
+DOMAIN = "grains_edge"  # the ONNX domain of the custom ops
+SOURCE = Path(__file__).with_name("q4_1_matmul.cc")
+FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC"]
+HEADER = "onnxruntime_cxx_api.h"
+INSTALL_HINT = (
+    "install ONNX Runtime's C++ headers (Debian/Ubuntu: apt install libonnxruntime-dev; or run `make`, which "
+    "unpacks them into the virtualenv) or point GRAINS_EDGE_ORT_INCLUDE at the folder holding onnxruntime_cxx_api.h"
+)
+
+
+class KernelsUnavailable(GrainsError):
+    """The kernels cannot be built here; the message says why and how to fix it."""
+
+
+def header_dirs() -> list[Path]:
+    """Where the ONNX Runtime headers are looked for, in order."""
+    found = [Path(os.environ["GRAINS_EDGE_ORT_INCLUDE"])] if os.environ.get("GRAINS_EDGE_ORT_INCLUDE") else []
+    return found + [
+        Path(sys.prefix) / "include" / "onnxruntime",
+        Path("/usr/include/onnxruntime"),
+        Path("/usr/local/include/onnxruntime"),
+    ]
+
+
+def header_dir() -> Path | None:
+    return next((folder for folder in header_dirs() if (folder / HEADER).is_file()), None)
+
+
+def compiler() -> str | None:
+    return shutil.which(os.environ.get("CXX", "c++"))
+
+
+def cpu_signature() -> str:
+    """The CPU's feature flags (what -march=native compiles for); empty where /proc/cpuinfo is absent."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return ""
+    return next((line for line in lines if line.startswith("flags")), "")
+
+
+def library_path(cxx: str, include: Path) -> Path:
+    """Where the library built from this source, headers, compiler and CPU lives."""
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=False).stdout
+    key = hashlib.sha256()
+    parts = (SOURCE.read_bytes(), (include / "onnxruntime_c_api.h").read_bytes(), version, cpu_signature(), FLAGS)
+    for part in parts:
+        key.update(hashlib.sha256(part if isinstance(part, bytes) else str(part).encode()).digest())
+    return paths.cache_dir() / "kernels" / key.hexdigest()[:16] / "libgrains_edge_kernels.so"
+
+
+def library() -> Path:
+    """The compiled kernel library, building it first if needed; KernelsUnavailable when it cannot be."""
+    cxx, include = compiler(), header_dir()
+    if cxx is None:
+        raise KernelsUnavailable("no C++ compiler for grains-edge's kernels; fix: install g++ (or set CXX)")
+    if include is None:
+        raise KernelsUnavailable(f"no ONNX Runtime headers for grains-edge's kernels; fix: {INSTALL_HINT}")
+    target = library_path(cxx, include)
+    if target.is_file():
+        return target
+    from filelock import FileLock
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(target.with_suffix(".lock")):
+        if target.is_file():
+            return target
+        print("[grains-edge] compiling grains-edge's kernels for this machine (once)", file=sys.stderr)
+        partial = target.with_suffix(f".partial-{os.getpid()}")
+        result = subprocess.run(
+            [cxx, *FLAGS, f"-I{include}", str(SOURCE), "-o", str(partial)], capture_output=True, text=True, check=False
+        )
+        if result.returncode != 0:
+            partial.unlink(missing_ok=True)
+            first = next((line for line in result.stderr.splitlines() if "error" in line), result.stderr.strip())
+            raise KernelsUnavailable(f"grains-edge's kernels did not compile ({first}); fix: {INSTALL_HINT}")
+        os.replace(partial, target)
+    return target
+
+
+def unavailable_reason() -> str | None:
+    """None when the kernels can be used here, else why not (and the fix)."""
+    try:
+        library()
+    except KernelsUnavailable as error:
+        return str(error)
+    return None
+
+
+def register(options) -> None:
+    """Add the kernels to an onnxruntime.SessionOptions, for a graph that uses them."""
+    options.register_custom_ops_library(str(library()))

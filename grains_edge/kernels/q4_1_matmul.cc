@@ -1,0 +1,277 @@
+// grains_edge.Q4_1MatMul: y = x @ W^T for W stored as ggml Q4_1 blocks, exactly as a GGUF stores them.
+//
+//   inputs   x [..., K] float32; nibbles [N, K/2] uint8, 16 bytes per block of 32 (element j in the low
+//            nibble of byte j, element j + 16 in the high one); d, m [N, K/32] float16; w = d * q + m
+//            (a GGUF's Q4_1 blocks {d, m, nibbles}, with the three fields in separate arrays)
+//   output   y [..., N] float32;  attributes K, N
+//
+// Like llama.cpp's q4_1 x q8_1 dot product, each row of x is first quantized per block of 32 to int8
+// (xq, scale dx = max|x_b| / 127) with its block sums S_b kept in float. The sum is the centred one,
+//
+//   y[n] = sum_b d[n,b] * dx_b * ((q[n,b] - 8) . xq_b) + (m[n,b] + 8 d[n,b]) * S_b
+//
+// (levels 0..15 against xq's rounding errors would weigh them up to 15 d, centred at most 8 d: half the
+// logit error), computed as d dx (q . xq) + m S + d * 8 (S - dx sum(xq)) so that the integer products stay
+// unsigned x signed (AVX2 maddubs, AVX512-VNNI dpbusd). One kernel per linear, against three stock ONNX
+// Runtime kernels for the same exact weight (gguf_blocks.py). Rows of W are split across the session's
+// intra-op threads (KernelContext_ParallelFor).
+//
+// Sources: ggml's block_q4_1 layout (ggml-common.h) and its q4_1 x q8_1 dot product idea; ONNX Runtime's
+// custom-op C/C++ API (onnxruntime_cxx_api.h, CustomOpBase, RegisterCustomOps).
+
+#define ORT_API_MANUAL_INIT
+#include <onnxruntime_cxx_api.h>
+#undef ORT_API_MANUAL_INIT
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+#include <immintrin.h>
+#define GRAINS_AVX2 1
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
+#define GRAINS_AVX512 1
+#endif
+#endif
+
+namespace {
+
+constexpr int64_t kBlock = 32;       // weights per block
+constexpr int64_t kBlockBytes = 20;  // f16 d, f16 m, 16 bytes of nibbles
+constexpr int64_t kRowsPerTask = 32; // rows of W per parallel task
+constexpr int64_t kRowTile = 8;      // rows of W kept hot while every row of x passes over them
+constexpr int64_t kGroup = 16;       // blocks per AVX-512 step
+
+float half_to_float(uint16_t h) {
+#ifdef GRAINS_AVX2
+  return _cvtsh_ss(h);
+#else
+  const uint32_t sign = (h & 0x8000u) << 16, exponent = (h >> 10) & 0x1f, mantissa = h & 0x3ff;
+  if (exponent == 0) return std::ldexp(static_cast<float>(mantissa), -24) * (sign ? -1.f : 1.f);
+  uint32_t bits = sign | ((exponent == 31 ? 255 : exponent + 112) << 23) | (mantissa << 13);
+  float value;
+  std::memcpy(&value, &bits, 4);
+  return value;
+#endif
+}
+
+// One row of x [K] -> its int8 levels split as the weight nibbles are, per block: lo [16 * blocks] the
+// elements 0..15, hi the elements 16..31; scales dx, block sums sx and the rounding terms ex [blocks]
+// (below). Each array is padded with zeros to whole groups of kGroup blocks.
+struct QuantizedRows {
+  int64_t blocks, padded;  // blocks per row, rounded up to kGroup
+  std::vector<int8_t> lo, hi;
+  std::vector<float> dx, sx, ex;
+
+  QuantizedRows(const float* x, int64_t rows, int64_t k)
+      : blocks(k / kBlock), padded((k / kBlock + kGroup - 1) / kGroup * kGroup),
+        lo(rows * padded * 16), hi(rows * padded * 16), dx(rows * padded), sx(rows * padded), ex(rows * padded) {
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t b = 0; b < blocks; ++b) {
+        const float* xb = x + r * k + b * kBlock;
+        float amax = 0.f, sum = 0.f;
+        for (int64_t j = 0; j < kBlock; ++j) {
+          amax = std::max(amax, std::fabs(xb[j]));
+          sum += xb[j];
+        }
+        const float inverse = amax > 0.f ? 127.f / amax : 0.f;
+        const int64_t at = (r * padded + b) * 16;
+        int32_t levels = 0;
+        for (int64_t j = 0; j < 16; ++j) {
+          lo[at + j] = static_cast<int8_t>(std::nearbyint(xb[j] * inverse));
+          hi[at + j] = static_cast<int8_t>(std::nearbyint(xb[j + 16] * inverse));
+          levels += lo[at + j] + hi[at + j];
+        }
+        dx[r * padded + b] = amax / 127.f;
+        sx[r * padded + b] = sum;
+        ex[r * padded + b] = 8.f * (sum - amax / 127.f * static_cast<float>(levels));
+      }
+    }
+  }
+};
+
+struct Weights {
+  const uint8_t* nibbles;  // [N, K/2]
+  const uint16_t* d;       // [N, K/32] float16
+  const uint16_t* m;       // [N, K/32] float16
+};
+
+// out[i] = sum_b d[n+i,b] * dx_b * (q[n+i,b] . xq_b) + m[n+i,b] * S_b for R rows of W from row n and one
+// quantized row r of x. R independent accumulators hide the multiply-add latency; the rows share x.
+template <int R>
+void dot_rows(const Weights& w, int64_t n, const QuantizedRows& x, int64_t r, float* out) {
+  const int64_t blocks = x.blocks;
+  const int8_t* lo = x.lo.data() + r * x.padded * 16;
+  const int8_t* hi = x.hi.data() + r * x.padded * 16;
+  const float* dx = x.dx.data() + r * x.padded;
+  const float* sx = x.sx.data() + r * x.padded;
+  const float* ex = x.ex.data() + r * x.padded;
+#if defined(GRAINS_AVX512)
+  // 16 blocks per step: their scales d * dx and offsets m * S in one register each, then 4 blocks (64
+  // bytes of nibbles) per product, lanes 4j..4j+3 of which belong to block j.
+  const __m512i low = _mm512_set1_epi8(0x0f);
+  const __m512i spread[4] = {
+      _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0),
+      _mm512_set_epi32(7, 7, 7, 7, 6, 6, 6, 6, 5, 5, 5, 5, 4, 4, 4, 4),
+      _mm512_set_epi32(11, 11, 11, 11, 10, 10, 10, 10, 9, 9, 9, 9, 8, 8, 8, 8),
+      _mm512_set_epi32(15, 15, 15, 15, 14, 14, 14, 14, 13, 13, 13, 13, 12, 12, 12, 12)};
+  __m512 acc[R], offsets[R];
+  for (int i = 0; i < R; ++i) acc[i] = offsets[i] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < blocks; b += kGroup) {
+    const int64_t left = std::min<int64_t>(kGroup, blocks - b);
+    const __mmask16 present = static_cast<__mmask16>(left == kGroup ? 0xffff : (1u << left) - 1);
+    const __m512 scale_x = _mm512_loadu_ps(dx + b), sum_x = _mm512_loadu_ps(sx + b), round_x = _mm512_loadu_ps(ex + b);
+    for (int i = 0; i < R; ++i) {
+      const int64_t row = n + i;
+      const __m512 d = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(present, w.d + row * blocks + b));
+      const __m512 m = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(present, w.m + row * blocks + b));
+      const __m512 scale = _mm512_mul_ps(d, scale_x);
+      offsets[i] = _mm512_fmadd_ps(d, round_x, _mm512_fmadd_ps(m, sum_x, offsets[i]));
+      const uint8_t* nibbles = w.nibbles + (row * blocks + b) * 16;
+      for (int64_t g = 0; g < (left + 3) / 4; ++g) {
+        const int64_t rest = left - 4 * g;
+        const __mmask64 bytes = rest >= 4 ? ~0ULL : (1ULL << (16 * rest)) - 1;
+        const __m512i packed = _mm512_maskz_loadu_epi8(bytes, nibbles + g * 64);
+        const __m512i q_lo = _mm512_and_si512(packed, low), q_hi = _mm512_and_si512(_mm512_srli_epi16(packed, 4), low);
+        const __m512i x_lo = _mm512_loadu_si512(lo + (b + 4 * g) * 16), x_hi = _mm512_loadu_si512(hi + (b + 4 * g) * 16);
+        const __m512i dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), q_lo, x_lo), q_hi, x_hi);
+        acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_permutexvar_ps(spread[g], scale), acc[i]);
+      }
+    }
+  }
+  for (int i = 0; i < R; ++i) out[i] = _mm512_reduce_add_ps(_mm512_add_ps(acc[i], offsets[i]));
+#elif defined(GRAINS_AVX2)
+  const __m256i low = _mm256_set1_epi8(0x0f);
+  __m256 acc[R];
+  float offsets[R];
+  for (int i = 0; i < R; ++i) {
+    acc[i] = _mm256_setzero_ps();
+    offsets[i] = 0.f;
+  }
+  for (int64_t b = 0; b < blocks; ++b) {
+    const __m256i x = _mm256_set_m128i(_mm_loadu_si128(reinterpret_cast<const __m128i*>(hi + b * 16)),
+                                       _mm_loadu_si128(reinterpret_cast<const __m128i*>(lo + b * 16)));
+    for (int i = 0; i < R; ++i) {
+      const int64_t row = n + i;
+      const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.nibbles + row * blocks * 16 + b * 16));
+      const __m256i q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), low);  // [32] 0..15
+      const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(q, x), _mm256_set1_epi16(1));     // [8] int32
+      const float d = _cvtsh_ss(w.d[row * blocks + b]);
+      acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(d * dx[b]), acc[i]);
+      offsets[i] += _cvtsh_ss(w.m[row * blocks + b]) * sx[b] + d * ex[b];
+    }
+  }
+  for (int i = 0; i < R; ++i) {
+    __m128 sum = _mm_add_ps(_mm256_castps256_ps128(acc[i]), _mm256_extractf128_ps(acc[i], 1));
+    sum = _mm_hadd_ps(sum, sum);
+    sum = _mm_hadd_ps(sum, sum);
+    out[i] = _mm_cvtss_f32(sum) + offsets[i];
+  }
+#else
+  for (int i = 0; i < R; ++i) {
+    const int64_t row = n + i;
+    float total = 0.f;
+    for (int64_t b = 0; b < blocks; ++b) {
+      const uint8_t* packed = w.nibbles + row * blocks * 16 + b * 16;
+      int32_t dot = 0;
+      for (int64_t j = 0; j < 16; ++j) dot += (packed[j] & 0x0f) * lo[b * 16 + j] + (packed[j] >> 4) * hi[b * 16 + j];
+      total += half_to_float(w.d[row * blocks + b]) * dx[b] * static_cast<float>(dot) +
+               half_to_float(w.m[row * blocks + b]) * sx[b] + half_to_float(w.d[row * blocks + b]) * ex[b];
+    }
+    out[i] = total;
+  }
+#endif
+}
+
+struct Work {
+  Weights w;
+  const QuantizedRows* x;
+  float* y;  // [rows, N]
+  int64_t rows, n;
+};
+
+// Task t: rows [32 t, 32 t + 32) of W against every row of x, kRowTile rows of W at a time.
+void run_task(void* data, size_t task) {
+  const Work& work = *static_cast<const Work*>(data);
+  const int64_t first = static_cast<int64_t>(task) * kRowsPerTask, last = std::min(first + kRowsPerTask, work.n);
+  for (int64_t tile = first; tile < last; tile += kRowTile) {
+    const int64_t tile_end = std::min(tile + kRowTile, last);
+    for (int64_t r = 0; r < work.rows; ++r) {
+      float* y = work.y + r * work.n;
+      int64_t n = tile;
+      for (; n + 4 <= tile_end; n += 4) dot_rows<4>(work.w, n, *work.x, r, y + n);
+      for (; n < tile_end; ++n) dot_rows<1>(work.w, n, *work.x, r, y + n);
+    }
+  }
+}
+
+struct Q4_1MatMulKernel {
+  Q4_1MatMulKernel(const OrtApi&, const OrtKernelInfo* info) {
+    Ort::ConstKernelInfo kernel_info(info);
+    k_ = kernel_info.GetAttribute<int64_t>("K");
+    n_ = kernel_info.GetAttribute<int64_t>("N");
+  }
+
+  void Compute(OrtKernelContext* raw_context) {
+    Ort::KernelContext context(raw_context);
+    const Ort::ConstValue x = context.GetInput(0);
+    std::vector<int64_t> shape = x.GetTensorTypeAndShapeInfo().GetShape();
+    if (shape.empty() || shape.back() != k_ || k_ % kBlock != 0) {
+      ORT_CXX_API_THROW("Q4_1MatMul: x's last axis must be K, a multiple of 32", ORT_INVALID_ARGUMENT);
+    }
+    const size_t blocks = static_cast<size_t>(n_ * (k_ / kBlock));
+    const Ort::ConstValue nibbles = context.GetInput(1), d = context.GetInput(2), m = context.GetInput(3);
+    if (nibbles.GetTensorTypeAndShapeInfo().GetElementCount() != blocks * 16 ||
+        d.GetTensorTypeAndShapeInfo().GetElementCount() != blocks ||
+        m.GetTensorTypeAndShapeInfo().GetElementCount() != blocks) {
+      ORT_CXX_API_THROW("Q4_1MatMul: nibbles, d and m must hold N * K/32 blocks", ORT_INVALID_ARGUMENT);
+    }
+    int64_t rows = 1;
+    for (size_t i = 0; i + 1 < shape.size(); ++i) rows *= shape[i];
+    shape.back() = n_;
+    Ort::UnownedValue y = context.GetOutput(0, shape);
+    if (rows == 0) return;
+
+    const QuantizedRows quantized(x.GetTensorData<float>(), rows, k_);
+    const Weights weights{nibbles.GetTensorData<uint8_t>(), reinterpret_cast<const uint16_t*>(d.GetTensorRawData()),
+                          reinterpret_cast<const uint16_t*>(m.GetTensorRawData())};
+    Work work{weights, &quantized, y.GetTensorMutableData<float>(), rows, n_};
+    context.ParallelFor(run_task, static_cast<size_t>((n_ + kRowsPerTask - 1) / kRowsPerTask), 0, &work);
+  }
+
+  int64_t k_ = 0, n_ = 0;
+};
+
+struct Q4_1MatMulOp : Ort::CustomOpBase<Q4_1MatMulOp, Q4_1MatMulKernel> {
+  void* CreateKernel(const OrtApi& api, const OrtKernelInfo* info) const { return new Q4_1MatMulKernel(api, info); }
+  const char* GetName() const { return "Q4_1MatMul"; }
+  size_t GetInputTypeCount() const { return 4; }
+  ONNXTensorElementDataType GetInputType(size_t index) const {
+    static const ONNXTensorElementDataType types[] = {ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8,
+                                                      ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16};
+    return types[index];
+  }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+};
+
+}  // namespace
+
+extern "C" OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
+  Ort::InitApi(api_base->GetApi(ORT_API_VERSION));
+  static Q4_1MatMulOp q4_1_matmul;
+  static Ort::CustomOpDomain domain{nullptr};
+  try {
+    if (!domain) {
+      domain = Ort::CustomOpDomain("grains_edge");
+      domain.Add(&q4_1_matmul);
+    }
+    Ort::UnownedSessionOptions(options).Add(domain);
+  } catch (const Ort::Exception& error) {
+    return Ort::GetApi().CreateStatus(error.GetOrtErrorCode(), error.what());
+  }
+  return nullptr;
+}
