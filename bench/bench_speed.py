@@ -7,6 +7,8 @@ the random directions of bench_engine.py / bench_llamacpp.py):
                                             export/gguf_blocks.py; int8 rounds the float weights)
   engine-int4-unsteered                     the int4 graph exported with no steered layer (no steering ops):
                                             its decode rate over engine-int4's is the steering overhead
+  engine-int4-stock                         the int4 graph on stock ONNX Runtime kernels only (--kernels
+                                            stock: 3 kernels per Q4_1 linear instead of grains-edge's one)
   pytorch-eager                             transformers, float32, a KV-cache loop with steering hooks
   llamacpp-q4_1                             llama-cpp-python on the same Q4_1 GGUF with the control vector
                                             set by llama_set_adapter_cvec (skipped when not installed)
@@ -21,8 +23,8 @@ the issue asks about. Exports that are missing are built first (a minute each).
 
 Between processes this machine's speed drifts by ±10 %, more than some of the differences measured. So a
 last, paired run (`paired` in the JSON, `--paired-rounds`) loads the int4 engine with and without steering
-ops and llama.cpp into one process and alternates short-prompt decodes between them, round after round;
-the ratios it reports are medians of the per-round ratios.
+ops, on stock kernels, and llama.cpp into one process and alternates short-prompt decodes between them,
+round after round; the ratios it reports are medians of the per-round ratios.
 
     python bench/bench_speed.py [--repeats 3] [--tokens 64] [--out bench/results/speed.json]
 """
@@ -47,29 +49,32 @@ sys.path.insert(0, str(HERE))
 
 from prompts import LONG_PROMPT_TOKENS, PROMPT, filler_ids  # noqa: E402
 
-# engine contenders: (quantization, steered layers of the export)
+# engine contenders: (quantization, steered layers, kernels of the export)
 ENGINES = {
-    "engine-fp32": ("none", "all"),
-    "engine-int8": ("int8", "all"),
-    "engine-int4": ("int4", "all"),
-    "engine-int4-unsteered": ("int4", "none"),  # no steering ops at all: the steering overhead
+    "engine-fp32": ("none", "all", "auto"),
+    "engine-int8": ("int8", "all", "auto"),
+    "engine-int4": ("int4", "all", "auto"),
+    "engine-int4-unsteered": ("int4", "none", "auto"),  # no steering ops at all: the steering overhead
+    "engine-int4-stock": ("int4", "all", "stock"),  # what grains-edge's own Q4_1 kernel gains
 }
 CONTENDERS = (*ENGINES, "pytorch-eager", "llamacpp-q4_1")
 
 
-def export_for(quantize: str, layers: str) -> Path:
-    """The default model's export with this quantization and steered layers, built if missing."""
+def export_for(quantize: str, layers: str, kernels: str = "auto") -> Path:
+    """The default model's export with this quantization, steered layers and kernels, built if missing."""
     from grains_edge.bootstrap import ensure_export, export_dir_for
     from grains_edge.manifest import Manifest
 
-    if layers == "all":
+    if layers == "all" and kernels == "auto":
         return ensure_export("default", quantize)
     quantized = export_dir_for("default", quantize)
-    target = quantized.with_name(quantized.name + "-unsteered")
+    target = quantized.with_name(
+        quantized.name + ("-unsteered" if layers == "none" else "") + f"-{kernels}" * (kernels != "auto")
+    )
     if not Manifest.is_current(target):
         from grains_edge.export.onnx_export import export
 
-        export("default", target, layers_spec=layers, quantize=quantize)
+        export("default", target, layers_spec=layers, quantize=quantize, kernels=kernels)
     return target
 
 
@@ -79,12 +84,12 @@ def steering_vector(layers: int, hidden: int) -> tuple[np.ndarray, int, int]:
     return control_vector(layers, hidden)
 
 
-def engine_worker(quantize: str, layers: str, tokens: int) -> dict:
+def engine_worker(quantize: str, layers: str, kernels: str, tokens: int) -> dict:
     from engine_runs import engine_run
 
     from grains_edge.engine import Engine
 
-    engine = Engine(export_for(quantize, layers), device="cpu")
+    engine = Engine(export_for(quantize, layers, kernels), device="cpu")
     vector = steering_vector(engine.num_layers, engine.hidden_size)[0] if layers != "none" else None
     prompts = {
         "short_chat": engine.chat_ids(PROMPT),
@@ -144,11 +149,13 @@ def paired_worker(tokens: int, rounds: int) -> dict:
 
     steered = Engine(export_for("int4", "all"), device="cpu")
     plain = Engine(export_for("int4", "none"), device="cpu")
+    stock = Engine(export_for("int4", "all", "stock"), device="cpu")
     vector = steering_vector(steered.num_layers, steered.hidden_size)[0]
     ids = steered.chat_ids(PROMPT)
     contenders = {
         "engine-int4": lambda: engine_run(steered, ids, vector, tokens)[1],
         "engine-int4-unsteered": lambda: engine_run(plain, ids, None, tokens)[1],
+        "engine-int4-stock": lambda: engine_run(stock, ids, vector, tokens)[1],
     }
     from bench_llamacpp import llama_cpp
 
@@ -163,7 +170,11 @@ def paired_worker(tokens: int, rounds: int) -> dict:
             rate = run()
             if round_index:
                 rates[name].append(rate)
-    pairs = [("engine-int4", "llamacpp-q4_1"), ("engine-int4-unsteered", "engine-int4")]
+    pairs = [
+        ("engine-int4", "llamacpp-q4_1"),
+        ("engine-int4-unsteered", "engine-int4"),
+        ("engine-int4", "engine-int4-stock"),
+    ]
     return {
         "rounds": rounds,
         "decode_tokens_per_second": {name: statistics.median(runs) for name, runs in rates.items()},
@@ -287,6 +298,7 @@ def ratios(results: dict) -> dict:
         ("engine-int4", "llamacpp-q4_1", ("short_chat", "long_512")),
         ("engine-int4", "llamacpp-q4_1-amx", ("short_chat", "long_512")),
         ("engine-int4-unsteered", "engine-int4", ("short_chat",)),  # decode ratio - 1 = steering overhead
+        ("engine-int4", "engine-int4-stock", ("short_chat", "long_512")),  # grains-edge's Q4_1 kernel
     ]
     out = {}
     for first, second, prompts in pairs:
@@ -316,7 +328,7 @@ def main() -> int:
         "--paired-rounds",
         type=int,
         default=15,
-        help="rounds of the in-process paired comparison (int4 steered / unsteered / llama.cpp); 0 skips it",
+        help="rounds of the in-process paired comparison (int4 steered / unsteered / stock / llama.cpp); 0 skips it",
     )
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -142,3 +142,20 @@ def test_cuda_falls_back_to_cpu_with_one_clear_line():
     assert cpu_fallback_notice("cpu", cpu_only, "CPUExecutionProvider") is None
     with pytest.raises(GrainsError, match="unknown device"):
         choose_providers("tpu", cpu_only)
+
+
+def test_a_fused_export_without_its_kernels_is_a_clear_error(tiny_export, tmp_path, monkeypatch):
+    """An export made where grains-edge's kernels built, opened where they cannot be."""
+    import shutil
+
+    from grains_edge import kernels
+    from grains_edge.manifest import Manifest
+
+    copy = tmp_path / "export"
+    shutil.copytree(tiny_export, copy)
+    manifest = Manifest.load(copy)
+    manifest.kernels = "fused"
+    manifest.save(copy / "manifest.json")
+    monkeypatch.setattr(kernels, "header_dirs", lambda: [tmp_path])
+    with pytest.raises(GrainsError, match="no ONNX Runtime headers.*re-export .* with --kernels stock"):
+        Engine(copy, device="cpu")
