@@ -1,6 +1,6 @@
 """grains-edge's own Q4_1MatMul kernel: exactly its int8 specification (emulated in numpy, float64), on
-whole and partial groups of blocks, batched rows and both instruction paths' shapes; clear errors when it
-cannot be built or is fed a wrong shape."""
+whole and partial groups of blocks, batched rows and each instruction path (AVX-512, AVX2, plain C++);
+clear errors when it cannot be built or is fed a wrong shape."""
 
 import os
 
@@ -40,7 +40,11 @@ def specification(x: np.ndarray, nibbles: np.ndarray, d: np.ndarray, m: np.ndarr
     return (dots * d64 * (amax / 127)[..., None, :, 0]).sum(-1) + xb.sum(-1) @ (m64 + 8 * d64).T
 
 
-def session(rows: int, cols: int, fields, threads: int = 2) -> ort.InferenceSession:
+# the instruction paths of q4_1_matmul.cc: what -march=native gives here, AVX2 only, plain C++
+PATHS = {"native": (), "avx2": ("-mno-avx512f",), "plain": ("-mno-avx2", "-mno-avx512f")}
+
+
+def session(rows: int, cols: int, fields, threads: int = 2, flags=()) -> ort.InferenceSession:
     names = ["q", "d", "m"]
     node = helper.make_node("Q4_1MatMul", ["x", *names], ["y"], domain=kernels.DOMAIN, K=cols, N=rows)
     graph = helper.make_graph(
@@ -54,7 +58,7 @@ def session(rows: int, cols: int, fields, threads: int = 2) -> ort.InferenceSess
     model = helper.make_model(graph, opset_imports=opsets)
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
-    kernels.register(options)
+    options.register_custom_ops_library(str(kernels.library(flags)))
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
@@ -68,11 +72,12 @@ def session(rows: int, cols: int, fields, threads: int = 2) -> ort.InferenceSess
         (70, 672, (1, 65)),  # 21 blocks; a long prompt
     ],
 )
-def test_kernel_is_its_int8_specification(rows, cols, shape):
+@pytest.mark.parametrize("path", PATHS)
+def test_kernel_is_its_int8_specification(rows, cols, shape, path):
     fields = q4_1_weight(rows, cols, seed=rows)
     x = np.random.default_rng(cols).normal(size=(*shape, cols)).astype(np.float32)
     x[..., :32] = 0  # an all-zero block: scale 0, no division by it
-    y = session(rows, cols, fields).run(None, {"x": x})[0]
+    y = session(rows, cols, fields, flags=PATHS[path]).run(None, {"x": x})[0]
     expected = specification(x, *fields)
     assert y.shape == (*shape, rows)
     np.testing.assert_allclose(y, expected, rtol=0, atol=2e-6 * np.abs(expected).max())

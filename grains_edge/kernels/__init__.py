@@ -62,24 +62,26 @@ def cpu_signature() -> str:
     return next((line for line in lines if line.startswith("flags")), "")
 
 
-def library_path(cxx: str, include: Path) -> Path:
-    """Where the library built from this source, headers, compiler and CPU lives."""
+def library_path(cxx: str, include: Path, flags: list[str]) -> Path:
+    """Where the library built from this source, headers, compiler, flags and CPU lives."""
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=False).stdout
     key = hashlib.sha256()
-    parts = (SOURCE.read_bytes(), (include / "onnxruntime_c_api.h").read_bytes(), version, cpu_signature(), FLAGS)
+    parts = (SOURCE.read_bytes(), (include / "onnxruntime_c_api.h").read_bytes(), version, cpu_signature(), flags)
     for part in parts:
         key.update(hashlib.sha256(part if isinstance(part, bytes) else str(part).encode()).digest())
     return paths.cache_dir() / "kernels" / key.hexdigest()[:16] / "libgrains_edge_kernels.so"
 
 
-def library() -> Path:
-    """The compiled kernel library, building it first if needed; KernelsUnavailable when it cannot be."""
+def library(extra_flags: tuple[str, ...] = ()) -> Path:
+    """The compiled kernel library, building it first if needed; KernelsUnavailable when it cannot be.
+    `extra_flags` (e.g. -mno-avx512f) build a variant, which tests use to check every instruction path."""
     cxx, include = compiler(), header_dir()
     if cxx is None:
         raise KernelsUnavailable("no C++ compiler for grains-edge's kernels; fix: install g++ (or set CXX)")
     if include is None:
         raise KernelsUnavailable(f"no ONNX Runtime headers for grains-edge's kernels; fix: {INSTALL_HINT}")
-    target = library_path(cxx, include)
+    flags = [*FLAGS, *extra_flags]
+    target = library_path(cxx, include, flags)
     if target.is_file():
         return target
     from filelock import FileLock
@@ -91,7 +93,7 @@ def library() -> Path:
         print("[grains-edge] compiling grains-edge's kernels for this machine (once)", file=sys.stderr)
         partial = target.with_suffix(f".partial-{os.getpid()}")
         result = subprocess.run(
-            [cxx, *FLAGS, f"-I{include}", str(SOURCE), "-o", str(partial)], capture_output=True, text=True, check=False
+            [cxx, *flags, f"-I{include}", str(SOURCE), "-o", str(partial)], capture_output=True, text=True, check=False
         )
         if result.returncode != 0:
             partial.unlink(missing_ok=True)

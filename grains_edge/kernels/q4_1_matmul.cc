@@ -45,18 +45,16 @@ constexpr int64_t kRowsPerTask = 32; // rows of W per parallel task
 constexpr int64_t kRowTile = 8;      // rows of W kept hot while every row of x passes over them
 constexpr int64_t kGroup = 16;       // blocks per AVX-512 step
 
-float half_to_float(uint16_t h) {
-#ifdef GRAINS_AVX2
-  return _cvtsh_ss(h);
-#else
+#ifndef GRAINS_AVX2
+float half_to_float(uint16_t h) {  // IEEE half -> float, for the plain C++ path
   const uint32_t sign = (h & 0x8000u) << 16, exponent = (h >> 10) & 0x1f, mantissa = h & 0x3ff;
   if (exponent == 0) return std::ldexp(static_cast<float>(mantissa), -24) * (sign ? -1.f : 1.f);
-  uint32_t bits = sign | ((exponent == 31 ? 255 : exponent + 112) << 23) | (mantissa << 13);
+  const uint32_t bits = sign | ((exponent == 31 ? 255 : exponent + 112) << 23) | (mantissa << 13);
   float value;
   std::memcpy(&value, &bits, 4);
   return value;
-#endif
 }
+#endif
 
 // One row of x [K] -> its int8 levels split as the weight nibbles are, per block: lo [16 * blocks] the
 // elements 0..15, hi the elements 16..31; scales dx, block sums sx and the rounding terms ex [blocks]
@@ -131,6 +129,9 @@ void dot_rows(const Weights& w, int64_t n, const QuantizedRows& x, int64_t r, fl
       const __m512 scale = _mm512_mul_ps(d, scale_x);
       offsets[i] = _mm512_fmadd_ps(d, round_x, _mm512_fmadd_ps(m, sum_x, offsets[i]));
       const uint8_t* nibbles = w.nibbles + (row * blocks + b) * 16;
+      for (int64_t ahead = 0; ahead < 4 * 64; ahead += 64) {  // this chunk of the next R rows
+        _mm_prefetch(reinterpret_cast<const char*>(nibbles + R * blocks * 16 + ahead), _MM_HINT_T0);
+      }
       for (int64_t g = 0; g < (left + 3) / 4; ++g) {
         const int64_t rest = left - 4 * g;
         const __mmask64 bytes = rest >= 4 ? ~0ULL : (1ULL << (16 * rest)) - 1;
