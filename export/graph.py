@@ -57,14 +57,14 @@ def array(tensor: torch.Tensor) -> np.ndarray:
 class GraphBuilder:
     """Accumulates nodes and initializers; `op` returns the output name(s) of the node it adds.
     `blocks`: weights (by linear name) already quantized, e.g. a GGUF's own (`gguf_blocks.py`);
-    `fused_q4_1`: Q4_1 blocks go to grains-edge's own Q4_1MatMul kernel (grains_edge/kernels)."""
+    `own_kernels`: Q4_1 blocks and the steering go to grains-edge's own kernels (grains_edge/kernels)."""
 
-    def __init__(self, blocks: dict[str, Blocks] | None = None, fused_q4_1: bool = False) -> None:
+    def __init__(self, blocks: dict[str, Blocks] | None = None, own_kernels: bool = False) -> None:
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self.count = 0
         self.blocks = blocks or {}
-        self.fused_q4_1 = fused_q4_1
+        self.own_kernels = own_kernels
 
     def weight(self, name: str, value: np.ndarray) -> str:
         self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
@@ -87,7 +87,7 @@ class GraphBuilder:
             y = self.op("MatMul", x, self.weight(f"{name}.weight", weight))
         elif blocks.offsets is None:
             y = self.block_matmul(x, name, blocks)
-        elif self.fused_q4_1:
+        elif self.own_kernels:
             rows, cols = blocks.shape  # [N, K]
             fields = [self.weight(f"{name}.{f}", v) for f, v in zip("qdm", q4_1_fields(blocks), strict=True)]
             y = self.op("Q4_1MatMul", x, *fields, domain=kernels.DOMAIN, K=cols, N=rows)
@@ -143,12 +143,12 @@ def build(
     output_names: list[str],
     separate_head: bool = False,
     blocks: dict[str, Blocks] | None = None,
-    fused_q4_1: bool = False,
+    own_kernels: bool = False,
 ) -> onnx.ModelProto:
     """The steered graph of `model` (a loaded HF LlamaForCausalLM or GPT2LMHeadModel). `separate_head`
     gives the LM head its own [hidden, vocab] MatMul weight even when tied, so a quantizer can take it;
     `blocks` replaces the named linears (and `lm_head`) with MatMulNBits on already-quantized weights, or
-    their Q4_1 ones with grains-edge's Q4_1MatMul when `fused_q4_1`."""
+    their Q4_1 ones with grains-edge's Q4_1MatMul when `own_kernels`, which also steers with SteeredAdd."""
     config = model.config
     llama = config.model_type == "llama"
     num_layers, hidden = config.num_hidden_layers, config.hidden_size
@@ -156,7 +156,7 @@ def build(
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or hidden // heads
     max_positions = int(getattr(config, "max_position_embeddings", 0) or config.n_positions)
-    g = GraphBuilder(blocks, fused_q4_1)
+    g = GraphBuilder(blocks, own_kernels)
     ids, mask, positions, steering, keep = input_names[:5]
     past = input_names[5:]
 
@@ -230,6 +230,8 @@ def build(
 
     def steer(h: str, delta: str, shift: str) -> str:
         """h + delta, then steered: (h + s) * ||h|| / ||h + s|| per token (the module docstring)."""
+        if own_kernels:
+            return g.op("SteeredAdd", h, delta, shift, domain=kernels.DOMAIN, epsilon=STEER_EPSILON)
         _, _, inverse_rms, total = g.op(
             "SkipSimplifiedLayerNormalization", h, delta, ones, outputs=4, domain="com.microsoft", epsilon=STEER_EPSILON
         )  # [b, s, 1] 1/rms(h), [b, s, hidden] h

@@ -95,7 +95,7 @@ def write_graph(model, steered: list[int], path: Path, quantize: str = "none", b
     blocks = blocks or {}
     inputs, outputs = io_names(model.config.num_hidden_layers)
     proto = graph.build(
-        model, steered, inputs, outputs, separate_head=quantize != "none", blocks=blocks, fused_q4_1=fused
+        model, steered, inputs, outputs, separate_head=quantize != "none", blocks=blocks, own_kernels=fused
     )
     rounded = [n for n in proto.graph.node if n.op_type == "MatMul"]
     if quantize != "none" and rounded:

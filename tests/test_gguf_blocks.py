@@ -143,7 +143,7 @@ def test_exported_blocks_match_pytorch(tmp_path, monkeypatch, q4_1_llama, level,
 
 
 @pytest.mark.skipif(kernels.unavailable_reason() is not None, reason="kernels cannot build here")
-def test_fused_export_runs_each_q4_1_linear_in_one_kernel(tmp_path, monkeypatch, q4_1_llama):
+def test_fused_export_runs_each_q4_1_linear_and_each_steering_in_one_kernel(tmp_path, monkeypatch, q4_1_llama):
     folder, blocks = q4_1_llama
     monkeypatch.setattr(onnx_export, "source_blocks", lambda spec, model, quantize: blocks)
     manifest = onnx_export.export(str(folder), tmp_path / "out", layers_spec="1-2", quantize="int4")
@@ -151,6 +151,7 @@ def test_fused_export_runs_each_q4_1_linear_in_one_kernel(tmp_path, monkeypatch,
     assert manifest.weights == "17 from the GGUF's own blocks (4-bit, 8-bit; exact, Q4_1 in grains-edge's kernel)"
     ops = [n.op_type for n in onnx.load(str(tmp_path / "out" / "model.onnx"), load_external_data=False).graph.node]
     assert ops.count("Q4_1MatMul") == 4 * 4 and ops.count("MatMulNBits") == 1  # the head; no block sums
+    assert ops.count("SteeredAdd") == 2  # layers 1-2, one kernel each
     tolerance = onnx_export.QUANTIZED_TOLERANCE["int4"]
     checks = manifest.verification
     assert checks["zero"] < tolerance and checks["steered"] < tolerance

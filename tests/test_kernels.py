@@ -1,6 +1,6 @@
-"""grains-edge's own Q4_1MatMul kernel: exactly its int8 specification (emulated in numpy, float64), on
-whole and partial groups of blocks, batched rows and each instruction path (AVX-512, AVX2, plain C++);
-clear errors when it cannot be built or is fed a wrong shape."""
+"""grains-edge's own kernels. Q4_1MatMul: exactly its int8 specification (emulated in numpy, float64), on
+whole and partial groups of blocks, batched rows and each instruction path (AVX-512, AVX2, plain C++).
+SteeredAdd: the renormalized residual add. Clear errors when they cannot be built or get a wrong shape."""
 
 import os
 
@@ -98,11 +98,39 @@ def test_kernel_is_close_to_the_float_product_and_the_same_on_one_thread():
     np.testing.assert_array_equal(session(rows, cols, fields, threads=1).run(None, {"x": x})[0], y)
 
 
+def steered_add_session() -> ort.InferenceSession:
+    node = helper.make_node("SteeredAdd", ["h", "delta", "shift"], ["out"], domain=kernels.DOMAIN, epsilon=1e-12)
+    inputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in ("h", "delta", "shift")]
+    graph = helper.make_graph([node], "steer", inputs, [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)])
+    opsets = [helper.make_opsetid("", 20), helper.make_opsetid(kernels.DOMAIN, 1)]
+    options = ort.SessionOptions()
+    kernels.register(options)
+    return ort.InferenceSession(helper.make_model(graph, opset_imports=opsets).SerializeToString(), options)
+
+
+@needs_kernels
+@pytest.mark.parametrize("seq", [1, 37])  # a decode step, and a prompt spread over threads
+def test_steered_add_keeps_each_tokens_norm(seq):
+    rng = np.random.default_rng(seq)
+    h, delta = rng.normal(size=(2, 2, seq, 64)).astype(np.float32)
+    shift = (rng.normal(size=(2, 1, 64)) * [[[3.0]], [[0.0]]]).astype(np.float32)  # the second row unsteered
+    out = steered_add_session().run(None, {"h": h, "delta": delta, "shift": shift})[0]
+    y = h + delta
+    expected = (
+        (y + shift) * np.linalg.norm(y, axis=-1, keepdims=True) / np.linalg.norm(y + shift, axis=-1, keepdims=True)
+    )
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(out, axis=-1), np.linalg.norm(y, axis=-1), rtol=1e-5)
+
+
 @needs_kernels
 def test_kernel_names_a_wrong_input_shape():
     fields = q4_1_weight(8, 64, seed=1)
     with pytest.raises(Exception, match="x's last axis must be K"):
         session(8, 64, fields).run(None, {"x": np.zeros((1, 63), np.float32)})
+    h = np.zeros((1, 2, 8), np.float32)
+    with pytest.raises(Exception, match="shift \\[b, 1, hidden\\]"):
+        steered_add_session().run(None, {"h": h, "delta": h, "shift": np.zeros((1, 2, 8), np.float32)})
 
 
 def test_unavailable_kernels_say_why_and_how_to_fix(monkeypatch, tmp_path):
@@ -120,7 +148,7 @@ def test_unavailable_kernels_say_why_and_how_to_fix(monkeypatch, tmp_path):
 def test_a_broken_build_leaves_no_library(monkeypatch, tmp_path):
     broken = tmp_path / "broken.cc"
     broken.write_text("this is not C++\n")
-    monkeypatch.setattr(kernels, "SOURCE", broken)
+    monkeypatch.setattr(kernels, "SOURCES", [broken])
     with pytest.raises(kernels.KernelsUnavailable, match="did not compile"):
         kernels.library()
     assert not list(paths.cache_dir().glob("kernels/*/*partial*"))

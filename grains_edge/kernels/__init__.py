@@ -1,7 +1,9 @@
-"""grains-edge's own ONNX Runtime kernels (C++, `q4_1_matmul.cc`), compiled on first use for this machine.
+"""grains-edge's own ONNX Runtime kernels (C++, the `*.cc` beside this file), compiled on first use here.
 
-`Q4_1MatMul` computes a linear layer from a GGUF's Q4_1 blocks in one kernel, where stock ONNX Runtime needs
-three for the same exact weight (export/gguf_blocks.py). Compiling it needs a C++17 compiler (`$CXX`, else
+`Q4_1MatMul` (q4_1_matmul.cc) computes a linear layer from a GGUF's Q4_1 blocks in one kernel, where stock
+ONNX Runtime needs three for the same exact weight (export/gguf_blocks.py); `SteeredAdd` (steered_add.cc)
+does a steered layer's residual add and renormalization in one kernel, where stock ops need four; both are
+registered by register.cc in the ONNX domain "grains_edge". Compiling them needs a C++17 compiler (`$CXX`, else
 `c++`) and ONNX Runtime's C/C++ API headers, which the onnxruntime wheel does not ship. They are looked for
 in `$GRAINS_EDGE_ORT_INCLUDE`, in the virtualenv's `include/onnxruntime` (where `make` unpacks Debian's
 libonnxruntime-dev), then in /usr/include/onnxruntime and /usr/local/include/onnxruntime. The library is
@@ -22,7 +24,7 @@ from grains_edge import paths
 from grains_edge.errors import GrainsError
 
 DOMAIN = "grains_edge"  # the ONNX domain of the custom ops
-SOURCE = Path(__file__).with_name("q4_1_matmul.cc")
+SOURCES = sorted(Path(__file__).parent.glob("*.cc"))
 FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC"]
 HEADER = "onnxruntime_cxx_api.h"
 INSTALL_HINT = (
@@ -66,7 +68,8 @@ def library_path(cxx: str, include: Path, flags: list[str]) -> Path:
     """Where the library built from this source, headers, compiler, flags and CPU lives."""
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=False).stdout
     key = hashlib.sha256()
-    parts = (SOURCE.read_bytes(), (include / "onnxruntime_c_api.h").read_bytes(), version, cpu_signature(), flags)
+    sources = b"".join(source.read_bytes() for source in SOURCES)
+    parts = (sources, (include / "onnxruntime_c_api.h").read_bytes(), version, cpu_signature(), flags)
     for part in parts:
         key.update(hashlib.sha256(part if isinstance(part, bytes) else str(part).encode()).digest())
     return paths.cache_dir() / "kernels" / key.hexdigest()[:16] / "libgrains_edge_kernels.so"
@@ -93,7 +96,10 @@ def library(extra_flags: tuple[str, ...] = ()) -> Path:
         print("[grains-edge] compiling grains-edge's kernels for this machine (once)", file=sys.stderr)
         partial = target.with_suffix(f".partial-{os.getpid()}")
         result = subprocess.run(
-            [cxx, *flags, f"-I{include}", str(SOURCE), "-o", str(partial)], capture_output=True, text=True, check=False
+            [cxx, *flags, f"-I{include}", *map(str, SOURCES), "-o", str(partial)],
+            capture_output=True,
+            text=True,
+            check=False,
         )
         if result.returncode != 0:
             partial.unlink(missing_ok=True)

@@ -17,7 +17,7 @@
 // intra-op threads (KernelContext_ParallelFor).
 //
 // Sources: ggml's block_q4_1 layout (ggml-common.h) and its q4_1 x q8_1 dot product idea; ONNX Runtime's
-// custom-op C/C++ API (onnxruntime_cxx_api.h, CustomOpBase, RegisterCustomOps).
+// custom-op C++ API (onnxruntime_cxx_api.h, CustomOpBase). Registered by register.cc.
 
 #define ORT_API_MANUAL_INIT
 #include <onnxruntime_cxx_api.h>
@@ -261,18 +261,7 @@ struct Q4_1MatMulOp : Ort::CustomOpBase<Q4_1MatMulOp, Q4_1MatMulKernel> {
 
 }  // namespace
 
-extern "C" OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
-  Ort::InitApi(api_base->GetApi(ORT_API_VERSION));
-  static Q4_1MatMulOp q4_1_matmul;
-  static Ort::CustomOpDomain domain{nullptr};
-  try {
-    if (!domain) {
-      domain = Ort::CustomOpDomain("grains_edge");
-      domain.Add(&q4_1_matmul);
-    }
-    Ort::UnownedSessionOptions(options).Add(domain);
-  } catch (const Ort::Exception& error) {
-    return Ort::GetApi().CreateStatus(error.GetOrtErrorCode(), error.what());
-  }
-  return nullptr;
+const OrtCustomOp* q4_1_matmul_op() {
+  static const Q4_1MatMulOp op;
+  return &op;
 }
