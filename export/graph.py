@@ -168,7 +168,8 @@ def build(
     if steered_layers:  # one Split for all layers: shifts[i] = steering[:, i:i+1] [b, 1, hidden]
         split = g.op("Split", steering, outputs=num_layers, axis=1, num_outputs=num_layers)
         shifts = [split] if num_layers == 1 else split
-        ones = g.weight("steer.ones", np.ones(hidden, np.float32))  # [hidden], the unit norm scale
+        if not own_kernels:  # SteeredAdd needs none
+            ones = g.weight("steer.ones", np.ones(hidden, np.float32))  # [hidden], the unit norm scale
     attention = dict(domain="com.microsoft", num_heads=heads, kv_num_heads=kv_heads, scale=float(head_dim**-0.5))
     head = model.get_output_embeddings().weight
     tied = head.data_ptr() == model.get_input_embeddings().weight.data_ptr()
