@@ -40,7 +40,6 @@
 namespace {
 
 constexpr int64_t kBlock = 32;       // weights per block
-constexpr int64_t kBlockBytes = 20;  // f16 d, f16 m, 16 bytes of nibbles
 constexpr int64_t kRowsPerTask = 32; // rows of W per parallel task
 constexpr int64_t kRowTile = 8;      // rows of W kept hot while every row of x passes over them
 constexpr int64_t kGroup = 16;       // blocks per AVX-512 step
