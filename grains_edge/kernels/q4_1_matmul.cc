@@ -96,16 +96,21 @@ struct Weights {
   const uint16_t* m;       // [N, K/32] float16
 };
 
-// out[i] = sum_b d[n+i,b] * dx_b * (q[n+i,b] . xq_b) + m[n+i,b] * S_b for R rows of W from row n and one
-// quantized row r of x. R independent accumulators hide the multiply-add latency; the rows share x.
-template <int R>
-void dot_rows(const Weights& w, int64_t n, const QuantizedRows& x, int64_t r, float* out) {
+// out[c * stride + i] = sum_b d[n+i,b] * dx_b * (q[n+i,b] . xq_b) + m[n+i,b] * S_b for R rows of W from
+// row n and C quantized rows of x from row r. R x C independent accumulators hide the multiply-add
+// latency; the rows of W share each block of x, and (in a prompt) the rows of x each unpacked block of W.
+template <int R, int C>
+void dot_rows(const Weights& w, int64_t n, const QuantizedRows& x, int64_t r, float* out, int64_t stride) {
   const int64_t blocks = x.blocks;
-  const int8_t* lo = x.lo.data() + r * x.padded * 16;
-  const int8_t* hi = x.hi.data() + r * x.padded * 16;
-  const float* dx = x.dx.data() + r * x.padded;
-  const float* sx = x.sx.data() + r * x.padded;
-  const float* ex = x.ex.data() + r * x.padded;
+  const int8_t *lo[C], *hi[C];
+  const float *dx[C], *sx[C], *ex[C];
+  for (int c = 0; c < C; ++c) {
+    lo[c] = x.lo.data() + (r + c) * x.padded * 16;
+    hi[c] = x.hi.data() + (r + c) * x.padded * 16;
+    dx[c] = x.dx.data() + (r + c) * x.padded;
+    sx[c] = x.sx.data() + (r + c) * x.padded;
+    ex[c] = x.ex.data() + (r + c) * x.padded;
+  }
 #if defined(GRAINS_AVX512)
   // 16 blocks per step: their scales d * dx and offsets m * S in one register each, then 4 blocks (64
   // bytes of nibbles) per product, lanes 4j..4j+3 of which belong to block j.
@@ -115,18 +120,28 @@ void dot_rows(const Weights& w, int64_t n, const QuantizedRows& x, int64_t r, fl
       _mm512_set_epi32(7, 7, 7, 7, 6, 6, 6, 6, 5, 5, 5, 5, 4, 4, 4, 4),
       _mm512_set_epi32(11, 11, 11, 11, 10, 10, 10, 10, 9, 9, 9, 9, 8, 8, 8, 8),
       _mm512_set_epi32(15, 15, 15, 15, 14, 14, 14, 14, 13, 13, 13, 13, 12, 12, 12, 12)};
-  __m512 acc[R], offsets[R];
-  for (int i = 0; i < R; ++i) acc[i] = offsets[i] = _mm512_setzero_ps();
+  __m512 acc[R][C], offsets[R][C];
+  for (int i = 0; i < R; ++i) {
+    for (int c = 0; c < C; ++c) acc[i][c] = offsets[i][c] = _mm512_setzero_ps();
+  }
   for (int64_t b = 0; b < blocks; b += kGroup) {
     const int64_t left = std::min<int64_t>(kGroup, blocks - b);
     const __mmask16 present = static_cast<__mmask16>(left == kGroup ? 0xffff : (1u << left) - 1);
-    const __m512 scale_x = _mm512_loadu_ps(dx + b), sum_x = _mm512_loadu_ps(sx + b), round_x = _mm512_loadu_ps(ex + b);
+    __m512 scale_x[C], sum_x[C], round_x[C];  // [16] each, zero padded
+    for (int c = 0; c < C; ++c) {
+      scale_x[c] = _mm512_loadu_ps(dx[c] + b);
+      sum_x[c] = _mm512_loadu_ps(sx[c] + b);
+      round_x[c] = _mm512_loadu_ps(ex[c] + b);
+    }
     for (int i = 0; i < R; ++i) {
       const int64_t row = n + i;
       const __m512 d = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(present, w.d + row * blocks + b));
       const __m512 m = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(present, w.m + row * blocks + b));
-      const __m512 scale = _mm512_mul_ps(d, scale_x);
-      offsets[i] = _mm512_fmadd_ps(d, round_x, _mm512_fmadd_ps(m, sum_x, offsets[i]));
+      __m512 scale[C];
+      for (int c = 0; c < C; ++c) {
+        scale[c] = _mm512_mul_ps(d, scale_x[c]);
+        offsets[i][c] = _mm512_fmadd_ps(d, round_x[c], _mm512_fmadd_ps(m, sum_x[c], offsets[i][c]));
+      }
       const uint8_t* nibbles = w.nibbles + (row * blocks + b) * 16;
       for (int64_t ahead = 0; ahead < 4 * 64; ahead += 64) {  // this chunk of the next R rows
         _mm_prefetch(reinterpret_cast<const char*>(nibbles + R * blocks * 16 + ahead), _MM_HINT_T0);
@@ -136,52 +151,62 @@ void dot_rows(const Weights& w, int64_t n, const QuantizedRows& x, int64_t r, fl
         const __mmask64 bytes = rest >= 4 ? ~0ULL : (1ULL << (16 * rest)) - 1;
         const __m512i packed = _mm512_maskz_loadu_epi8(bytes, nibbles + g * 64);
         const __m512i q_lo = _mm512_and_si512(packed, low), q_hi = _mm512_and_si512(_mm512_srli_epi16(packed, 4), low);
-        const __m512i x_lo = _mm512_loadu_si512(lo + (b + 4 * g) * 16), x_hi = _mm512_loadu_si512(hi + (b + 4 * g) * 16);
-        const __m512i dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), q_lo, x_lo), q_hi, x_hi);
-        acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_permutexvar_ps(spread[g], scale), acc[i]);
+        for (int c = 0; c < C; ++c) {
+          const __m512i x_lo = _mm512_loadu_si512(lo[c] + (b + 4 * g) * 16);
+          const __m512i x_hi = _mm512_loadu_si512(hi[c] + (b + 4 * g) * 16);
+          const __m512i dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), q_lo, x_lo), q_hi, x_hi);
+          acc[i][c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_permutexvar_ps(spread[g], scale[c]), acc[i][c]);
+        }
       }
     }
   }
-  for (int i = 0; i < R; ++i) out[i] = _mm512_reduce_add_ps(_mm512_add_ps(acc[i], offsets[i]));
-#elif defined(GRAINS_AVX2)
-  const __m256i low = _mm256_set1_epi8(0x0f);
-  __m256 acc[R];
-  float offsets[R];
   for (int i = 0; i < R; ++i) {
-    acc[i] = _mm256_setzero_ps();
-    offsets[i] = 0.f;
-  }
-  for (int64_t b = 0; b < blocks; ++b) {
-    const __m256i x = _mm256_set_m128i(_mm_loadu_si128(reinterpret_cast<const __m128i*>(hi + b * 16)),
-                                       _mm_loadu_si128(reinterpret_cast<const __m128i*>(lo + b * 16)));
-    for (int i = 0; i < R; ++i) {
-      const int64_t row = n + i;
-      const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.nibbles + row * blocks * 16 + b * 16));
-      const __m256i q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), low);  // [32] 0..15
-      const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(q, x), _mm256_set1_epi16(1));     // [8] int32
-      const float d = _cvtsh_ss(w.d[row * blocks + b]);
-      acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(d * dx[b]), acc[i]);
-      offsets[i] += _cvtsh_ss(w.m[row * blocks + b]) * sx[b] + d * ex[b];
-    }
-  }
-  for (int i = 0; i < R; ++i) {
-    __m128 sum = _mm_add_ps(_mm256_castps256_ps128(acc[i]), _mm256_extractf128_ps(acc[i], 1));
-    sum = _mm_hadd_ps(sum, sum);
-    sum = _mm_hadd_ps(sum, sum);
-    out[i] = _mm_cvtss_f32(sum) + offsets[i];
+    for (int c = 0; c < C; ++c) out[c * stride + i] = _mm512_reduce_add_ps(_mm512_add_ps(acc[i][c], offsets[i][c]));
   }
 #else
-  for (int i = 0; i < R; ++i) {
-    const int64_t row = n + i;
-    float total = 0.f;
-    for (int64_t b = 0; b < blocks; ++b) {
-      const uint8_t* packed = w.nibbles + row * blocks * 16 + b * 16;
-      int32_t dot = 0;
-      for (int64_t j = 0; j < 16; ++j) dot += (packed[j] & 0x0f) * lo[b * 16 + j] + (packed[j] >> 4) * hi[b * 16 + j];
-      total += half_to_float(w.d[row * blocks + b]) * dx[b] * static_cast<float>(dot) +
-               half_to_float(w.m[row * blocks + b]) * sx[b] + half_to_float(w.d[row * blocks + b]) * ex[b];
+  for (int c = 0; c < C; ++c) {
+    float* row_out = out + c * stride;
+#if defined(GRAINS_AVX2)
+    const __m256i low = _mm256_set1_epi8(0x0f);
+    __m256 acc[R];
+    float offsets[R];
+    for (int i = 0; i < R; ++i) {
+      acc[i] = _mm256_setzero_ps();
+      offsets[i] = 0.f;
     }
-    out[i] = total;
+    for (int64_t b = 0; b < blocks; ++b) {
+      const __m256i xb = _mm256_set_m128i(_mm_loadu_si128(reinterpret_cast<const __m128i*>(hi[c] + b * 16)),
+                                         _mm_loadu_si128(reinterpret_cast<const __m128i*>(lo[c] + b * 16)));
+      for (int i = 0; i < R; ++i) {
+        const int64_t row = n + i;
+        const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.nibbles + row * blocks * 16 + b * 16));
+        const __m256i q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), low);  // [32] 0..15
+        const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(q, xb), _mm256_set1_epi16(1));     // [8] int32
+        const float d = _cvtsh_ss(w.d[row * blocks + b]);
+        acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(d * dx[c][b]), acc[i]);
+        offsets[i] += _cvtsh_ss(w.m[row * blocks + b]) * sx[c][b] + d * ex[c][b];
+      }
+    }
+    for (int i = 0; i < R; ++i) {
+      __m128 sum = _mm_add_ps(_mm256_castps256_ps128(acc[i]), _mm256_extractf128_ps(acc[i], 1));
+      sum = _mm_hadd_ps(sum, sum);
+      sum = _mm_hadd_ps(sum, sum);
+      row_out[i] = _mm_cvtss_f32(sum) + offsets[i];
+    }
+#else
+    for (int i = 0; i < R; ++i) {
+      const int64_t row = n + i;
+      float total = 0.f;
+      for (int64_t b = 0; b < blocks; ++b) {
+        const uint8_t* packed = w.nibbles + row * blocks * 16 + b * 16;
+        int32_t dot = 0;
+        for (int64_t j = 0; j < 16; ++j) dot += (packed[j] & 0x0f) * lo[c][b * 16 + j] + (packed[j] >> 4) * hi[c][b * 16 + j];
+        total += half_to_float(w.d[row * blocks + b]) * dx[c][b] * static_cast<float>(dot) +
+                 half_to_float(w.m[row * blocks + b]) * sx[c][b] + half_to_float(w.d[row * blocks + b]) * ex[c][b];
+      }
+      row_out[i] = total;
+    }
+#endif
   }
 #endif
 }
@@ -193,18 +218,24 @@ struct Work {
   int64_t rows, n;
 };
 
+// Rows [tile, tile_end) of W against rows [r, r + C) of x, 4 rows of W at a time.
+template <int C>
+void rows_of_x(const Work& work, int64_t tile, int64_t tile_end, int64_t r) {
+  float* y = work.y + r * work.n;
+  int64_t n = tile;
+  for (; n + 4 <= tile_end; n += 4) dot_rows<4, C>(work.w, n, *work.x, r, y + n, work.n);
+  for (; n < tile_end; ++n) dot_rows<1, C>(work.w, n, *work.x, r, y + n, work.n);
+}
+
 // Task t: rows [32 t, 32 t + 32) of W against every row of x, kRowTile rows of W at a time.
 void run_task(void* data, size_t task) {
   const Work& work = *static_cast<const Work*>(data);
   const int64_t first = static_cast<int64_t>(task) * kRowsPerTask, last = std::min(first + kRowsPerTask, work.n);
   for (int64_t tile = first; tile < last; tile += kRowTile) {
     const int64_t tile_end = std::min(tile + kRowTile, last);
-    for (int64_t r = 0; r < work.rows; ++r) {
-      float* y = work.y + r * work.n;
-      int64_t n = tile;
-      for (; n + 4 <= tile_end; n += 4) dot_rows<4>(work.w, n, *work.x, r, y + n);
-      for (; n < tile_end; ++n) dot_rows<1>(work.w, n, *work.x, r, y + n);
-    }
+    int64_t r = 0;
+    for (; r + 2 <= work.rows; r += 2) rows_of_x<2>(work, tile, tile_end, r);  // a prompt: two rows of x at a time
+    for (; r < work.rows; ++r) rows_of_x<1>(work, tile, tile_end, r);
   }
 }
 
