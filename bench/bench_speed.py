@@ -68,9 +68,8 @@ def export_for(quantize: str, layers: str, kernels: str = "auto") -> Path:
     if layers == "all" and kernels == "auto":
         return ensure_export("default", quantize)
     quantized = export_dir_for("default", quantize)
-    target = quantized.with_name(
-        quantized.name + ("-unsteered" if layers == "none" else "") + f"-{kernels}" * (kernels != "auto")
-    )
+    suffix = ("-unsteered" if layers == "none" else "") + ("" if kernels == "auto" else f"-{kernels}")
+    target = quantized.with_name(quantized.name + suffix)
     if not Manifest.is_current(target):
         from grains_edge.export.onnx_export import export
 

@@ -117,10 +117,9 @@ def write_graph(model, steered: list[int], path: Path, quantize: str = "none", b
     if quantize == "none":
         return "float32"
     kinds = sorted({f"{b.bits}-bit" for b in blocks.values()})
-    has_offsets = any(b.offsets is not None for b in blocks.values())
-    exactness = "Q4_1 offsets to 8 bits" if has_offsets and not fused else "exact"
-    if has_offsets and fused:
-        exactness = "exact, Q4_1 in grains-edge's kernel"
+    exactness = "exact"
+    if any(b.offsets is not None for b in blocks.values()):
+        exactness = "exact, Q4_1 in grains-edge's kernel" if fused else "Q4_1 offsets to 8 bits"
     parts = [f"{len(blocks)} from the GGUF's own blocks ({', '.join(kinds)}; {exactness})"] if blocks else []
     if rounded:
         parts.append(f"{len(rounded)} rounded to {quantize}")

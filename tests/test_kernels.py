@@ -44,22 +44,28 @@ def specification(x: np.ndarray, nibbles: np.ndarray, d: np.ndarray, m: np.ndarr
 PATHS = {"native": (), "avx2": ("-mno-avx512f",), "plain": ("-mno-avx2", "-mno-avx512f")}
 
 
-def session(rows: int, cols: int, fields, threads: int = 2, flags=()) -> ort.InferenceSession:
-    names = ["q", "d", "m"]
-    node = helper.make_node("Q4_1MatMul", ["x", *names], ["y"], domain=kernels.DOMAIN, K=cols, N=rows)
+def one_node_session(node, inputs: list[str], initializers=(), threads: int = 2, flags=()) -> ort.InferenceSession:
+    """A session of one grains_edge node (float inputs, one float output), the library built with `flags`."""
     graph = helper.make_graph(
         [node],
-        "q4_1",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-        [numpy_helper.from_array(value, name) for name, value in zip(names, fields, strict=True)],
+        node.op_type,
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in inputs],
+        [helper.make_tensor_value_info(node.output[0], TensorProto.FLOAT, None)],
+        list(initializers),
     )
     opsets = [helper.make_opsetid("", 20), helper.make_opsetid(kernels.DOMAIN, 1)]
-    model = helper.make_model(graph, opset_imports=opsets)
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.register_custom_ops_library(str(kernels.library(flags)))
+    model = helper.make_model(graph, opset_imports=opsets)
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def session(rows: int, cols: int, fields, threads: int = 2, flags=()) -> ort.InferenceSession:
+    names = ["q", "d", "m"]
+    node = helper.make_node("Q4_1MatMul", ["x", *names], ["y"], domain=kernels.DOMAIN, K=cols, N=rows)
+    weights = [numpy_helper.from_array(value, name) for name, value in zip(names, fields, strict=True)]
+    return one_node_session(node, ["x"], weights, threads, flags)
 
 
 @needs_kernels
@@ -100,12 +106,7 @@ def test_kernel_is_close_to_the_float_product_and_the_same_on_one_thread():
 
 def steered_add_session() -> ort.InferenceSession:
     node = helper.make_node("SteeredAdd", ["h", "delta", "shift"], ["out"], domain=kernels.DOMAIN, epsilon=1e-12)
-    inputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in ("h", "delta", "shift")]
-    graph = helper.make_graph([node], "steer", inputs, [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)])
-    opsets = [helper.make_opsetid("", 20), helper.make_opsetid(kernels.DOMAIN, 1)]
-    options = ort.SessionOptions()
-    kernels.register(options)
-    return ort.InferenceSession(helper.make_model(graph, opset_imports=opsets).SerializeToString(), options)
+    return one_node_session(node, ["h", "delta", "shift"])
 
 
 @needs_kernels
