@@ -135,6 +135,7 @@ def test_kernel_names_a_wrong_input_shape():
 
 
 def test_unavailable_kernels_say_why_and_how_to_fix(monkeypatch, tmp_path):
+    monkeypatch.setenv("GRAINS_EDGE_CACHE", str(tmp_path / "empty-cache"))
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     assert "no C++ compiler" in kernels.unavailable_reason()
     monkeypatch.delenv("CXX")
@@ -152,7 +153,18 @@ def test_a_broken_build_leaves_no_library(monkeypatch, tmp_path):
     monkeypatch.setattr(kernels, "SOURCES", [broken])
     with pytest.raises(kernels.KernelsUnavailable, match="did not compile"):
         kernels.library()
-    assert not list(paths.cache_dir().glob("kernels/*/*partial*"))
+    assert not list(paths.cache_dir().rglob("*partial*"))
+
+
+@needs_kernels
+def test_a_machine_that_lost_its_compiler_and_headers_keeps_its_build(monkeypatch, tmp_path):
+    built = kernels.library()
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setattr(kernels, "header_dirs", lambda: [tmp_path])
+    assert kernels.library() == built
+    monkeypatch.setattr(kernels, "FLAGS", [*kernels.FLAGS, "-DANOTHER_BUILD"])
+    with pytest.raises(kernels.KernelsUnavailable, match="no C\\+\\+ compiler"):
+        kernels.library()
 
 
 def test_kernels_build_in_ci():

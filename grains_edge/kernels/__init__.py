@@ -8,7 +8,8 @@ registered by register.cc in the ONNX domain "grains_edge". Compiling them needs
 in `$GRAINS_EDGE_ORT_INCLUDE`, in the virtualenv's `include/onnxruntime` (where `make` unpacks Debian's
 libonnxruntime-dev), then in /usr/include/onnxruntime and /usr/local/include/onnxruntime. The library is
 built with -march=native into grains-edge's cache folder, keyed by the source, the headers, the compiler and the
-CPU, so a second run loads it at once. Without compiler or headers, exports use the stock kernels.
+CPU, so a second run loads it at once, and a machine that has since lost its compiler or headers keeps using
+its build. Without compiler, headers or an earlier build, exports use the stock kernels.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ DOMAIN = "grains_edge"  # the ONNX domain of the custom ops
 SOURCES = sorted(Path(__file__).parent.glob("*.cc"))
 FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC"]
 HEADER = "onnxruntime_cxx_api.h"
+LIBRARY = "libgrains_edge_kernels.so"
 INSTALL_HINT = (
     "install ONNX Runtime's C++ headers (Debian/Ubuntu: apt install libonnxruntime-dev; or run `make`, which "
     "unpacks them into the virtualenv) or point GRAINS_EDGE_ORT_INCLUDE at the folder holding onnxruntime_cxx_api.h"
@@ -64,26 +66,46 @@ def cpu_signature() -> str:
     return next((line for line in lines if line.startswith("flags")), "")
 
 
+def digest(*parts: bytes | str | list[str]) -> str:
+    key = hashlib.sha256()
+    for part in parts:
+        key.update(hashlib.sha256(part if isinstance(part, bytes) else str(part).encode()).digest())
+    return key.hexdigest()[:16]
+
+
+def builds_dir(flags: list[str]) -> Path:
+    """The folder of this source's builds for these flags and this CPU (one per headers and compiler)."""
+    sources = b"".join(source.read_bytes() for source in SOURCES)
+    return paths.cache_dir() / "kernels" / digest(sources, cpu_signature(), flags)
+
+
 def library_path(cxx: str, include: Path, flags: list[str]) -> Path:
     """Where the library built from this source, headers, compiler, flags and CPU lives."""
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=False).stdout
-    key = hashlib.sha256()
-    sources = b"".join(source.read_bytes() for source in SOURCES)
-    parts = (sources, (include / "onnxruntime_c_api.h").read_bytes(), version, cpu_signature(), flags)
-    for part in parts:
-        key.update(hashlib.sha256(part if isinstance(part, bytes) else str(part).encode()).digest())
-    return paths.cache_dir() / "kernels" / key.hexdigest()[:16] / "libgrains_edge_kernels.so"
+    headers = (include / "onnxruntime_c_api.h").read_bytes()
+    return builds_dir(flags) / digest(headers, version) / LIBRARY
+
+
+def cached_build(flags: list[str]) -> Path | None:
+    """The newest build of this source for these flags and CPU, whatever headers and compiler made it."""
+    built = sorted(builds_dir(flags).glob(f"*/{LIBRARY}"), key=lambda path: path.stat().st_mtime)
+    return built[-1] if built else None
 
 
 def library(extra_flags: tuple[str, ...] = ()) -> Path:
     """The compiled kernel library, building it first if needed; KernelsUnavailable when it cannot be.
+    Without a compiler or headers, a build this machine made earlier of the same source is used.
     `extra_flags` (e.g. -mno-avx512f) build a variant, which tests use to check every instruction path."""
     cxx, include = compiler(), header_dir()
+    flags = [*FLAGS, *extra_flags]
+    if cxx is None or include is None:
+        cached = cached_build(flags)
+        if cached is not None:
+            return cached
     if cxx is None:
         raise KernelsUnavailable("no C++ compiler for grains-edge's kernels; fix: install g++ (or set CXX)")
     if include is None:
         raise KernelsUnavailable(f"no ONNX Runtime headers for grains-edge's kernels; fix: {INSTALL_HINT}")
-    flags = [*FLAGS, *extra_flags]
     target = library_path(cxx, include, flags)
     if target.is_file():
         return target
