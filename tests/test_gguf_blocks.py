@@ -162,6 +162,7 @@ def test_explicit_fused_kernels_that_cannot_build_fail_clearly(tmp_path, monkeyp
     folder, blocks = q4_1_llama
     monkeypatch.setattr(onnx_export, "source_blocks", lambda spec, model, quantize: blocks)
     monkeypatch.setattr(kernels, "header_dirs", lambda: [tmp_path])
+    monkeypatch.setenv("GRAINS_EDGE_CACHE", str(tmp_path / "empty-cache"))  # no earlier build to fall back on
     with pytest.raises(GrainsError, match="no ONNX Runtime headers"):
         onnx_export.export(str(folder), tmp_path / "out", quantize="int4", kernels="fused")
     assert not (tmp_path / "out").exists()
