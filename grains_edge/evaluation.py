@@ -120,20 +120,36 @@ def truthfulqa(engine: Engine, mc1: Sequence[MCItem], mc2: Sequence[MCItem] = ()
     return results
 
 
-def ab_preference(engine: Engine, items: Sequence[ABItem], steering=None) -> dict:
-    """Rate at which the behaviour-matching answer outscores the other."""
+def ab_preference(engine: Engine, items: Sequence[ABItem], steering=None, against_unsteered: bool = False) -> dict:
+    """Rate at which the behaviour-matching answer outscores the other, and the mean log-prob margin. With
+    `against_unsteered` (and a steering), also how far the steering moves both: steered - unsteered, with
+    paired 95 % bootstrap intervals (per-item differences resampled, so item difficulty cancels out), and
+    how many items flip each way."""
     prompts = [item.question for item in items for _ in range(2)]
     answers = [answer for item in items for answer in (item.matching, item.other)]
     scores, _ = answer_logprobs(engine, prompts, answers, steering)
-    wins = (scores[0::2] > scores[1::2]).astype(float)
-    margin = scores[0::2] - scores[1::2]
-    return {
+    margin = scores[0::2] - scores[1::2]  # [items]
+    wins = (margin > 0).astype(float)
+    result = {
         "matching_rate": float(wins.mean()) if len(wins) else float("nan"),
         "matching_rate_ci95": bootstrap_interval(wins),
         "mean_logprob_margin": float(margin.mean()) if len(margin) else float("nan"),
         "mean_logprob_margin_ci95": bootstrap_interval(margin),
         "items": len(items),
     }
+    if against_unsteered and steering is not None and len(items):
+        unsteered, _ = answer_logprobs(engine, prompts, answers, None)
+        unsteered_margin = unsteered[0::2] - unsteered[1::2]  # [items]
+        unsteered_wins = (unsteered_margin > 0).astype(float)
+        result["unsteered_matching_rate"] = float(unsteered_wins.mean())
+        result["matching_rate_change"] = float((wins - unsteered_wins).mean())
+        result["matching_rate_change_ci95"] = bootstrap_interval(wins - unsteered_wins)
+        result["flipped_to_matching"] = int(((wins == 1) & (unsteered_wins == 0)).sum())
+        result["flipped_away"] = int(((wins == 0) & (unsteered_wins == 1)).sum())
+        result["unsteered_mean_logprob_margin"] = float(unsteered_margin.mean())
+        result["margin_change"] = float((margin - unsteered_margin).mean())
+        result["margin_change_ci95"] = bootstrap_interval(margin - unsteered_margin)
+    return result
 
 
 def perplexity(

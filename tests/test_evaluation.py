@@ -67,3 +67,18 @@ def test_perplexity_change_is_the_ratio_of_the_two_runs_with_a_paired_interval(e
     low, high = result["perplexity_change_ci95"]
     assert result["perplexity_change"] != 0 and low < result["perplexity_change"] < high
     assert "perplexity_change" not in perplexity(engine, prompts, responses, None, against_unsteered=True)
+
+
+def test_ab_change_is_steered_minus_unsteered_per_item_with_flip_counts(engine):
+    items = [ABItem(f"Question {i}?", f"Yes, {i} is right.", f"No, {i} is wrong.") for i in range(10)]
+    steering = np.full((engine.num_layers, engine.hidden_size), 0.5, np.float32)
+    result = ab_preference(engine, items, steering, against_unsteered=True)
+    steered, unsteered = ab_preference(engine, items, steering), ab_preference(engine, items)
+    assert result["unsteered_matching_rate"] == unsteered["matching_rate"]
+    assert result["matching_rate_change"] == pytest.approx(steered["matching_rate"] - unsteered["matching_rate"])
+    assert result["flipped_to_matching"] - result["flipped_away"] == round(10 * result["matching_rate_change"])
+    margin_change = steered["mean_logprob_margin"] - unsteered["mean_logprob_margin"]
+    assert result["margin_change"] == pytest.approx(margin_change) and margin_change != 0
+    low, high = result["margin_change_ci95"]
+    assert low <= result["margin_change"] <= high
+    assert "margin_change" not in ab_preference(engine, items, None, against_unsteered=True)

@@ -69,7 +69,7 @@ def evaluate(engine, task: str, data: str, steering, split: str, score: str, lim
         )
     if task == "ab":
         items = select(datasets.load_ab(data, score, toward), split, lambda i: i.question, limit)
-        return evaluation.ab_preference(engine, items, steering)
+        return evaluation.ab_preference(engine, items, steering, against_unsteered=True)
     prompts, responses = datasets.load_dolly(data)
     chosen = select(list(zip(prompts, responses, strict=True)), split, lambda item: item[0], limit)
     return evaluation.perplexity(
