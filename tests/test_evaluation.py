@@ -82,3 +82,17 @@ def test_ab_change_is_steered_minus_unsteered_per_item_with_flip_counts(engine):
     low, high = result["margin_change_ci95"]
     assert low <= result["margin_change"] <= high
     assert "margin_change" not in ab_preference(engine, items, None, against_unsteered=True)
+
+
+def test_truthfulqa_change_is_steered_minus_unsteered_per_question(engine):
+    items = [MCItem(f"Question {i}?", [f"Yes, {i}.", f"No, not {i}.", "Maybe."], [1, 0, 0]) for i in range(8)]
+    steering = np.full((engine.num_layers, engine.hidden_size), 0.5, np.float32)
+    result = truthfulqa(engine, items, items, steering, against_unsteered=True)
+    steered, unsteered = truthfulqa(engine, items, items, steering), truthfulqa(engine, items, items)
+    for name in ("mc1", "mc2"):
+        assert result[name] == steered[name] and result[f"unsteered_{name}"] == unsteered[name]
+        assert result[f"{name}_change"] == pytest.approx(steered[name] - unsteered[name])
+        low, high = result[f"{name}_change_ci95"]
+        assert low <= result[f"{name}_change"] <= high
+    assert result["mc2_change"] != 0
+    assert "mc1_change" not in truthfulqa(engine, items, items, None, against_unsteered=True)

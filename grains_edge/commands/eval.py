@@ -66,6 +66,7 @@ def evaluate(engine, task: str, data: str, steering, split: str, score: str, lim
             select(mc1, split, lambda i: i.question, limit),
             select(mc2, split, lambda i: i.question, limit),
             steering,
+            against_unsteered=True,
         )
     if task == "ab":
         items = select(datasets.load_ab(data, score, toward), split, lambda i: i.question, limit)
