@@ -1,7 +1,9 @@
 import json
 
 from grains_edge.cli import main
+from grains_edge.commands import tune
 from grains_edge.commands.eval import select
+from grains_edge.layers import parse_layers
 from grains_edge.profiles import load_profile
 
 
@@ -77,7 +79,8 @@ def test_vectors_then_eval_through_the_cli(tmp_path, tiny_model_dir, capsys):
     assert result["profile"] == "mine" and result["alpha"] == 0.5 and result["items"] == 1
 
 
-def test_tune_writes_the_chosen_layers_alpha_and_sweep_into_the_profile(tmp_path, tiny_model_dir, capsys):
+def tune_arguments(tmp_path, tiny_model_dir) -> list[str]:
+    """A mean-diff profile of the tiny model on 60 A/B rows, and the `tune` command line for it."""
     data = tmp_path / "ab.json"
     rows = [
         {
@@ -91,50 +94,52 @@ def test_tune_writes_the_chosen_layers_alpha_and_sweep_into_the_profile(tmp_path
     dolly = tmp_path / "dolly.jsonl"
     dolly.write_text("\n".join(json.dumps({"instruction": f"Say hello {i}", "response": "Hello!"}) for i in range(60)))
     profile = tmp_path / "p.safetensors"
-    assert (
-        main(
-            [
-                "vectors",
-                "--model",
-                str(tiny_model_dir),
-                "--data",
-                str(data),
-                "--method",
-                "mean-diff",
-                "--out",
-                str(profile),
-            ]
-        )
-        == 0
-    )
-    assert (
-        main(
-            [
-                "tune",
-                "--model",
-                str(tiny_model_dir),
-                "--profile",
-                str(profile),
-                "--task",
-                "ab",
-                "--data",
-                str(data),
-                "--ppl-data",
-                str(dolly),
-                "--alphas",
-                "0.01,0.02",
-                "--windows",
-                "1-2;all",
-            ]
-        )
-        == 0
-    )
-    tuned = load_profile(str(profile))
+    vectors = ["vectors", "--model", str(tiny_model_dir), "--data", str(data), "--method", "mean-diff"]
+    assert main([*vectors, "--out", str(profile)]) == 0
+    return [
+        "tune",
+        "--model",
+        str(tiny_model_dir),
+        "--profile",
+        str(profile),
+        "--task",
+        "ab",
+        "--data",
+        str(data),
+        "--ppl-data",
+        str(dolly),
+        "--alphas",
+        "0.01,0.03",
+        "--windows",
+        "1-2;all",
+    ]
+
+
+def test_tune_writes_the_chosen_layers_alpha_and_sweep_into_the_profile(tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.setattr(tune, "PPL_BUDGET", float("inf"))  # every setting admissible: one is chosen
+    arguments = tune_arguments(tmp_path, tiny_model_dir)
+    assert main(arguments) == 0
+    tuned = load_profile(arguments[arguments.index("--profile") + 1])
     report = json.loads(tuned.metadata["tuning"])
     assert len(report["sweep"]) == 4 and report["unsteered"]["ppl"] > 0
     assert report["ppl_items"] == 60 - len(select(list(range(60)), "report", lambda i: f"Say hello {i}"))
-    if report["chosen"]:
-        assert tuned.alpha == report["chosen"]["alpha"]
+    chosen = report["chosen"]
+    assert tuned.alpha == chosen["alpha"] and tuned.layers == parse_layers(chosen["layers"], 4)
+    assert max(report["sweep"], key=lambda r: (r["behaviour"], r["tie_break"], -r["alpha"])) == chosen
+
+
+def test_tune_with_no_admissible_setting_says_so_and_keeps_the_profile_as_built(
+    tmp_path, tiny_model_dir, monkeypatch, capsys
+):
+    monkeypatch.setattr(tune, "PPL_BUDGET", 0.0)  # no perplexity passes
+    arguments = tune_arguments(tmp_path, tiny_model_dir)
+    built = load_profile(arguments[arguments.index("--profile") + 1])
+    assert built.alpha == 0.02  # the default strength: in units of the hidden-state norm
+    assert main(arguments) == 0
+    tuned = load_profile(arguments[arguments.index("--profile") + 1])
+    assert json.loads(tuned.metadata["tuning"])["chosen"] is None
+    assert tuned.alpha == built.alpha and tuned.layers == built.layers
+    assert "no setting passed the capability check" in capsys.readouterr().err
 
 
 def test_splits_partition_the_items_and_train_plus_tune_is_all_but_report():

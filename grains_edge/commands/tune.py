@@ -13,7 +13,9 @@ the metric (frequent on a few dozen items) go to MC2 or the mean log-prob margin
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import sys
 import time
 
 PPL_BUDGET = 1.03
@@ -28,7 +30,7 @@ def register(subparsers) -> None:
     parser.add_argument("--ppl-data", required=True, help="Dolly JSONL for the perplexity check")
     parser.add_argument("--mmlu", default=None, help="2-choice MMLU JSON for the capability check (optional)")
     parser.add_argument("--model", default="default")
-    parser.add_argument("--alphas", default="0.25,0.5,1.0")
+    parser.add_argument("--alphas", default="0.005,0.01,0.02,0.03", help="strengths, in hidden-state norms")
     parser.add_argument("--windows", default="auto", help="auto, or layer specs separated by ';' (e.g. 0-9;10-19;all)")
     parser.add_argument("--score", default="text", choices=("text", "letter"))
     parser.add_argument("--toward", default="matching", choices=("matching", "not-matching"))
@@ -90,10 +92,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"unsteered: {base}", flush=True)
     rows = []
     for window in windows:
-        layers = parse_layers(window, engine.num_layers)
-        profile.layers = layers
+        windowed = dataclasses.replace(profile, layers=parse_layers(window, engine.num_layers))
         for alpha in alphas:
-            row = {"layers": window, "alpha": alpha, **measure(steering_tensor(profile, alpha))}
+            row = {"layers": window, "alpha": alpha, **measure(steering_tensor(windowed, alpha))}
             row["admissible"] = row["ppl"] <= base["ppl"] * PPL_BUDGET and (
                 not mmlu or row["mmlu"] >= base["mmlu"] - MMLU_BUDGET
             )
@@ -113,6 +114,12 @@ def run(args: argparse.Namespace) -> int:
     if best is not None:
         profile.layers = parse_layers(best["layers"], engine.num_layers)
         profile.alpha = best["alpha"]
+    else:
+        print(
+            "[grains-edge] no setting passed the capability check (perplexity +3 %, MMLU-AB -1 point); the profile "
+            f"keeps α {profile.alpha:g}; fix: try smaller --alphas or other --windows",
+            file=sys.stderr,
+        )
     profile.metadata["tuning"] = json.dumps(report)
     save_profile(profile, profile.path)
     if args.report:

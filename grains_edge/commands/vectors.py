@@ -18,7 +18,9 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--model", default="default")
     parser.add_argument("--layers", default="all", help="layers the profile steers: all | A-B | i,j,k")
-    parser.add_argument("--alpha", type=float, default=0.5, help="default strength (tune chooses one)")
+    parser.add_argument(
+        "--alpha", type=float, default=0.02, help="default strength, in hidden-state norms (tune chooses one)"
+    )
     parser.add_argument("--k", type=int, default=10, help="GRAINS: tokens masked on each side")
     parser.add_argument("--ig-steps", type=int, default=20, help="GRAINS: Integrated Gradients steps")
     parser.add_argument(
