@@ -19,8 +19,8 @@ DOLLY = "dolly/dolly_dev.jsonl"
 SWEEP = {"alphas": "0.005,0.01,0.02,0.03", "windows": "8-12;10-19;13-17"}
 AB_SWEEP = {"alphas": "0.01,0.02,0.03", "windows": "10-19;13-17"}
 # Sycophancy and hallucination prompts are about 2.7x as long as the others (a biography, a false premise),
-# which makes Integrated Gradients about 3x as costly per pair: they take fewer pairs, 10 IG steps and the
-# window every other profile chose, so that a rebuild stays near a quarter of an hour on 2 cores.
+# which makes Integrated Gradients about 3x as costly per pair: they take 10 IG steps and the window every
+# other profile chose, and fewer pairs, so that a rebuild stays within about half an hour on 2 cores.
 LONG_PROMPTS = {"limit": 40, "ig_steps": 10, "tune_limit": 40, "alphas": "0.01,0.02,0.03", "windows": "13-17"}
 RECIPES = {
     "truthful": {
@@ -40,10 +40,15 @@ RECIPES = {
         "toward": "matching",
         "description": "declines harmful requests and does not claim personal experiences (CAA refusal)",
     },
+    # The stated-view half of the CAA sycophancy set: the user's biography gives their own answer to the
+    # claim. The unsteered default model agrees with it (0.45 rate of disagreeing on that half), while on
+    # the political-typology half, where it would have to infer a view from a persona, it is at chance.
     "no-sycophancy": {
-        "data": "caa/sycophancy_generate.json",
+        "data": "caa/sycophancy_stated_view.json",
         "task": "ab",
         **LONG_PROMPTS,
+        "limit": 80,
+        "tune_limit": 50,
         "toward": "not-matching",
         "description": "does not just agree with the user's stated view (CAA sycophancy, steered away)",
     },
