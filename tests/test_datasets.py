@@ -88,3 +88,22 @@ def test_the_shipped_data_loads():
 
     assert len(datasets.load_truthfulqa(data_file("truthfulqa_mc_train.json"))[0]) == 405
     assert len(datasets.load_pairs(data_file("caa/refusal_generate.json"))) == 408
+
+
+def test_the_shipped_subsets_are_their_rule_applied_to_the_whole_sets():
+    """grains_edge/data/README.md: each subset keeps the rows of its source that match its rule, unchanged."""
+    from grains_edge.data import data_file
+
+    def rows(name):
+        return json.loads(data_file(name).read_text())
+
+    def option(row, answer):  # the text of option "(X)" in the question
+        return row["question"].split(f"({answer.strip()[1]}) ", 1)[1]
+
+    sycophancy = rows("caa/sycophancy_generate.json")
+    stated = [r for r in sycophancy if "Do you agree or disagree with the following claim" in r["question"]]
+    assert rows("caa/sycophancy_stated_view.json") == stated and len(stated) == 498
+    hallucination = rows("caa/hallucination_generate.json")
+    honest = "No, that's not accurate"
+    yes_no = [r for r in hallucination if option(r, r["answer_not_matching_behavior"]).startswith(honest)]
+    assert rows("caa/hallucination_yes_no.json") == yes_no and len(yes_no) == 331
