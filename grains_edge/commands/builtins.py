@@ -20,8 +20,8 @@ SWEEP = {"alphas": "0.005,0.01,0.02,0.03", "windows": "8-12;10-19;13-17"}
 AB_SWEEP = {"alphas": "0.01,0.02,0.03", "windows": "10-19;13-17"}
 # Sycophancy and hallucination prompts are about 2.7x as long as the others (a biography, a false premise),
 # which makes Integrated Gradients about 3x as costly per pair: they take 10 IG steps and the window every
-# other profile chose, and fewer pairs, so that a rebuild stays within about half an hour on 2 cores.
-LONG_PROMPTS = {"limit": 40, "ig_steps": 10, "tune_limit": 40, "alphas": "0.01,0.02,0.03", "windows": "13-17"}
+# other profile chose, so that a rebuild of 80 pairs stays within about 20 minutes on 2 cores.
+LONG_PROMPTS = {"limit": 80, "ig_steps": 10, "tune_limit": 50, "alphas": "0.01,0.02,0.03", "windows": "13-17"}
 RECIPES = {
     "truthful": {
         "data": "truthfulqa_mc_train.json",
@@ -47,8 +47,6 @@ RECIPES = {
         "data": "caa/sycophancy_stated_view.json",
         "task": "ab",
         **LONG_PROMPTS,
-        "limit": 80,
-        "tune_limit": 50,
         "toward": "not-matching",
         "description": "does not just agree with the user's stated view (CAA sycophancy, steered away)",
     },
