@@ -137,8 +137,8 @@ async def test_escape_stops_the_reply_and_keeps_what_was_shown(tmp_path):
 
 
 async def test_quitting_mid_reply_saves_it(tmp_path):
-    long_reply = " ".join(f"word{i}" for i in range(400))
-    app, _ = fake_app(tmp_path / "chat.sqlite3", FakeEngine(lambda m, s: long_reply, delay=0.005))
+    long_reply = " ".join(f"word{i}" for i in range(2000))  # 40 s at the fake pace: still streaming at ctrl+q
+    app, _ = fake_app(tmp_path / "chat.sqlite3", FakeEngine(lambda m, s: long_reply, delay=0.02))
     async with app.run_test(size=SIZE) as pilot:
         app.query_one(Composer).insert("Talk")
         await pilot.press("enter")
