@@ -41,6 +41,11 @@ async def pick_profile(pilot, name: str) -> None:
     await pilot.pause()
 
 
+# Seconds per fake token for replies a test interrupts: the 256 max tokens take 13 s, so a slow first render
+# cannot let the reply finish before the test presses escape or ctrl+q (both tests act at the first words).
+SLOW = 0.05
+
+
 async def until(pilot, condition: Callable[[], object], seconds: float = 10.0) -> None:
     """Let the app run until condition() holds; fail after `seconds`."""
     deadline = time.monotonic() + seconds
@@ -120,7 +125,7 @@ async def test_mixing_two_profiles_adds_their_steering(tmp_path):
 
 async def test_escape_stops_the_reply_and_keeps_what_was_shown(tmp_path):
     long_reply = " ".join(f"word{i}" for i in range(400))
-    app, engine = fake_app(tmp_path / "chat.sqlite3", FakeEngine(lambda m, s: long_reply, delay=0.005))
+    app, engine = fake_app(tmp_path / "chat.sqlite3", FakeEngine(lambda m, s: long_reply, delay=SLOW))
     async with app.run_test(size=SIZE) as pilot:
         app.query_one(Composer).insert("Talk for a long time")
         await pilot.press("enter")
@@ -137,8 +142,8 @@ async def test_escape_stops_the_reply_and_keeps_what_was_shown(tmp_path):
 
 
 async def test_quitting_mid_reply_saves_it(tmp_path):
-    long_reply = " ".join(f"word{i}" for i in range(2000))  # 40 s at the fake pace: still streaming at ctrl+q
-    app, _ = fake_app(tmp_path / "chat.sqlite3", FakeEngine(lambda m, s: long_reply, delay=0.02))
+    long_reply = " ".join(f"word{i}" for i in range(400))
+    app, _ = fake_app(tmp_path / "chat.sqlite3", FakeEngine(lambda m, s: long_reply, delay=SLOW))
     async with app.run_test(size=SIZE) as pilot:
         app.query_one(Composer).insert("Talk")
         await pilot.press("enter")
