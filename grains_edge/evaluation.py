@@ -95,6 +95,13 @@ def bootstrap_interval(
     return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
 
 
+def paired_change(steered: np.ndarray, unsteered: np.ndarray) -> tuple[float, list[float]]:
+    """Mean per-item change steered - unsteered and its 95 % bootstrap interval: the per-item differences
+    are resampled, so item difficulty cancels out."""
+    difference = np.asarray(steered, float) - np.asarray(unsteered, float)  # [items]
+    return float(difference.mean()), bootstrap_interval(difference)
+
+
 def truthfulqa(
     engine: Engine, mc1: Sequence[MCItem], mc2: Sequence[MCItem] = (), steering=None, against_unsteered: bool = False
 ) -> dict:
@@ -115,8 +122,7 @@ def truthfulqa(
         if len(per_run) == 2:
             unsteered = per_run[1][name]
             results[f"unsteered_{name}"] = float(np.mean(unsteered))
-            results[f"{name}_change"] = float(np.mean(per_item - unsteered))
-            results[f"{name}_change_ci95"] = bootstrap_interval(per_item - unsteered)
+            results[f"{name}_change"], results[f"{name}_change_ci95"] = paired_change(per_item, unsteered)
     results["questions"] = len(mc1)
     return results
 
@@ -143,8 +149,7 @@ def question_scores(score_of: dict, mc1: Sequence[MCItem], mc2: Sequence[MCItem]
 def ab_preference(engine: Engine, items: Sequence[ABItem], steering=None, against_unsteered: bool = False) -> dict:
     """Rate at which the behaviour-matching answer outscores the other, and the mean log-prob margin. With
     `against_unsteered` (and a steering), also how far the steering moves both: steered - unsteered, with
-    paired 95 % bootstrap intervals (per-item differences resampled, so item difficulty cancels out), and
-    how many items flip each way."""
+    paired 95 % bootstrap intervals (`paired_change`), and how many items flip each way."""
     prompts = [item.question for item in items for _ in range(2)]
     answers = [answer for item in items for answer in (item.matching, item.other)]
     scores, _ = answer_logprobs(engine, prompts, answers, steering)
@@ -162,13 +167,11 @@ def ab_preference(engine: Engine, items: Sequence[ABItem], steering=None, agains
         unsteered_margin = unsteered[0::2] - unsteered[1::2]  # [items]
         unsteered_wins = (unsteered_margin > 0).astype(float)
         result["unsteered_matching_rate"] = float(unsteered_wins.mean())
-        result["matching_rate_change"] = float((wins - unsteered_wins).mean())
-        result["matching_rate_change_ci95"] = bootstrap_interval(wins - unsteered_wins)
+        result["matching_rate_change"], result["matching_rate_change_ci95"] = paired_change(wins, unsteered_wins)
         result["flipped_to_matching"] = int(((wins == 1) & (unsteered_wins == 0)).sum())
         result["flipped_away"] = int(((wins == 0) & (unsteered_wins == 1)).sum())
         result["unsteered_mean_logprob_margin"] = float(unsteered_margin.mean())
-        result["margin_change"] = float((margin - unsteered_margin).mean())
-        result["margin_change_ci95"] = bootstrap_interval(margin - unsteered_margin)
+        result["margin_change"], result["margin_change_ci95"] = paired_change(margin, unsteered_margin)
     return result
 
 

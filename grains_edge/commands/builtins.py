@@ -41,7 +41,7 @@ RECIPES = {
         "description": "declines harmful requests and does not claim personal experiences (CAA refusal)",
     },
     # The stated-view half of the CAA sycophancy set: the user's biography gives their own answer to the
-    # claim. The unsteered default model agrees with it (0.45 rate of disagreeing on that half), while on
+    # claim. The unsteered default model agrees with it (it disagrees on 0.40 of that half's report split), while on
     # the political-typology half, where it would have to infer a view from a persona, it is at chance.
     "no-sycophancy": {
         "data": "caa/sycophancy_stated_view.json",
