@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,15 +42,24 @@ class Profile:
 
 def steering_tensor(profile: Profile, alpha: float | None = None) -> np.ndarray:
     """alpha * vectors on the profile's layers, zeros elsewhere: [num_layers, hidden] float32."""
-    strength = profile.alpha if alpha is None else alpha
-    steering = np.zeros_like(profile.vectors, dtype=np.float32)
-    steering[profile.layers] = strength * profile.vectors[profile.layers]
+    return combine([(profile, alpha)])
+
+
+def combine(terms: Sequence[tuple[Profile, float | None]]) -> np.ndarray:
+    """The one strength rule: sum over terms of α * vectors on that profile's layers ([num_layers, hidden]
+    float32); α None is the profile's own default. A mix weight w means α = w * profile.alpha."""
+    if not terms:
+        raise GrainsError("nothing to steer with; fix: name at least one profile")
+    steering = np.zeros_like(terms[0][0].vectors, dtype=np.float32)
+    for profile, alpha in terms:
+        strength = profile.alpha if alpha is None else alpha
+        steering[profile.layers] += strength * profile.vectors[profile.layers]
     return steering
 
 
-def mix(weighted: list[tuple[Profile, float]]) -> np.ndarray:
+def mix(weighted: Sequence[tuple[Profile, float]]) -> np.ndarray:
     """Sum of steering tensors, each at weight * its own default strength."""
-    return sum(steering_tensor(profile, profile.alpha * weight) for profile, weight in weighted)
+    return combine([(profile, weight * profile.alpha) for profile, weight in weighted])
 
 
 def save_profile(profile: Profile, path: str | Path) -> Path:
