@@ -10,16 +10,24 @@ the answer is the assistant turn. Sequences are scored in right-padded batches s
   * Perplexity: mean per-token negative log-likelihood of reference responses (Dolly); a profile's
     change of it is measured against the unsteered model on the same items (paired).
 Intervals are 95 % bootstrap intervals over items (1,000 resamples, fixed seed).
+
+No number is reported unless it is finite: an item longer than the model's context is refused before any
+array is allocated (`fitting` drops them beforehand, with a count), log-probabilities that come out NaN or
+infinite raise NonFiniteScores naming the likely cause, and every result is checked before it is returned.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 
 from grains_edge.engine import Engine
+from grains_edge.errors import GrainsError
+
+T = TypeVar("T")
 
 BATCH_TOKENS = 2048  # padded tokens per forward pass
 
@@ -38,15 +46,70 @@ class ABItem:
     other: str
 
 
+class NonFiniteScores(GrainsError):
+    """Log-probabilities or a score came out NaN or infinite: no result can be reported."""
+
+
+def steering_blame(steering: np.ndarray | None) -> str:
+    """The likely cause of non-finite scores, with its fix."""
+    if steering is None:
+        return "the unsteered model's scores are not finite: the export is damaged; fix: export the model again"
+    return (
+        "the steered model's scores are not finite: the profile or its α is too strong, or the profile is damaged; "
+        "fix: lower --alpha or rebuild the profile"
+    )
+
+
+def token_pairs(engine: Engine, prompts: Sequence[str], answers: Sequence[str]) -> list[tuple[list[int], list[int]]]:
+    """(chat-template prompt ids, answer ids) of each prompt/answer pair."""
+    prompt_ids = {p: engine.chat_ids([{"role": "user", "content": p}]) for p in set(prompts)}
+    encode = engine.tokenizer.encode
+    return [(prompt_ids[p], encode(a, add_special_tokens=False)) for p, a in zip(prompts, answers, strict=True)]
+
+
+def fitting(
+    engine: Engine, items: Sequence[T], sequences: Callable[[T], Iterable[tuple[str, str]]]
+) -> tuple[list[T], int]:
+    """(the items whose every (prompt, answer) sequence fits the model's context, how many did not)."""
+    kept = []
+    for item in items:
+        pairs = list(sequences(item))
+        lengths = [len(p) + len(a) for p, a in token_pairs(engine, [p for p, _ in pairs], [a for _, a in pairs])]
+        if max(lengths) <= engine.max_context:
+            kept.append(item)
+    return kept, len(items) - len(kept)
+
+
+def check_finite(result: dict, steering: np.ndarray | None) -> dict:
+    """`result` when every number in it is finite; a NonFiniteScores naming the first one that is not."""
+    for name, value in result.items():
+        if not np.isfinite(np.asarray(value, float)).all():
+            raise NonFiniteScores(f"'{name}' came out {value}: {steering_blame(steering)}")
+    return result
+
+
+def require_items(items: Sequence, what: str) -> None:
+    if not len(items):
+        raise GrainsError(f"no {what} to score; fix: pass a data file (and split) that has some")
+
+
 def answer_logprobs(
     engine: Engine, prompts: Sequence[str], answers: Sequence[str], steering: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(summed log p(answer | prompt), answer token counts) for each prompt/answer pair."""
-    tokenizer = engine.tokenizer
-    prompt_ids = {p: engine.chat_ids([{"role": "user", "content": p}]) for p in set(prompts)}
-    pairs = [
-        (prompt_ids[p], tokenizer.encode(a, add_special_tokens=False)) for p, a in zip(prompts, answers, strict=True)
-    ]
+    """(summed log p(answer | prompt), answer token counts) for each prompt/answer pair. A pair longer than the
+    context is a GrainsError before anything is allocated; non-finite log-probabilities are NonFiniteScores."""
+    if steering is not None and not np.isfinite(steering).all():
+        raise NonFiniteScores(
+            "the steering holds NaN or infinite values: the profile or its α is damaged; fix: rebuild the profile"
+        )
+    pairs = token_pairs(engine, prompts, answers)
+    longest = max((len(p) + len(a) for p, a in pairs), default=0)
+    if longest > engine.max_context:
+        too_long = sum(len(p) + len(a) > engine.max_context for p, a in pairs)
+        raise GrainsError(
+            f"{too_long} prompt+answer sequences are longer than the model's context ({longest} > "
+            f"{engine.max_context} tokens); fix: leave out the items longer than the context"
+        )
     totals = np.zeros(len(pairs))
     counts = np.array([len(a) for _, a in pairs])
     order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
@@ -70,6 +133,8 @@ def answer_logprobs(
         for row, index in enumerate(batch):
             prompt, answer = pairs[index]
             rows = logits[row, len(prompt) - 1 : len(prompt) + len(answer) - 1]  # predict each answer token
+            if not np.isfinite(rows).all():  # finite logits give finite log-probabilities below
+                raise NonFiniteScores(steering_blame(steering))
             rows = rows - rows.max(-1, keepdims=True)
             log_probs = rows - np.log(np.exp(rows).sum(-1, keepdims=True))
             totals[index] = log_probs[np.arange(len(answer)), answer].sum()
@@ -84,7 +149,7 @@ def bootstrap_interval(
     weighted by token counts give a ratio of sums)."""
     values = np.asarray(values, float)
     if len(values) == 0:
-        return [float("nan"), float("nan")]
+        raise ValueError("no values to resample")
     rng = np.random.default_rng(seed)
     picks = rng.integers(0, len(values), (resamples, len(values)))  # [resamples, items]
     if weights is None:
@@ -109,6 +174,7 @@ def truthfulqa(
     Each distinct question/answer pair is scored once, however many of the two tasks use it. With
     `against_unsteered` (and a steering), also each score's change against the unsteered model on the same
     questions, with a paired 95 % bootstrap interval."""
+    require_items(mc1, "TruthfulQA questions")
     pairs = sorted({(item.question, choice) for items in (mc1, mc2) for item in items for choice in item.choices})
     runs = [steering] + ([None] if against_unsteered and steering is not None else [])
     per_run = []  # one {task: [per-question score]} per run: steered first
@@ -124,7 +190,7 @@ def truthfulqa(
             results[f"unsteered_{name}"] = float(np.mean(unsteered))
             results[f"{name}_change"], results[f"{name}_change_ci95"] = paired_change(per_item, unsteered)
     results["questions"] = len(mc1)
-    return results
+    return check_finite(results, steering)
 
 
 def question_scores(score_of: dict, mc1: Sequence[MCItem], mc2: Sequence[MCItem]) -> dict[str, np.ndarray]:
@@ -150,19 +216,20 @@ def ab_preference(engine: Engine, items: Sequence[ABItem], steering=None, agains
     """Rate at which the behaviour-matching answer outscores the other, and the mean log-prob margin. With
     `against_unsteered` (and a steering), also how far the steering moves both: steered - unsteered, with
     paired 95 % bootstrap intervals (`paired_change`), and how many items flip each way."""
+    require_items(items, "A/B items")
     prompts = [item.question for item in items for _ in range(2)]
     answers = [answer for item in items for answer in (item.matching, item.other)]
     scores, _ = answer_logprobs(engine, prompts, answers, steering)
     margin = scores[0::2] - scores[1::2]  # [items]
     wins = (margin > 0).astype(float)
     result = {
-        "matching_rate": float(wins.mean()) if len(wins) else float("nan"),
+        "matching_rate": float(wins.mean()),
         "matching_rate_ci95": bootstrap_interval(wins),
-        "mean_logprob_margin": float(margin.mean()) if len(margin) else float("nan"),
+        "mean_logprob_margin": float(margin.mean()),
         "mean_logprob_margin_ci95": bootstrap_interval(margin),
         "items": len(items),
     }
-    if against_unsteered and steering is not None and len(items):
+    if against_unsteered and steering is not None:
         unsteered, _ = answer_logprobs(engine, prompts, answers, None)
         unsteered_margin = unsteered[0::2] - unsteered[1::2]  # [items]
         unsteered_wins = (unsteered_margin > 0).astype(float)
@@ -172,7 +239,7 @@ def ab_preference(engine: Engine, items: Sequence[ABItem], steering=None, agains
         result["flipped_away"] = int(((wins == 0) & (unsteered_wins == 1)).sum())
         result["unsteered_mean_logprob_margin"] = float(unsteered_margin.mean())
         result["margin_change"], result["margin_change_ci95"] = paired_change(margin, unsteered_margin)
-    return result
+    return check_finite(result, steering)
 
 
 def perplexity(
@@ -181,20 +248,22 @@ def perplexity(
     """Mean per-token negative log-likelihood of `responses` and its exp. With `against_unsteered` (and a
     steering), also how much the steering raises it: steered / unsteered - 1, with a paired 95 % bootstrap
     interval (both runs resampled on the same items, so item difficulty cancels out)."""
+    require_items(prompts, "responses")
     scores, counts = answer_logprobs(engine, prompts, responses, steering)
     nll = float(-scores.sum() / max(1, counts.sum()))
     per_item = -scores / np.maximum(counts, 1)
-    result = {
-        "nll_per_token": nll,
-        "perplexity": float(np.exp(nll)),
-        "nll_ci95": bootstrap_interval(per_item),
-        "items": len(prompts),
-    }
-    if against_unsteered and steering is not None:
-        unsteered, _ = answer_logprobs(engine, prompts, responses, None)
-        raised = (unsteered - scores) / np.maximum(counts, 1)  # per item: NLL per token, steered - unsteered
-        result["unsteered_perplexity"] = float(np.exp(-unsteered.sum() / max(1, counts.sum())))
-        result["perplexity_change"] = float(np.exp((unsteered - scores).sum() / max(1, counts.sum())) - 1)
-        low, high = bootstrap_interval(raised, weights=counts)  # of the NLL rise; exp - 1 is monotonic
-        result["perplexity_change_ci95"] = [float(np.expm1(low)), float(np.expm1(high))]
-    return result
+    with np.errstate(over="ignore"):  # exp overflowing to inf is reported by check_finite, not as a warning
+        result = {
+            "nll_per_token": nll,
+            "perplexity": float(np.exp(nll)),
+            "nll_ci95": bootstrap_interval(per_item),
+            "items": len(prompts),
+        }
+        if against_unsteered and steering is not None:
+            unsteered, _ = answer_logprobs(engine, prompts, responses, None)
+            raised = (unsteered - scores) / np.maximum(counts, 1)  # per item: NLL per token, steered - unsteered
+            result["unsteered_perplexity"] = float(np.exp(-unsteered.sum() / max(1, counts.sum())))
+            result["perplexity_change"] = float(np.exp((unsteered - scores).sum() / max(1, counts.sum())) - 1)
+            low, high = bootstrap_interval(raised, weights=counts)  # of the NLL rise; exp - 1 is monotonic
+            result["perplexity_change_ci95"] = [float(np.expm1(low)), float(np.expm1(high))]
+    return check_finite(result, steering)

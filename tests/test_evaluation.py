@@ -2,12 +2,15 @@ import numpy as np
 import pytest
 
 from grains_edge.engine import Engine
+from grains_edge.errors import GrainsError
 from grains_edge.evaluation import (
     ABItem,
     MCItem,
+    NonFiniteScores,
     ab_preference,
     answer_logprobs,
     bootstrap_interval,
+    fitting,
     perplexity,
     truthfulqa,
 )
@@ -96,3 +99,86 @@ def test_truthfulqa_change_is_steered_minus_unsteered_per_question(engine):
         assert low <= result[f"{name}_change"] <= high
     assert result["mc2_change"] != 0
     assert "mc1_change" not in truthfulqa(engine, items, items, None, against_unsteered=True)
+
+
+# ---- no number unless it is finite; no allocation for a sequence the context cannot hold --------------------
+
+MC = [MCItem(f"Question {i}?", [f"Yes, {i}.", f"No, not {i}."], [1, 0]) for i in range(3)]
+AB = [ABItem(f"Question {i}?", f"Yes, {i} is right.", f"No, {i} is wrong.") for i in range(3)]
+PROMPTS, RESPONSES = ["Say hello.", "Name a city."], ["Hello there!", "Paris."]
+
+
+def every_metric(engine, steering):
+    """Each metric on a few items, paired against the unsteered model."""
+    return [
+        lambda: truthfulqa(engine, MC, MC, steering, against_unsteered=True),
+        lambda: ab_preference(engine, AB, steering, against_unsteered=True),
+        lambda: perplexity(engine, PROMPTS, RESPONSES, steering, against_unsteered=True),
+    ]
+
+
+def test_nan_steering_is_an_error_naming_the_profile_not_a_nan_result(engine):
+    steering = np.full((engine.num_layers, engine.hidden_size), np.nan, np.float32)
+    for metric in every_metric(engine, steering):
+        with pytest.raises(NonFiniteScores, match="fix: rebuild the profile"):
+            metric()
+
+
+def test_non_finite_logits_are_an_error_naming_the_likely_cause(engine, monkeypatch):
+    forward = engine.forward
+
+    def poisoned(ids, mask, steering=None):
+        logits = forward(ids, mask, steering)
+        logits[:, :, 5] = np.inf if steering is None else np.nan
+        return logits
+
+    monkeypatch.setattr(engine, "forward", poisoned)
+    for metric in every_metric(engine, None):
+        with pytest.raises(NonFiniteScores, match="unsteered model's scores are not finite: the export is damaged"):
+            metric()
+    steering = np.full((engine.num_layers, engine.hidden_size), 0.1, np.float32)
+    for metric in every_metric(engine, steering):
+        with pytest.raises(NonFiniteScores, match="steered model's scores are not finite: .*fix: lower --alpha"):
+            metric()
+
+
+def test_a_perplexity_that_overflows_is_an_error_not_inf(engine, monkeypatch):
+    def certain_of_token_zero(ids, mask, steering=None):  # every answer token gets log p = -1e5
+        logits = np.zeros((*ids.shape, engine.manifest.vocab_size), np.float32)
+        logits[:, :, 0] = 1e5
+        return logits
+
+    monkeypatch.setattr(engine, "forward", certain_of_token_zero)
+    with pytest.raises(NonFiniteScores, match="'perplexity' came out inf"):
+        perplexity(engine, PROMPTS, RESPONSES)
+
+
+def test_no_items_is_an_error_not_a_score(engine):
+    for metric in (
+        lambda: truthfulqa(engine, [], []),
+        lambda: ab_preference(engine, []),
+        lambda: perplexity(engine, [], []),
+    ):
+        with pytest.raises(GrainsError, match="to score; fix:"):
+            metric()
+
+
+def test_too_long_items_are_refused_before_allocation_and_fitting_leaves_them_out(engine, monkeypatch):
+    long_response = " ".join(["Steering vectors change what a language model says."] * 40)
+    prompts, responses = [*PROMPTS, "Say it all."], [*RESPONSES, long_response]
+    assert len(engine.tokenizer.encode(long_response)) > engine.max_context
+    short = perplexity(engine, PROMPTS, RESPONSES)
+    kept, skipped = fitting(engine, list(zip(prompts, responses, strict=True)), lambda item: [item])
+    assert skipped == 1 and kept == list(zip(PROMPTS, RESPONSES, strict=True))
+
+    def no_forward(*_args):
+        raise AssertionError("forward ran on a sequence longer than the context")
+
+    monkeypatch.setattr(engine, "forward", no_forward)
+    with pytest.raises(
+        GrainsError,
+        match=f"1 prompt\\+answer sequences are longer than the model's context .* > {engine.max_context} tokens",
+    ):
+        perplexity(engine, prompts, responses)
+    monkeypatch.undo()
+    assert perplexity(engine, [p for p, _ in kept], [r for _, r in kept]) == short
