@@ -1,0 +1,219 @@
+"""Continuous batching: one thread runs the engine's session for every request at once.
+
+Each loop turn: drop cancelled rows, admit waiting requests into free slots (each newcomer's prompt is one
+batch-1 step on its own slot, and yields its first token), then one decode step for all active rows
+together, each with its own steering row, KV slot and position. A row leaves when it ends (stop token,
+stop string, max_tokens) or is cancelled, and its slot goes to the next request at once. Decoding is
+bandwidth-bound on a CPU, so a step of k rows costs little more than a step of one: the weights are read
+once per step, not once per row.
+
+Requests wait in a bounded queue; `submit` refuses one when it is full (the HTTP layer answers 429).
+Events reach a request through its `emit` callback, called on the batcher thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from grains_edge.engine import Engine, GenerationSettings, pick_token
+from grains_edge.serve.slots import SlotCache
+
+
+@dataclass(frozen=True)
+class Piece:
+    text: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    reason: str  # stop | length
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class Failed:
+    message: str
+
+
+Event = Piece | Finished | Failed
+
+
+class QueueFull(Exception):
+    """More requests wait than the queue holds."""
+
+
+@dataclass(eq=False)
+class Job:
+    """One request's generation: its inputs, where its events go, and its progress."""
+
+    prompt_ids: list[int]
+    steering: np.ndarray | None  # [layers, hidden]; None = unsteered
+    settings: GenerationSettings
+    emit: Callable[[Event], None]
+    stop: tuple[str, ...] = ()
+    number: int = field(default_factory=itertools.count().__next__)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    generated: list[int] = field(default_factory=list)
+    shown: int = 0  # characters of the decoded text already emitted
+    done: bool = False
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+def held_back(text: str, stops: tuple[str, ...]) -> int:
+    """Characters at the end of `text` that may be the start of a stop string, so not shown yet."""
+    return max((k for stop in stops for k in range(1, len(stop)) if text.endswith(stop[:k])), default=0)
+
+
+class Batcher:
+    """The scheduler over one engine: `submit` jobs from any thread, `start` the loop, `close` it."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        max_batch: int,
+        capacity: int,
+        max_queue: int,
+        on_logits: Callable[[Job, int, np.ndarray], None] | None = None,
+    ):
+        self.engine = engine
+        self.slots = SlotCache(engine, max_batch, capacity)
+        self.max_queue = max_queue
+        self.on_logits = on_logits  # a debug hook: (job, step, logits [vocab]) before each token is picked
+        self.pending: deque[Job] = deque()
+        self.active: list[Job] = []  # active[i] decodes in slot i
+        self.state: dict[Job, tuple[np.random.Generator, np.ndarray]] = {}  # rng and seen tokens [vocab]
+        self.condition = threading.Condition()
+        self.closed = False
+        self.thread = threading.Thread(target=self.run, name="grains-edge-batcher", daemon=True)
+
+    @property
+    def capacity(self) -> int:
+        return self.slots.capacity
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def close(self) -> None:
+        with self.condition:
+            self.closed = True
+            self.condition.notify()
+        self.thread.join()
+
+    def submit(self, job: Job) -> None:
+        with self.condition:
+            if len(self.pending) >= self.max_queue:
+                raise QueueFull(f"{len(self.pending)} requests are waiting")
+            self.pending.append(job)
+            self.condition.notify()
+
+    def cancel(self, job: Job) -> None:
+        """Drop `job` at the next step; wake the loop so a waiting job can take the slot."""
+        job.cancel()
+        with self.condition:
+            self.condition.notify()
+
+    def counts(self) -> dict[str, int]:
+        return {"active": len(self.active), "queued": len(self.pending), "max_batch": self.slots.max_batch}
+
+    # ---- the loop (batcher thread only) ------------------------------------------------------
+
+    def run(self) -> None:
+        while True:
+            with self.condition:
+                while not self.closed and not self.pending and not self.active:
+                    self.condition.wait()
+                if self.closed:
+                    break
+            try:
+                self.turn()
+            except Exception as error:  # the session failed: every row in flight fails, the server goes on
+                for job in list(self.active):
+                    self.finish(job, Failed(f"generation failed ({error}); fix: retry the request"))
+        for job in [*self.active, *self.pending]:
+            job.emit(Failed("the server is shutting down; fix: retry later"))
+
+    def turn(self) -> None:
+        for job in [job for job in self.active if job.cancelled.is_set()]:
+            self.release(job)
+        while len(self.active) < self.slots.max_batch:
+            with self.condition:
+                job = self.pending.popleft() if self.pending else None
+            if job is None:
+                break
+            if not job.cancelled.is_set():
+                self.admit(job)
+        if self.active:
+            steps = self.slots.decode(np.array([job.generated[-1] for job in self.active], np.int64))
+            for job, logits in zip(list(self.active), steps, strict=True):
+                self.advance(job, logits)
+
+    def admit(self, job: Job) -> None:
+        slot = len(self.active)
+        steering = job.steering if job.steering is not None else self.engine.zero_steering()
+        try:
+            logits = self.slots.prompt(slot, job.prompt_ids, steering)
+        except Exception as error:  # this request fails alone: its slot was not taken yet
+            job.emit(Failed(f"the prompt step failed ({error}); fix: retry the request"))
+            return
+        self.active.append(job)
+        seen = np.zeros(self.engine.manifest.vocab_size, bool)
+        seen[[i for i in job.prompt_ids if i < len(seen)]] = True
+        self.state[job] = (np.random.default_rng(job.settings.seed), seen)
+        self.advance(job, logits)
+
+    def advance(self, job: Job, logits: np.ndarray) -> None:
+        """Pick the row's next token from its logits [vocab] and emit what it adds to the text."""
+        if self.on_logits is not None:
+            self.on_logits(job, len(job.generated), logits)
+        rng, seen = self.state[job]
+        token = pick_token(logits, job.settings, rng, seen)
+        if token in self.engine.stop_ids:
+            self.finish(job, self.finished(job, "stop"))
+            return
+        job.generated.append(token)
+        seen[token] = True
+        text = self.engine.tokenizer.decode(job.generated, skip_special_tokens=True)
+        hits = [index for index in (text.find(stop, max(0, job.shown - len(stop))) for stop in job.stop) if index >= 0]
+        if hits:
+            self.show(job, text[: min(hits)])
+            self.finish(job, self.finished(job, "stop"))
+            return
+        slot_full = self.slots.lengths[self.active.index(job)] >= self.capacity  # no room to feed this token
+        if len(job.generated) >= job.settings.max_new_tokens or slot_full:
+            self.show(job, text.rstrip("\ufffd"))
+            self.finish(job, self.finished(job, "length"))
+        elif not text.endswith("\ufffd"):
+            self.show(job, text[: len(text) - held_back(text, job.stop)])
+
+    def show(self, job: Job, text: str) -> None:
+        if len(text) > job.shown:
+            job.emit(Piece(text[job.shown :]))
+            job.shown = len(text)
+
+    def finished(self, job: Job, reason: str) -> Finished:
+        return Finished(reason, len(job.prompt_ids), len(job.generated))
+
+    def finish(self, job: Job, event: Event) -> None:
+        job.done = True
+        job.emit(event)
+        self.release(job)
+
+    def release(self, job: Job) -> None:
+        """Take the row out of the batch: the last row moves into its slot, so slots 0..k-1 stay packed."""
+        slot = self.active.index(job)
+        last = len(self.active) - 1
+        if slot != last:
+            self.slots.move(last, slot)
+            self.active[slot] = self.active[last]
+        self.active.pop()
+        self.slots.clear(last)
+        self.state.pop(job, None)

@@ -1,0 +1,67 @@
+"""Assemble and run the server: engine -> batcher -> app, on a socket bound before uvicorn starts."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from collections.abc import Callable
+
+import numpy as np
+
+from grains_edge.engine import Engine
+from grains_edge.errors import GrainsError
+from grains_edge.serve.api import MAX_BODY, create_app
+from grains_edge.serve.batcher import Batcher, Job
+from grains_edge.serve.steering import SteeringResolver
+
+DEFAULT_CONTEXT = 2048  # tokens per slot: each slot's KV buffer is sized for it (memory grows as it fills)
+
+
+def build(
+    engine: Engine,
+    max_batch: int = 8,
+    context: int | None = None,
+    max_queue: int | None = None,
+    profile: str | None = None,
+    alpha: float | None = None,
+    api_key: str | None = None,
+    max_body: int = MAX_BODY,
+    on_logits: Callable[[Job, int, np.ndarray], None] | None = None,
+):
+    """(FastAPI app, Batcher) over `engine`; the batcher is not started yet."""
+    if max_batch < 1:
+        raise GrainsError(f"--max-batch must be at least 1, got {max_batch}; fix: pass e.g. 8")
+    capacity = min(context or DEFAULT_CONTEXT, engine.max_context)
+    if capacity < 2:
+        raise GrainsError(f"--context must be at least 2 tokens, got {context}; fix: pass e.g. 2048")
+    resolver = SteeringResolver((engine.num_layers, engine.hidden_size), engine.manifest.weights_fingerprint)
+    resolver.default = resolver.server_default(profile, alpha)
+    queue = 4 * max_batch if max_queue is None else max_queue
+    batcher = Batcher(engine, max_batch, capacity, queue, on_logits)
+    app = create_app(engine, batcher, resolver, engine.export_dir.name, api_key, max_body)
+    return app, batcher
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port, or a one-line error (a busy port is the usual one)."""
+    try:
+        family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    except ValueError:
+        family = socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as error:
+        sock.close()
+        raise GrainsError(f"cannot listen on {host}:{port} ({error.strerror}); fix: pick another --port") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
