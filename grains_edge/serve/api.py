@@ -71,6 +71,7 @@ class Generation:
     stream: bool
     include_usage: bool
     steering: AppliedSteering
+    ignore_eos: bool
 
 
 def number(body: dict, name: str, default: float, low: float, high: float, low_open: bool = False) -> float:
@@ -206,17 +207,18 @@ def create_app(
             seed=integer(body, "seed"),
             repetition_penalty=number(body, "repetition_penalty", 1.0, 1.0, 2.0),
         )
-        stream = body.get("stream", False)
+        stream, ignore_eos = body.get("stream", False), body.get("ignore_eos", False)
         options = body.get("stream_options") or {}
         if not isinstance(stream, bool) or not isinstance(options, dict):
             raise invalid("stream must be true or false and stream_options an object; fix: check them", "stream")
+        if not isinstance(ignore_eos, bool):
+            raise invalid("ignore_eos must be true or false; fix: check it", "ignore_eos")
         try:
             steering = resolver.resolve(body.get("steering"))
         except SteeringError as error:
             raise invalid(str(error), "steering", "invalid_steering") from None
-        return Generation(
-            prompt_ids, settings, stop_strings(body.get("stop")), stream, bool(options.get("include_usage")), steering
-        )
+        stops = stop_strings(body.get("stop"))
+        return Generation(prompt_ids, settings, stops, stream, bool(options.get("include_usage")), steering, ignore_eos)
 
     async def run(request: Request, spec: Generation, chat: bool):
         loop = asyncio.get_running_loop()
@@ -228,7 +230,7 @@ def create_app(
             except RuntimeError:  # the event loop is gone: nobody is listening any more
                 job.cancel()
 
-        job = Job(spec.prompt_ids, spec.steering.tensor, spec.settings, emit, spec.stop)
+        job = Job(spec.prompt_ids, spec.steering.tensor, spec.settings, emit, spec.stop, spec.ignore_eos)
         try:
             batcher.submit(job)
         except QueueFull:

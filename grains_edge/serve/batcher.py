@@ -58,6 +58,7 @@ class Job:
     settings: GenerationSettings
     emit: Callable[[Event], None]
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # generate max_new_tokens whatever the model says (benchmarks)
     number: int = field(default_factory=itertools.count().__next__)
     cancelled: threading.Event = field(default_factory=threading.Event)
     generated: list[int] = field(default_factory=list)
@@ -176,7 +177,7 @@ class Batcher:
             self.on_logits(job, len(job.generated), logits)
         rng, seen = self.state[job]
         token = pick_token(logits, job.settings, rng, seen)
-        if token in self.engine.stop_ids:
+        if token in self.engine.stop_ids and not job.ignore_eos:
             self.finish(job, self.finished(job, "stop"))
             return
         job.generated.append(token)

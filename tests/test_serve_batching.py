@@ -1,0 +1,178 @@
+"""Continuous batching under arrivals and departures: the KV slots against the engine's own steps, a client
+that drops mid-stream freeing its slot for the next request, the bounded queue, and the CLI end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import numpy as np
+import openai
+import pytest
+
+from grains_edge.engine import Engine
+from grains_edge.serve.batcher import held_back
+from grains_edge.serve.slots import SlotCache
+from tests.test_serve import KEY, start
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_export) -> Engine:
+    return Engine(tiny_export, device="cpu")
+
+
+def single_row_logits(engine: Engine, ids: list[int], steering: np.ndarray, steps: int) -> list[np.ndarray]:
+    """Greedy logits of one row decoded alone by the engine's own cache and step()."""
+    cache = engine.new_cache(1, len(ids) + steps + 1)
+    batched = engine.batched_steering(steering, 1)
+    logits = [engine.step(np.array([ids]), batched, cache)[0]]
+    for _ in range(steps):
+        logits.append(engine.step(np.array([[int(logits[-1].argmax())]]), batched, cache)[0])
+    return logits
+
+
+def test_slots_decode_rows_of_different_lengths_and_steerings_as_each_alone(engine):
+    """Three rows (prompts of 3, 9 and 5 tokens, three steerings) decode together; then the first row leaves,
+    the last is moved into its slot, and both go on; every logit equals the row's own single-row run."""
+    rng = np.random.default_rng(0)
+    prompts = [list(rng.integers(3, 200, n)) for n in (3, 9, 5)]
+    steerings = [engine.zero_steering(), *(rng.normal(0, 5, (2, engine.num_layers, engine.hidden_size)))]
+    steerings = [s.astype(np.float32) for s in steerings]
+    expected = [single_row_logits(engine, p, s, 8) for p, s in zip(prompts, steerings, strict=True)]
+    slots = SlotCache(engine, max_batch=4, capacity=32)
+    got = [[slots.prompt(i, p, s)] for i, (p, s) in enumerate(zip(prompts, steerings, strict=True))]
+    for _ in range(4):
+        step = slots.decode(np.array([int(rows[-1].argmax()) for rows in got]))
+        for rows, logits in zip(got, step, strict=True):
+            rows.append(logits)
+    slots.move(2, 0)  # row 0 leaves: row 2 takes its slot
+    slots.clear(2)
+    got = [got[2], got[1]]
+    for _ in range(4):
+        step = slots.decode(np.array([int(rows[-1].argmax()) for rows in got]))
+        for rows, logits in zip(got, step, strict=True):
+            rows.append(logits)
+    for rows, reference in zip(got, [expected[2], expected[1]], strict=True):
+        np.testing.assert_allclose(np.stack(rows), np.stack(reference), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="does not fit"):
+        slots.prompt(3, list(range(3, 40)), steerings[0])
+
+
+def test_held_back_keeps_a_possible_stop_prefix_unshown():
+    assert held_back("hello wor", ("world",)) == 3
+    assert held_back("hello", ("world",)) == 0
+    assert held_back("a\n", ("\n\n", "xyz")) == 1
+    assert held_back("anything", ()) == 0
+
+
+def health(url: str) -> dict:
+    return httpx.get(f"{url}/health").json()
+
+
+def wait_for(condition, seconds: float = 20) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_a_dropped_stream_frees_its_slot_for_the_next_request_and_the_queue_is_bounded(engine):
+    server, log = start(engine, max_batch=2, max_queue=1)
+    log.delay = 0.01  # ~20 ms steps: the long rows are still running while the test acts
+    try:
+        client = server.client()
+        headers = {"Authorization": f"Bearer {KEY}"}
+
+        def body(content: str, max_tokens: int, stream: bool) -> dict:
+            messages = [{"role": "user", "content": content}]
+            return {
+                "messages": messages,
+                "max_tokens": max_tokens,
+                "temperature": 0,
+                "stream": stream,
+                "ignore_eos": True,
+            }
+
+        finished: dict[str, object] = {}
+
+        def stays(name: str, content: str, max_tokens: int) -> None:
+            finished[name] = client.chat.completions.create(
+                model="m",
+                messages=[{"role": "user", "content": content}],
+                max_tokens=max_tokens,
+                temperature=0,
+                extra_body={"ignore_eos": True},
+            )
+
+        stayer = threading.Thread(target=stays, args=("stayer", "Hello", 30))
+        dropped = {"messages": [{"role": "user", "content": "Thank you!"}], "max_tokens": 100, "stream": True}
+        dropped |= {"temperature": 0, "ignore_eos": True}
+        dropped_key = tuple(engine.chat_ids([{"role": "user", "content": "Thank you!"}]))
+        with httpx.Client(timeout=30) as http:
+            with http.stream("POST", f"{server.url}/v1/chat/completions", headers=headers, json=dropped) as drop:
+                lines = drop.iter_lines()
+                first = json.loads(next(line for line in lines if line.startswith("data:"))[5:])
+                assert first["steering"] == {"profile": "none"}
+                stayer.start()
+                wait_for(lambda: health(server.url)["active"] == 2)
+                waiter = threading.Thread(target=stays, args=("waiter", "Paris", 10))
+                waiter.start()
+                wait_for(lambda: health(server.url)["queued"] == 1)
+                with pytest.raises(openai.RateLimitError) as raised:  # one waiting already: the queue is full
+                    client.chat.completions.create(model="m", messages=[{"role": "user", "content": "Hi"}])
+                assert raised.value.response.headers["Retry-After"] == "1"
+                assert raised.value.code == "queue_full"
+                assert waiter.is_alive()  # it waits for a slot while both rows decode
+            # the stream is closed here: its row is cancelled and the waiting request takes the slot
+            waiter.join(timeout=30)
+            stayer.join(timeout=30)
+        assert finished["waiter"].choices[0].finish_reason == "length"
+        assert finished["waiter"].usage.completion_tokens == 10
+        assert finished["stayer"].usage.completion_tokens == 30
+        assert len(log.rows[dropped_key]) < 100  # the dropped row stopped decoding
+        wait_for(lambda: health(server.url) == {"status": "ok", "active": 0, "queued": 0, "max_batch": 2})
+    finally:
+        server.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_the_cli_serves_until_interrupted_and_a_busy_port_is_one_line(tiny_export, tmp_path):
+    port = free_port()
+    environment = {**os.environ, "GRAINS_EDGE_HOME": str(tmp_path / "home"), "GRAINS_EDGE_API_KEY": KEY}
+    command = [sys.executable, "-m", "grains_edge.cli", "serve", "--model", str(tiny_export), "--port", str(port)]
+    process = subprocess.Popen(command, env=environment, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: process.poll() is None and reachable(port), seconds=60)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0)
+        answer = client.completions.create(
+            model="m", prompt="Hello", max_tokens=3, temperature=0, extra_body={"ignore_eos": True}
+        )
+        assert answer.usage.completion_tokens == 3
+        busy = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=60)
+        assert busy.returncode == 2
+        assert busy.stderr.strip().splitlines() == [
+            f"grains-edge: error: cannot listen on 127.0.0.1:{port} (Address already in use); fix: pick another --port"
+        ]
+    finally:
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=30) == 130  # ctrl+c: a clean shutdown, the conventional status
+        assert "Traceback" not in process.stderr.read()
+
+
+def reachable(port: int) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200
+    except httpx.TransportError:
+        return False
