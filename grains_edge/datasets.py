@@ -282,6 +282,12 @@ def load_dolly(path: str | Path) -> tuple[list[str], list[str]]:
     return prompts, responses
 
 
+def check_limit(limit: int | None, option: str = "--limit") -> None:
+    """A --limit is None (no limit) or a count of at least 1."""
+    if limit is not None and limit < 1:
+        raise GrainsError(f"{option} must be at least 1 (got {limit}); fix: pass a positive count, or leave it out")
+
+
 def split(items: Sequence[T], key: Callable[[T], str], validation_fraction: float = 0.3) -> tuple[list[T], list[T]]:
     """(train, validation), decided per item by the SHA-256 of key(item): stable across runs and files."""
     train, validation = [], []

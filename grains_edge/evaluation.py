@@ -18,6 +18,7 @@ infinite raise NonFiniteScores naming the likely cause, and every result is chec
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -70,14 +71,29 @@ def token_pairs(engine: Engine, prompts: Sequence[str], answers: Sequence[str]) 
 def fitting(
     engine: Engine, items: Sequence[T], sequences: Callable[[T], Iterable[tuple[str, str]]]
 ) -> tuple[list[T], int]:
-    """(the items whose every (prompt, answer) sequence fits the model's context, how many did not)."""
+    """(the items whose every (prompt, answer) sequence fits the model's context, how many did not); none
+    fitting is a GrainsError."""
     kept = []
     for item in items:
         pairs = list(sequences(item))
         lengths = [len(p) + len(a) for p, a in token_pairs(engine, [p for p, _ in pairs], [a for _, a in pairs])]
         if max(lengths) <= engine.max_context:
             kept.append(item)
+    if items and not kept:
+        raise GrainsError(
+            f"all {len(items)} items are longer than the model's context ({engine.max_context} tokens); "
+            "fix: use shorter items or a model with a longer context"
+        )
     return kept, len(items) - len(kept)
+
+
+def mc_sequences(*items: MCItem) -> list[tuple[str, str]]:
+    """The (question, choice) sequences scored for MC items (e.g. a question's MC1 and MC2 items)."""
+    return [(item.question, choice) for item in items for choice in item.choices]
+
+
+def ab_sequences(item: ABItem) -> list[tuple[str, str]]:
+    return [(item.question, item.matching), (item.question, item.other)]
 
 
 def check_finite(result: dict, steering: np.ndarray | None) -> dict:
@@ -86,6 +102,14 @@ def check_finite(result: dict, steering: np.ndarray | None) -> dict:
         if not np.isfinite(np.asarray(value, float)).all():
             raise NonFiniteScores(f"'{name}' came out {value}: {steering_blame(steering)}")
     return result
+
+
+def finite_json(value, **options) -> str:
+    """json.dumps refusing NaN and infinity: the last guard at the output, after the checks where scores are made."""
+    try:
+        return json.dumps(value, allow_nan=False, **options)
+    except ValueError:
+        raise GrainsError("a result is not a finite number; fix: report this as a bug, with the command") from None
 
 
 def require_items(items: Sequence, what: str) -> None:
@@ -99,9 +123,7 @@ def answer_logprobs(
     """(summed log p(answer | prompt), answer token counts) for each prompt/answer pair. A pair longer than the
     context is a GrainsError before anything is allocated; non-finite log-probabilities are NonFiniteScores."""
     if steering is not None and not np.isfinite(steering).all():
-        raise NonFiniteScores(
-            "the steering holds NaN or infinite values: the profile or its α is damaged; fix: rebuild the profile"
-        )
+        raise NonFiniteScores("the steering is not finite: the profile or its α is damaged; fix: rebuild the profile")
     pairs = token_pairs(engine, prompts, answers)
     longest = max((len(p) + len(a) for p, a in pairs), default=0)
     if longest > engine.max_context:

@@ -33,6 +33,7 @@ import torch
 from tqdm import tqdm
 
 from grains_edge.attribution import DEFAULT_STEPS, ScoreCache, contrastive
+from grains_edge.errors import GrainsError
 from grains_edge.steering import decoder_layers
 
 METHODS = ("grains", "mean-diff", "pca-diff")
@@ -46,6 +47,28 @@ class TokenPair(NamedTuple):
     preferred: list[int]
     dispreferred: list[int]
     template: tuple[int, int] = (0, 0)
+
+
+def model_context(model) -> int:
+    """The longest sequence the model's positions cover (the rule the ONNX export's max_context follows)."""
+    config = model.config
+    return int(getattr(config, "max_position_embeddings", 0) or getattr(config, "n_positions", 2048))
+
+
+def pair_length(pair: TokenPair) -> int:
+    """Tokens of the pair's longer sequence, prompt + answer."""
+    return len(pair.prompt) + max(len(pair.preferred), len(pair.dispreferred))
+
+
+def fitting_pairs(model, pairs: Sequence[TokenPair]) -> tuple[list[TokenPair], int]:
+    """(the pairs whose sequences fit the model's context, how many did not); none fitting is a GrainsError."""
+    context = model_context(model)
+    kept = [pair for pair in pairs if pair_length(pair) <= context]
+    if pairs and not kept:
+        raise GrainsError(
+            f"all {len(pairs)} pairs are longer than the model's context ({context} tokens); fix: use shorter pairs"
+        )
+    return kept, len(pairs) - len(kept)
 
 
 def bfloat16_is_fast() -> bool:
@@ -141,6 +164,12 @@ def build(
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     pairs = [TokenPair(*pair) for pair in pairs]
+    longest = max(map(pair_length, pairs), default=0)
+    if longest > model_context(model):  # checked before the model runs: positions past it index out of range
+        raise GrainsError(
+            f"a pair has {longest} tokens, the model's context is {model_context(model)}; fix: leave out the pairs "
+            "longer than the context"
+        )
     iterator = progress(pairs) if progress else pairs
     if method == "grains":
         fast = bfloat16_is_fast() if bfloat16 is None else bfloat16

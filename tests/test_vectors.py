@@ -2,12 +2,16 @@ import numpy as np
 import pytest
 import torch
 
+from grains_edge.errors import GrainsError
 from grains_edge.vectors import (
     AGGREGATES,
     TokenPair,
     build,
     first_component,
+    fitting_pairs,
     last_token_states,
+    model_context,
+    pair_length,
     per_layer,
     template_span,
     tokenize_pairs,
@@ -111,3 +115,16 @@ def test_aggregates_differ_and_are_unit_directions():
     for result in results.values():
         torch.testing.assert_close(result.norm(dim=-1), torch.ones(3))
     assert not torch.allclose(results["pc1"], results["centered-pc1"])
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_pairs_longer_than_the_context_are_refused_before_the_model_runs_or_left_out(arch):
+    model = tiny_model(arch, 64)  # 128 positions
+    long_pair = TokenPair([1, 2, 3], [5] * 126, [6])
+    assert pair_length(long_pair) == 129 and model_context(model) == 128
+    with pytest.raises(GrainsError, match="a pair has 129 tokens, the model's context is 128"):
+        build(model, [*PAIRS, long_pair], "mean-diff")
+    kept, skipped = fitting_pairs(model, [TokenPair(*pair) for pair in PAIRS] + [long_pair])
+    assert skipped == 1 and kept == [TokenPair(*pair) for pair in PAIRS]
+    with pytest.raises(GrainsError, match="all 1 pairs are longer than the model's context"):
+        fitting_pairs(model, [long_pair])
