@@ -4,13 +4,13 @@ The graph is built by `graph.py` straight from the weights (inputs `input_ids`, 
 `position_ids`, `steering` [batch, num_layers, hidden], `past_key_values.{i}.key|value`; outputs
 `logits` and `present.{i}.key|value`). Verification runs the Hugging Face model with the same
 steering applied by forward hooks and ONNX Runtime on the same inputs. The export directory is
-written to a temporary sibling and renamed into place only after verification passes, so a failed or
-interrupted export never leaves a half-written directory behind.
+written to a staging sibling and renamed into place only after verification passes, so a failed or
+interrupted export never leaves a half-written directory behind; it replaces only a folder grains-edge
+provably made (`grains_edge/ownership.py`).
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 import time
@@ -22,12 +22,12 @@ import onnx
 import torch
 
 from grains_edge import kernels as own_kernels
-from grains_edge import models
+from grains_edge import models, ownership
 from grains_edge.engine import ALL_POSITIONS
 from grains_edge.errors import GrainsError
 from grains_edge.export import gguf_blocks, graph
 from grains_edge.layers import parse_layers
-from grains_edge.manifest import MANIFEST_NAME, MODEL_NAME, Manifest
+from grains_edge.manifest import MANIFEST_NAME, MODEL_NAME, QUANTIZATIONS, Manifest, io_names
 from grains_edge.steering import steering_hooks
 
 OPSET = graph.OPSET
@@ -40,13 +40,6 @@ def log(message: str) -> None:
     print(f"[grains-edge] {message}", file=sys.stderr, flush=True)
 
 
-def io_names(num_layers: int) -> tuple[list[str], list[str]]:
-    past = [f"past_key_values.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
-    present = [f"present.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
-    return ["input_ids", "attention_mask", "position_ids", "steering", "logits_to_keep", *past], ["logits", *present]
-
-
-QUANTIZATIONS = ("none", "int8", "int4")
 # Quantized graphs are checked against the float PyTorch model with these looser bounds.
 QUANTIZED_TOLERANCE = {"int8": 0.15, "int4": 2.0}
 # The steering effect (steered minus unsteered logits) must correlate with PyTorch's at least this much;
@@ -213,12 +206,33 @@ def export(
     """Load, export, verify and atomically publish `out_dir`, steering the layers named by `layers_spec`;
     `kernels`: auto | fused | stock, whether a GGUF's Q4_1 linears use grains-edge's own kernel."""
     out_dir = Path(out_dir).expanduser()
-    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / MANIFEST_NAME).is_file():
-        raise GrainsError(f"{out_dir} exists and is not an export; fix: choose an empty or new --out folder")
     if quantize not in QUANTIZATIONS:
         raise GrainsError(f"unknown quantization '{quantize}'; fix: use one of {', '.join(QUANTIZATIONS)}")
     models.resolve(model_spec)  # a bad model name fails here, before any progress output
     started = time.perf_counter()
+    ownership.check_replaceable(out_dir)  # and a bad --out, before the model loads
+    ownership.remove_dead_staging(out_dir)
+    try:
+        staging = ownership.new_staging(out_dir)
+    except OSError as error:
+        raise GrainsError(f"cannot write beside {out_dir} ({error}); fix: choose a writable --out folder") from error
+    try:
+        manifest = build(model_spec, staging, layers_spec, quantize, kernels)
+        ownership.publish(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    checks = manifest.verification
+    log(
+        f"wrote {out_dir} in {time.perf_counter() - started:.0f} s; ORT vs PyTorch: max relative logit error "
+        f"{checks['zero']:.1e} (zero steering), {checks['steered']:.1e} (steered); "
+        f"same argmax token {100 * checks['steered_argmax_agreement']:.0f} %"
+    )
+    return manifest
+
+
+def build(model_spec: str, staging: Path, layers_spec: str, quantize: str, kernels: str) -> Manifest:
+    """Load, export and verify into `staging`; returns the manifest written there."""
     log(f"loading {model_spec} …")
     model, tokenizer = models.load(model_spec)
     config = model.config
@@ -243,30 +257,14 @@ def export(
         versions=package_versions(),
         quantization=quantize,
     )
-    staging = out_dir.with_name(f"{out_dir.name}.partial-{os.getpid()}")  # two exports never share one
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
-        log(f"writing the ONNX graph: {num_layers} layers, steering after {len(steered)} of them …")
-        blocks = source_blocks(model_spec, model, quantize)
-        fused = fused_kernels(kernels, blocks)
-        manifest.kernels = "fused" if fused else "stock"
-        manifest.weights = write_graph(model, steered, staging / MODEL_NAME, quantize, blocks, fused)
-        log(f"MatMul weights: {manifest.weights}")
-        tokenizer.save_pretrained(staging)
-        log("verifying ONNX Runtime against PyTorch (zero and non-zero steering, KV cache) …")
-        manifest.verification = verify(model, staging, manifest)
-        manifest.save(staging / MANIFEST_NAME)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    checks = manifest.verification
-    log(
-        f"wrote {out_dir} in {time.perf_counter() - started:.0f} s; ORT vs PyTorch: max relative logit error "
-        f"{checks['zero']:.1e} (zero steering), {checks['steered']:.1e} (steered); "
-        f"same argmax token {100 * checks['steered_argmax_agreement']:.0f} %"
-    )
+    log(f"writing the ONNX graph: {num_layers} layers, steering after {len(steered)} of them …")
+    blocks = source_blocks(model_spec, model, quantize)
+    fused = fused_kernels(kernels, blocks)
+    manifest.kernels = "fused" if fused else "stock"
+    manifest.weights = write_graph(model, steered, staging / MODEL_NAME, quantize, blocks, fused)
+    log(f"MatMul weights: {manifest.weights}")
+    tokenizer.save_pretrained(staging)
+    log("verifying ONNX Runtime against PyTorch (zero and non-zero steering, KV cache) …")
+    manifest.verification = verify(model, staging, manifest)
+    manifest.save(staging / MANIFEST_NAME)
     return manifest

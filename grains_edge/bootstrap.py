@@ -3,23 +3,29 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from pathlib import Path
 
 from grains_edge import paths
 from grains_edge.errors import GrainsError
+from grains_edge.locking import BuildLock
 from grains_edge.manifest import MANIFEST_NAME, Manifest
 from grains_edge.models import DEFAULT_MODEL
 
 DEFAULT_EXPORT_NAME = "smollm2-135m-instruct"
 
 
+def is_export_folder(given: Path) -> bool:
+    """A folder passed to use as an export: it has a manifest.json and no config.json (which every model
+    folder has and no export has); it is never exported into."""
+    return given.is_dir() and (given / MANIFEST_NAME).is_file() and not (given / "config.json").exists()
+
+
 def export_dir_for(model_spec: str, quantize: str = "none") -> Path:
-    """The export folder of a model spec: itself if it already is an export, else one under exports_dir()
+    """The export folder of a model spec: itself if it is an export folder, else one under exports_dir()
     (suffixed with the quantization, e.g. smollm2-135m-instruct-int4)."""
     given = Path(model_spec).expanduser()
-    if (given / MANIFEST_NAME).is_file():
+    if is_export_folder(given):
         return given
     suffix = "" if quantize == "none" else f"-{quantize}"
     if model_spec == DEFAULT_MODEL:
@@ -31,26 +37,28 @@ def export_dir_for(model_spec: str, quantize: str = "none") -> Path:
 
 def ensure_export(model_spec: str, quantize: str = "none") -> Path:
     """Return a verified export of `model_spec` (weights `quantize`d: none, int8, int4), exporting it first
-    if there is none. An export folder is used as it is."""
+    if there is none. An export folder is used as it is (a stale or damaged one is an error, never rebuilt)."""
     target = export_dir_for(model_spec, quantize)
-    if target == Path(model_spec).expanduser() and quantize != "none":
-        existing = json.loads((target / MANIFEST_NAME).read_text()).get("quantization", "none")
-        if existing != quantize:
+    if is_export_folder(Path(model_spec).expanduser()):
+        existing = Manifest.load(target).quantization
+        if quantize not in ("none", existing):
             raise GrainsError(
                 f"{target} is an export with {existing} weights, not {quantize}; "
                 "fix: drop --quantize, or pass the source model with --model"
             )
+        return target
     if Manifest.is_current(target):
         return target
-    from filelock import FileLock, Timeout
-
     from grains_edge.export.onnx_export import export, log
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(target.with_name(target.name + ".lock"))
     try:
-        lock.acquire(timeout=0)
-    except Timeout:  # a second chat started on first run: wait for the first one's build and use it
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise GrainsError(
+            f"cannot create {target.parent} ({error}); fix: set GRAINS_EDGE_HOME to a writable folder"
+        ) from error
+    lock = BuildLock(target.with_name(target.name + ".lock"))
+    if not lock.acquire(blocking=False):  # a second chat started on first run: wait for the first one's build
         log(f"another grains-edge process is building {target}; waiting for it …")
         lock.acquire()
     try:

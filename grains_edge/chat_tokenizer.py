@@ -23,6 +23,7 @@ from pathlib import Path
 from grains_edge.errors import GrainsError
 
 SPECIAL_TOKENS = ("bos_token", "eos_token", "pad_token", "unk_token")
+FIX_TEMPLATE = "fix the model's chat_template.jinja, or re-export the model"
 
 
 def token_text(value) -> str | None:
@@ -38,6 +39,11 @@ def tojson(value, ensure_ascii: bool = False, indent=None, separators=None, sort
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
+def damaged(path: Path, error: Exception) -> GrainsError:
+    reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+    return GrainsError(f"{path} is damaged ({reason}); fix: re-run 'grains-edge export'")
+
+
 class ChatTokenizer:
     """encode / decode / chat_ids over an export folder's tokenizer files."""
 
@@ -47,12 +53,27 @@ class ChatTokenizer:
         folder = Path(folder)
         if not (folder / "tokenizer.json").is_file():
             raise GrainsError(f"{folder} has no tokenizer.json; fix: re-run 'grains-edge export'")
-        self.backend = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        try:
+            self.backend = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        except Exception as error:  # tokenizers raises a bare Exception for any unreadable file
+            raise damaged(folder / "tokenizer.json", error) from None
         config_path = folder / "tokenizer_config.json"
-        config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        try:
+            config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        except (OSError, ValueError) as error:
+            raise damaged(config_path, error) from None
+        if not isinstance(config, dict):
+            raise damaged(config_path, TypeError("not a JSON object"))
         self.special = {name: token_text(config.get(name)) for name in SPECIAL_TOKENS}
+        if not all(text is None or isinstance(text, str) for text in self.special.values()):
+            raise damaged(config_path, TypeError("a special token is neither text nor {'content': text}"))
         template_path = folder / "chat_template.jinja"
-        self.chat_template = template_path.read_text() if template_path.is_file() else config.get("chat_template")
+        try:
+            self.chat_template = template_path.read_text() if template_path.is_file() else config.get("chat_template")
+        except (OSError, ValueError) as error:
+            raise damaged(template_path, error) from None
+        if not isinstance(self.chat_template, (str, type(None))):
+            raise damaged(config_path, TypeError("its chat_template is not text"))
         self._template = None
 
     def token_id(self, name: str) -> int | None:
@@ -79,6 +100,8 @@ class ChatTokenizer:
 
     def render(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
         """The conversation as text under the chat template."""
+        from jinja2 import TemplateError
+
         if self._template is None:
             from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -88,9 +111,17 @@ class ChatTokenizer:
             environment.filters["tojson"] = tojson
             environment.globals["raise_exception"] = raise_exception
             environment.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-            self._template = environment.from_string(self.chat_template)
+            try:
+                self._template = environment.from_string(self.chat_template)
+            except TemplateError as error:
+                raise GrainsError(f"the export's chat template does not parse ({error}); fix: {FIX_TEMPLATE}") from None
         specials = {name: text for name, text in self.special.items() if text is not None}
-        return self._template.render(messages=list(messages), add_generation_prompt=add_generation_prompt, **specials)
+        try:
+            return self._template.render(
+                messages=list(messages), add_generation_prompt=add_generation_prompt, **specials
+            )
+        except TemplateError as error:
+            raise GrainsError(f"the export's chat template failed ({error}); fix: {FIX_TEMPLATE}") from None
 
     def chat_ids(self, messages: Sequence[dict]) -> list[int]:
         """Token ids of a conversation, ending with the assistant prompt; models without a chat template

@@ -6,6 +6,7 @@ import argparse
 import importlib
 import sys
 
+from grains_edge import crash_log
 from grains_edge.errors import GrainsError
 
 COMMANDS = ("export", "chat", "vectors", "eval", "tune", "builtins", "serve")
@@ -28,8 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         return int(args.run(args) or 0)
     except GrainsError as error:
         print(f"grains-edge: error: {error}", file=sys.stderr)
@@ -37,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("grains-edge: interrupted", file=sys.stderr)
         return 130
+    except Exception as error:  # a bug: one line here, the traceback in a log file
+        return crash_log.report(error)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import numpy as np
 from grains_edge import kernels
 from grains_edge.chat_tokenizer import ChatTokenizer
 from grains_edge.errors import GrainsError
-from grains_edge.manifest import MODEL_NAME, Manifest
+from grains_edge.manifest import MODEL_NAME, Manifest, graph_mismatches
 
 STOP_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "</s>")
 
@@ -95,6 +95,33 @@ class Cache:
     steering: np.ndarray | None = None  # the array currently bound as `steering`
 
 
+def open_session(export_dir: Path, manifest: Manifest, options, providers: list[str]):
+    """The export's ONNX Runtime session; a damaged graph, or one its manifest does not describe, is a
+    GrainsError."""
+    import onnxruntime as ort
+    from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
+
+    # every error ONNX Runtime raises while loading (InvalidProtobuf, NoSuchFile, Fail, InvalidGraph, …)
+    errors = tuple(v for v in vars(ort_state).values() if isinstance(v, type) and issubclass(v, Exception))
+    try:
+        session = ort.InferenceSession(str(export_dir / MODEL_NAME), options, providers=providers)
+    except errors as error:
+        reason = str(error).splitlines()[0][:300]
+        raise GrainsError(
+            f"{export_dir}/{MODEL_NAME} cannot be loaded ({type(error).__name__}: {reason}); "
+            "fix: re-run 'grains-edge export' (a copy or download may have been cut short)"
+        ) from None
+    inputs = {i.name: i.shape for i in session.get_inputs()}
+    outputs = {o.name: o.shape for o in session.get_outputs()}
+    mismatches = graph_mismatches(manifest, inputs, outputs)
+    if mismatches:
+        raise GrainsError(
+            f"{export_dir}/manifest.json does not describe its graph ({'; '.join(mismatches[:2])}); "
+            "fix: re-run 'grains-edge export'"
+        )
+    return session
+
+
 class Engine:
     """Generate and score with a steered ONNX export. `steering` is [num_layers, hidden] or batched."""
 
@@ -115,7 +142,7 @@ class Engine:
             except kernels.KernelsUnavailable as error:
                 raise GrainsError(f"{error}; or re-export {self.export_dir} with --kernels stock") from None
         providers = choose_providers(device, available)
-        self.session = ort.InferenceSession(str(self.export_dir / MODEL_NAME), options, providers=providers)
+        self.session = open_session(self.export_dir, self.manifest, options, providers)
         self.provider = self.session.get_providers()[0]
         notice = cpu_fallback_notice(device, available, self.provider)
         if notice:
@@ -127,6 +154,11 @@ class Engine:
         self.past_names = [n for n in self.manifest.input_names if n.startswith("past_key_values.")]
         self.present_names = self.manifest.output_names[1:]
         vocab = self.tokenizer.get_vocab()
+        if vocab and max(vocab.values()) >= self.manifest.vocab_size:
+            raise GrainsError(
+                f"{self.export_dir}/tokenizer.json has token ids up to {max(vocab.values())}, the graph "
+                f"{self.manifest.vocab_size}; fix: re-run 'grains-edge export'"
+            )
         self.stop_ids = {vocab[t] for t in STOP_TOKENS if t in vocab}
         if self.tokenizer.eos_token_id is not None:
             self.stop_ids.add(self.tokenizer.eos_token_id)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 from grains_edge.errors import GrainsError
@@ -17,6 +17,56 @@ FORMAT_VERSION = 7  # 2: graph built by export/graph.py (GroupQueryAttention, in
 # into the MatMulNBits as extra K blocks; 5: a tied embedding from the GGUF head's blocks (GatherBlockQuantized);
 # 6: input logits_to_keep (a prompt step computes the last position's logits only); 7: field `kernels`, Q4_1
 # linears in grains-edge's own kernel (grains_edge/kernels) when it builds
+
+
+QUANTIZATIONS = ("none", "int8", "int4")
+KERNELS = ("stock", "fused")
+
+
+def is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# a check per annotation of the fields below: the JSON value must have that type
+TYPE_CHECKS = {
+    "int": is_count,
+    "str": lambda v: isinstance(v, str),
+    "list[int]": lambda v: isinstance(v, list) and all(is_count(x) for x in v),
+    "list[str]": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+    "dict[str, str]": lambda v: isinstance(v, dict) and all(isinstance(x, str) for x in v.values()),
+    "dict[str, float]": lambda v: isinstance(v, dict) and all(is_number(x) for x in v.values()),
+}
+POSITIVE = ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim", "vocab_size", "max_context")
+
+
+def required_fields() -> set[str]:
+    """The fields every manifest.json has (those without a default)."""
+    return {f.name for f in fields(Manifest) if f.default is MISSING and f.default_factory is MISSING}
+
+
+def problems(data: dict) -> list[str]:
+    """What is wrong with a parsed manifest.json's fields: types first, then values."""
+    known = {f.name: f.type for f in fields(Manifest)}
+    found = [f"unknown field '{name}'" for name in data if name not in known]
+    found += [f"no field '{name}'" for name in sorted(required_fields() - data.keys())]
+    found += [
+        f"'{name}' is not {kind}" for name, kind in known.items() if name in data and not TYPE_CHECKS[kind](data[name])
+    ]
+    if found:
+        return found
+    found += [f"'{name}' is {data[name]}, not a positive count" for name in POSITIVE if data[name] < 1]
+    layers = data["num_layers"]
+    if any(not 0 <= i < layers for i in data["steered_layers"]):
+        found.append(f"steered_layers {data['steered_layers']} are not all in 0..{layers - 1}")
+    if data.get("quantization", "none") not in QUANTIZATIONS:
+        found.append(f"quantization '{data['quantization']}' is not one of {', '.join(QUANTIZATIONS)}")
+    if data.get("kernels", "stock") not in KERNELS:
+        found.append(f"kernels '{data['kernels']}' is not one of {', '.join(KERNELS)}")
+    return found
 
 
 @dataclass
@@ -61,15 +111,21 @@ class Manifest:
             )
         try:
             data = json.loads(path.read_text())
-            manifest = cls(**data)
-        except (ValueError, TypeError) as error:
+        except (OSError, ValueError) as error:  # ValueError: not UTF-8 or not JSON
             raise GrainsError(f"{path} is damaged ({error}); fix: re-run 'grains-edge export'") from error
-        if manifest.format_version != FORMAT_VERSION:
+        if not isinstance(data, dict) or "format_version" not in data:
             raise GrainsError(
-                f"{export_dir} was written by another grains-edge version (format {manifest.format_version}, "
+                f"{path} is not a grains-edge manifest; fix: pass an export folder (made by 'grains-edge export')"
+            )
+        if data["format_version"] != FORMAT_VERSION:
+            raise GrainsError(
+                f"{export_dir} was written by another grains-edge version (format {str(data['format_version'])[:20]}, "
                 f"this one reads {FORMAT_VERSION}); fix: re-run 'grains-edge export'"
             )
-        return manifest
+        found = problems(data)
+        if found:
+            raise GrainsError(f"{path} is damaged ({'; '.join(found[:3])}); fix: re-run 'grains-edge export'")
+        return cls(**data)
 
     @staticmethod
     def is_current(export_dir: str | Path) -> bool:
@@ -79,3 +135,45 @@ class Manifest:
         except GrainsError:
             return False
         return True
+
+
+def io_names(num_layers: int) -> tuple[list[str], list[str]]:
+    """The graph's input and output names, in order, for a model of `num_layers` layers."""
+    past = [f"past_key_values.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
+    present = [f"present.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
+    return ["input_ids", "attention_mask", "position_ids", "steering", "logits_to_keep", *past], ["logits", *present]
+
+
+def graph_mismatches(manifest: Manifest, inputs: dict[str, list], outputs: dict[str, list]) -> list[str]:
+    """Where the graph's declared inputs and outputs (name -> shape, a dim an int or a symbol) disagree
+    with the manifest: names, and every dim the graph fixes that the manifest gives."""
+    wanted_names = io_names(manifest.num_layers)
+    for kind, graph_names, manifest_names, wanted in (
+        ("inputs", list(inputs), manifest.input_names, wanted_names[0]),
+        ("outputs", list(outputs), manifest.output_names, wanted_names[1]),
+    ):
+        if manifest_names != wanted:
+            return [f"its {kind} do not fit num_layers {manifest.num_layers}"]
+        if graph_names != manifest_names:
+            only_graph = sorted(set(graph_names) - set(manifest_names))[:2]
+            only_manifest = sorted(set(manifest_names) - set(graph_names))[:2]
+            return [f"the graph's {kind} differ (graph only: {only_graph}, manifest only: {only_manifest})"]
+    cache = [None, manifest.num_kv_heads, None, manifest.head_dim]  # [batch, kv_heads, tokens, head_dim]
+    wanted = {
+        "steering": [None, manifest.num_layers, manifest.hidden_size],
+        "logits": [None, None, manifest.vocab_size],
+    }
+    wanted.update((name, cache) for name in [*manifest.input_names[5:], *manifest.output_names[1:]])
+    declared = {**inputs, **outputs}
+    return [
+        f"{name} is {declared[name]} in the graph, the manifest says {['*' if w is None else w for w in dims]}"
+        for name, dims in wanted.items()
+        if not fits(declared[name], dims)
+    ]
+
+
+def fits(shape: list, dims: list) -> bool:
+    """A declared shape matches the wanted dims: the same rank, and every fixed dim equal where both fix it."""
+    if len(shape) != len(dims):
+        return False
+    return all(not isinstance(g, int) or w is None or g == w for g, w in zip(shape, dims, strict=True))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,20 +67,41 @@ def load(spec: str):
 
     source = resolve(spec)
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
-    try:
+    with reading(spec, "config"):
         config = AutoConfig.from_pretrained(source.path, **kwargs)
-    except OSError as error:
-        raise GrainsError(
-            f"cannot load model '{spec}' ({str(error).splitlines()[0]}); "
-            "fix: check the name, or pass a local folder when the Hub is unreachable"
-        ) from error
     check_architecture(config.model_type)
-    tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(source.path, dtype="float32", **kwargs)
+    with reading(spec, "tokenizer"):
+        tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs)
+    with reading(spec, "weights"):
+        model, info = AutoModelForCausalLM.from_pretrained(
+            source.path, dtype="float32", output_loading_info=True, **kwargs
+        )
+    if info["missing_keys"]:  # transformers fills them with random values
+        raise GrainsError(
+            f"the weights of '{spec}' do not fit its config ({len(info['missing_keys'])} missing, e.g. "
+            f"{sorted(info['missing_keys'])[0]}); fix: use the config.json that came with the weights"
+        )
     model.eval()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+@contextmanager
+def reading(spec: str, part: str):
+    """Turn any error a loader raises for `spec`'s `part` (config, tokenizer, weights) into a GrainsError:
+    transformers, tokenizers, safetensors and gguf each raise their own types (OSError, ValueError,
+    SafetensorError, a bare Exception) for a missing, truncated or foreign file."""
+    try:
+        yield
+    except GrainsError:
+        raise
+    except Exception as error:
+        reason = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)[:300]
+        hint = "check the name, or pass a local folder when the Hub is unreachable"
+        if Path(spec).expanduser().exists():
+            hint = "pass a complete Hugging Face model folder or .gguf file (a download may have been cut short)"
+        raise GrainsError(f"cannot read the {part} of model '{spec}' ({reason}); fix: {hint}") from None
 
 
 def fingerprint(model) -> str:

@@ -1,11 +1,13 @@
 import json
+import shutil
 import threading
 
 import pytest
 
-from grains_edge import paths
+from grains_edge import ownership, paths
 from grains_edge.bootstrap import ensure_export, export_dir_for
 from grains_edge.errors import GrainsError
+from grains_edge.manifest import Manifest
 
 
 def test_default_export_lives_under_the_home_folder():
@@ -17,16 +19,68 @@ def test_an_export_folder_is_used_as_it_is(tiny_export):
     assert export_dir_for(str(tiny_export)) == tiny_export
 
 
-def test_builds_once_then_reuses_and_rebuilds_a_stale_export(tiny_model_dir):
+def make_stale(export_dir, marked: bool) -> None:
+    """Turn an export into one of an older format: with its marker (as a marker-writing version left it)
+    or without (as versions before markers left it)."""
+    manifest = export_dir / "manifest.json"
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "format_version": 1}))
+    if marked:
+        ownership.write_marker(export_dir)
+    else:
+        (export_dir / ownership.MARKER_NAME).unlink()
+
+
+@pytest.mark.parametrize("marked", [True, False])
+def test_builds_once_then_reuses_and_rebuilds_a_stale_export(tiny_model_dir, marked):
     target = ensure_export(str(tiny_model_dir))
     assert target.parent == paths.exports_dir()
     manifest = target / "manifest.json"
     stamp = manifest.stat().st_mtime_ns
     assert ensure_export(str(tiny_model_dir)) == target and manifest.stat().st_mtime_ns == stamp
-    data = json.loads(manifest.read_text())
-    manifest.write_text(json.dumps({**data, "format_version": 1}))
+    format_version = json.loads(manifest.read_text())["format_version"]
+    make_stale(target, marked)
     ensure_export(str(tiny_model_dir))
-    assert json.loads(manifest.read_text())["format_version"] == data["format_version"]
+    assert json.loads(manifest.read_text())["format_version"] == format_version
+    assert ownership.has_valid_marker(target)
+    assert sorted(p.name for p in paths.exports_dir().iterdir()) == [target.name]  # no lock, no staging left
+
+
+def test_a_stale_export_holding_a_users_file_is_not_replaced(tiny_model_dir):
+    target = ensure_export(str(tiny_model_dir))
+    make_stale(target, marked=True)
+    (target / "notes.txt").write_text("mine")
+    with pytest.raises(GrainsError, match="did not write.*fix:"):
+        ensure_export(str(tiny_model_dir))
+    assert (target / "notes.txt").read_text() == "mine" and (target / "model.onnx").is_file()
+
+
+def snapshot(folder) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_a_model_folder_holding_a_manifest_json_is_exported_elsewhere_and_kept(tiny_model_dir, tmp_path):
+    model = tmp_path / "my-model"
+    shutil.copytree(tiny_model_dir, model)
+    (model / "manifest.json").write_text(json.dumps({"name": "my notes on this model"}))
+    before = snapshot(model)
+    target = ensure_export(str(model))
+    assert target.parent == paths.exports_dir() and Manifest.load(target).source_model == str(model)
+    assert snapshot(model) == before
+
+
+@pytest.mark.parametrize(
+    ("manifest", "problem"),
+    [('{"name": "my app", "start_url": "/"}', "not a grains-edge manifest"), ('{"format_version": 7', "damaged")],
+)
+def test_a_folder_with_a_foreign_or_damaged_manifest_is_named_and_never_exported_into(tmp_path, manifest, problem):
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "manifest.json").write_text(manifest)
+    (app / "index.html").write_text("<html></html>")
+    before = snapshot(app)
+    with pytest.raises(GrainsError, match=f"{problem}.*fix:"):
+        ensure_export(str(app))
+    assert snapshot(app) == before and not paths.exports_dir().exists()
 
 
 def test_a_quantized_export_is_built_beside_the_float_one(tiny_model_dir):
@@ -60,4 +114,4 @@ def test_a_second_process_waits_for_the_first_build_and_uses_it(tiny_model_dir, 
     second.join(timeout=60)
     assert not second.is_alive() and (target / "manifest.json").stat().st_mtime_ns == stamp
     assert "another grains-edge process is building" in capsys.readouterr().err
-    assert not list(target.parent.glob("*.partial*"))
+    assert not list(target.parent.glob("*.partial*")) and not list(target.parent.glob("*.lock"))

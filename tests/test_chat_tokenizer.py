@@ -63,3 +63,23 @@ def test_template_errors_and_missing_files_are_clear(tiny_export, tmp_path):
     ours.chat_template = "{{ raise_exception('only user turns') }}"
     with pytest.raises(GrainsError, match="refused the conversation: only user turns"):
         ours.chat_ids(CONVERSATIONS[0])
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "problem"),
+    [
+        ("tokenizer.json", "{truncated", "tokenizer.json is damaged"),
+        ("tokenizer.json", '{"model": {"type": "nonsense"}}', "tokenizer.json is damaged"),
+        ("tokenizer_config.json", "[1, 2]", "tokenizer_config.json is damaged \\(not a JSON object"),
+        ("tokenizer_config.json", '{"eos_token": 5}', "special token is neither"),
+        ("chat_template.jinja", "{% for m in messages %}{{ m", "chat template does not parse"),
+        ("chat_template.jinja", "{{ messages[0].content.nope() }}", "chat template failed"),
+    ],
+)
+def test_damaged_tokenizer_files_are_one_line_naming_the_file(tiny_export, tmp_path, name, content, problem):
+    for path in tiny_export.iterdir():
+        if path.name.startswith(("tokenizer", "chat_template")):
+            (tmp_path / path.name).write_bytes(path.read_bytes())
+    (tmp_path / name).write_text(content)
+    with pytest.raises(GrainsError, match=f"{problem}.*fix:"):
+        ChatTokenizer(tmp_path).chat_ids(CONVERSATIONS[0])

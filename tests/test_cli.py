@@ -1,5 +1,8 @@
 import json
+import tempfile
+from pathlib import Path
 
+from grains_edge import paths
 from grains_edge.cli import main
 from grains_edge.commands import tune
 from grains_edge.commands.eval import select
@@ -149,3 +152,37 @@ def test_splits_partition_the_items_and_train_plus_tune_is_all_but_report():
     assert sorted(parts["validation"]) == sorted(parts["tune"] + parts["report"])
     assert sorted(parts["train+tune"]) == sorted(parts["train"] + parts["tune"])
     assert min(len(parts[s]) for s in ("train", "tune", "report")) > 40
+
+
+def crash_in_export(monkeypatch, error: BaseException) -> None:
+    def run(args):
+        raise error
+
+    monkeypatch.setattr("grains_edge.commands.export.run", run)
+
+
+def test_an_unexpected_error_is_one_line_and_its_traceback_goes_to_a_log(monkeypatch, capsys, tmp_path):
+    crash_in_export(monkeypatch, ZeroDivisionError("division by zero\nsecond line"))
+    assert main(["export", "--out", str(tmp_path / "x")]) == 70
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("grains-edge: internal error: ZeroDivisionError: division by zero;")
+    log = Path(err[0].split("full traceback in ")[1])
+    assert log.parent == paths.home() / "logs"
+    assert "Traceback" in log.read_text() and "in run" in log.read_text() and "second line" in log.read_text()
+
+
+def test_the_traceback_goes_to_the_temp_folder_when_the_home_is_not_writable(monkeypatch, capsys, tmp_path):
+    (tmp_path / "home").write_text("a file, not a folder")
+    monkeypatch.setenv("GRAINS_EDGE_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    crash_in_export(monkeypatch, RuntimeError("boom"))
+    assert main(["export", "--out", str(tmp_path / "x")]) == 70
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and Path(err[0].split("full traceback in ")[1]).parent.parent == tmp_path / "tmp"
+
+
+def test_an_interrupt_is_130_without_a_log(monkeypatch, capsys, tmp_path):
+    crash_in_export(monkeypatch, KeyboardInterrupt())
+    assert main(["export", "--out", str(tmp_path / "x")]) == 130
+    assert capsys.readouterr().err.strip() == "grains-edge: interrupted"
+    assert not (paths.home() / "logs").exists()

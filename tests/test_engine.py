@@ -1,5 +1,6 @@
 """The ORT engine: decoding, steering per call, streaming, limits."""
 
+import json
 import threading
 
 import numpy as np
@@ -159,3 +160,60 @@ def test_a_fused_export_without_its_kernels_is_a_clear_error(tiny_export, tmp_pa
     monkeypatch.setattr(kernels, "header_dirs", lambda: [tmp_path])
     with pytest.raises(GrainsError, match="no ONNX Runtime headers.*re-export .* with --kernels stock"):
         Engine(copy, device="cpu")
+
+
+def truncate(name: str, keep: float):
+    def damage(folder):
+        data = (folder / name).read_bytes()
+        (folder / name).write_bytes(data[: int(len(data) * keep)])
+
+    return damage
+
+
+def edit_manifest(**changes):
+    def damage(folder):
+        data = json.loads((folder / "manifest.json").read_text())
+        (folder / "manifest.json").write_text(json.dumps({**data, **changes}))
+
+    return damage
+
+
+def rename_first_past_input(folder):
+    data = json.loads((folder / "manifest.json").read_text())
+    data["input_names"][5] = "past.0.k"
+    (folder / "manifest.json").write_text(json.dumps(data))
+
+
+DAMAGES = {
+    "model.onnx truncated": (truncate("model.onnx", 0.5), "model.onnx cannot be loaded \\(InvalidProtobuf"),
+    "model.onnx empty": (truncate("model.onnx", 0), "model.onnx cannot be loaded"),
+    "model.onnx.data truncated": (truncate("model.onnx.data", 0.5), "model.onnx cannot be loaded \\(Fail"),
+    "model.onnx.data missing": (lambda f: (f / "model.onnx.data").unlink(), "model.onnx cannot be loaded"),
+    "manifest num_layers": (edit_manifest(num_layers=5), "does not describe its graph \\(its inputs do not fit"),
+    "manifest hidden_size": (edit_manifest(hidden_size=65), "steering is \\['batch', 4, 64\\] in the graph"),
+    "manifest vocab_size": (edit_manifest(vocab_size=10), "logits is"),
+    "manifest input names": (rename_first_past_input, "do not fit num_layers 4"),
+    "manifest num_kv_heads": (edit_manifest(num_kv_heads=3), "past_key_values.0.key is"),
+    "manifest not JSON": (lambda f: (f / "manifest.json").write_text('{"num_layers": 4,'), "damaged"),
+    "manifest wrong type": (edit_manifest(num_layers="4"), "'num_layers' is not int"),
+    "tokenizer.json garbage": (lambda f: (f / "tokenizer.json").write_text("<html>"), "tokenizer.json is damaged"),
+    "tokenizer_config.json garbage": (lambda f: (f / "tokenizer_config.json").write_bytes(b"\xff\xfe"), "damaged"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGES, ids=list(DAMAGES))
+def test_a_damaged_export_is_one_line_naming_it(tiny_export, tmp_path, damage):
+    """Every way an export can be cut short or edited out of step with its graph: a GrainsError with the fix
+    on load, the same one line through the CLI."""
+    import shutil
+
+    from grains_edge.cli import main
+
+    copy = tmp_path / "export"
+    shutil.copytree(tiny_export, copy)
+    apply, message = DAMAGES[damage]
+    apply(copy)
+    with pytest.raises(GrainsError, match=message) as raised:
+        Engine(copy, device="cpu")
+    assert "fix:" in str(raised.value) and "\n" not in str(raised.value)
+    assert main(["ask", "hello", "--model", str(copy), "--device", "cpu"]) == 2

@@ -1,6 +1,11 @@
 """The exported graph: its inputs, its renormalization ops, and parity with PyTorch."""
 
 import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
 
 import numpy as np
 import onnx
@@ -9,6 +14,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from grains_edge import models, ownership
 from grains_edge.errors import GrainsError
 from grains_edge.export.onnx_export import export
 from grains_edge.manifest import Manifest
@@ -135,7 +141,7 @@ def test_unsupported_architecture_is_a_clear_error(tmp_path, tiny_tokenizer):
     ).save_pretrained(tmp_path / "bert")
     with pytest.raises(GrainsError, match="unsupported architecture 'bert'; supported: llama, gpt2"):
         export(str(tmp_path / "bert"), tmp_path / "out")
-    assert not (tmp_path / "out").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bert"]  # no output, no staging folder
 
 
 def test_refuses_to_overwrite_a_folder_that_is_not_an_export(tmp_path):
@@ -154,3 +160,78 @@ def test_quantized_export_keeps_float_steering(tmp_path, tiny_model_dir, bits):
     assert "MatMul" not in ops and ops.count("MatMulNBits") == 4 * 4 + 1  # 4 per layer and the LM head
     assert ops.count("Div") == 2  # the renormalization (one Div per steered layer) stays float
     assert manifest.verification["steering_effect_correlation"] > 0.5
+
+
+def no_model_load(monkeypatch):
+    """A bad --out must be refused before the model loads (a minute for a large one)."""
+
+    def refuse(spec):
+        raise AssertionError("the model was loaded before --out was checked")
+
+    monkeypatch.setattr(models, "load", refuse)
+
+
+@pytest.mark.parametrize(
+    "files",
+    [
+        {"manifest.json": '{"name": "my app", "start_url": "/"}', "index.html": "<html></html>"},
+        {"manifest.json": "{}", "model.onnx": "not ours"},
+    ],
+)
+def test_refuses_a_folder_holding_a_manifest_json_it_did_not_write(tmp_path, monkeypatch, files):
+    no_model_load(monkeypatch)
+    (tmp_path / "app").mkdir()
+    for name, text in files.items():
+        (tmp_path / "app" / name).write_text(text)
+    with pytest.raises(GrainsError, match="did not write.*fix:"):
+        export("default", tmp_path / "app")
+    assert {p.name: p.read_text() for p in (tmp_path / "app").iterdir()} == files
+
+
+def test_refuses_an_out_that_is_a_file_or_cannot_be_written_before_loading(tmp_path, monkeypatch):
+    no_model_load(monkeypatch)
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(GrainsError, match="is a file; fix:"):
+        export("default", tmp_path / "file")
+    with pytest.raises(GrainsError, match="cannot write beside .*fix: choose a writable --out"):
+        export("default", tmp_path / "file" / "out")
+    assert (tmp_path / "file").read_text() == "mine" and sorted(tmp_path.iterdir()) == [tmp_path / "file"]
+
+
+def dead_pid() -> int:
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(finished.stdout)
+
+
+def fake_staging(out_dir, pid: int, marker: bool):
+    """A staging folder as an export killed mid-write leaves it."""
+    staging = out_dir.with_name(f"{out_dir.name}.partial-{pid}-abcdef")
+    staging.mkdir()
+    (staging / "model.onnx.data").write_bytes(b"\0" * 1000)
+    if marker:
+        record = {"format": ownership.STAGING_FORMAT, "pid": pid, "host": socket.gethostname()}
+        (staging / ownership.STAGING_MARKER_NAME).write_text(json.dumps(record))
+    return staging
+
+
+def test_replaces_its_own_export_and_removes_what_killed_exports_left(tiny_model_dir, tmp_path):
+    out = tmp_path / "out"
+    export(str(tiny_model_dir), out, layers_spec="1")
+    marker = json.loads((out / ownership.MARKER_NAME).read_text())
+    assert marker["files"] == {p.name: p.stat().st_size for p in out.iterdir() if p.name != ownership.MARKER_NAME}
+    killed = fake_staging(out, dead_pid(), marker=True)
+    running = fake_staging(out, os.getpid(), marker=True)
+    unproven = fake_staging(out, dead_pid() + 1, marker=False)
+    export(str(tiny_model_dir), out, layers_spec="2")
+    assert Manifest.load(out).steered_layers == [2] and ownership.has_valid_marker(out)
+    assert not killed.exists() and running.exists() and unproven.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", running.name, unproven.name])
+
+
+def test_replaces_an_export_of_an_earlier_version_without_a_marker(tiny_export, tiny_model_dir, tmp_path):
+    old = tmp_path / "old"
+    shutil.copytree(tiny_export, old)
+    (old / ownership.MARKER_NAME).unlink()
+    assert ownership.is_our_export(old)
+    export(str(tiny_model_dir), old, layers_spec="none")
+    assert Manifest.load(old).steered_layers == [] and ownership.has_valid_marker(old)
