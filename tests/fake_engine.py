@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from grains_edge.conversations import ConversationStore
+from grains_edge.conversations import open_store
 from grains_edge.engine import GenerationSettings, GenerationStats
 from grains_edge.errors import GrainsError
 from grains_edge.profiles import Profile
@@ -119,11 +119,15 @@ PROFILES = [
 def fake_app(
     db_path: Path, engine: FakeEngine | None = None, profile: str | None = None, **options
 ) -> tuple[ChatApp, FakeEngine]:
-    """The chat on a FakeEngine with PROFILES on offer (none of the user's or built-in profiles)."""
+    """The chat on a FakeEngine with PROFILES on offer (none of the user's or built-in profiles).
+
+    The history is opened as `grains-edge chat` opens it: a damaged or read-only file gives a fallback.
+    """
     engine = engine or FakeEngine()
     library = ProfileLibrary((LAYERS, HIDDEN), source=lambda: PROFILES)
     library.refresh()
-    return ChatApp(engine, ConversationStore(db_path), library, library.chosen(profile), **options), engine
+    store, notice = open_store(db_path)
+    return ChatApp(engine, store, library, library.chosen(profile), notice=notice, **options), engine
 
 
 async def type_and_send(pilot, text: str) -> None:

@@ -1,5 +1,6 @@
 """The chat app driven by Textual's pilot on a FakeEngine: no model, a few seconds in all."""
 
+import sqlite3
 import time
 from collections.abc import Callable
 
@@ -249,7 +250,9 @@ async def test_newlines_unicode_and_resizing(tmp_path):
         await app.workers.wait_for_complete()
         text = "Ça va? 日本語 🎉 مرحبا \u200b [bold]not markup[/] `code` \x1b[31m"
         await type_and_send(pilot, text)
-        assert [m.source for m in app.query(UserMessage)] == ["line one\nline two", text]
+        shown = "Ça va? 日本語 🎉 مرحبا \u200b [bold]not markup[/] `code` \u241b[31m"
+        assert [m.source for m in app.query(UserMessage)] == ["line one\nline two", shown]
+        assert app.query(UserMessage).last().typed == engine.calls[-1].messages[-1]["content"] == text
         for size in [(30, 10), (160, 50)]:
             await pilot.resize_terminal(*size)
             await pilot.pause()
@@ -386,3 +389,89 @@ async def test_a_failing_engine_is_reported_not_fatal(tmp_path):
         await type_and_send(pilot, "Hi")
         assert notes[-1] == "RuntimeError: ONNX Runtime fell over"
         assert app.turn is None and app.query_one(Composer).text == "Hi"
+
+
+# ---- terminal safety and a history that can't be written -------------------------------------------
+
+HOSTILE = "clear\x1b[2J title\x1b]0;pwned\x07 csi\x9b31m [bold]markup[/bold] del\x7f"
+SHOWN = "clear␛[2J title␛]0;pwned␇ csi␛[31m [bold]markup[/bold] del␡"
+RAW = ("\x1b", "\x07", "\x9b", "\x7f")
+
+
+def screen_text(app: ChatApp) -> str:
+    """Every character drawn on the screen (the SVG screenshot holds each cell's text)."""
+    return app.export_screenshot()
+
+
+async def test_hostile_history_replays_as_visible_stand_ins(tmp_path):
+    path = tmp_path / "chat.sqlite3"
+    store = ConversationStore(path)
+    conversation = store.create_conversation("m", title="title\x1b]0;pwned\x07")
+    store.add_message(conversation.id, "user", HOSTILE)
+    store.add_message(conversation.id, "assistant", HOSTILE, profile="evil\x1b[2J", alpha=0.5)
+    store.close()
+    app, _ = fake_app(path, resume=True)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        (user,) = app.query(UserMessage)
+        (answer,) = app.query(Answer)
+        assert user.source == answer.source == SHOWN and user.typed == HOSTILE
+        assert str(answer.border_title) == "evil␛[2J α0.50" and app.sub_title == "title␛]0;pwned␇"
+        drawn = screen_text(app)
+        assert "␛[2J" in drawn and "[bold]markup[/bold]" in drawn  # literal text, not markup
+        assert not any(character in drawn for character in RAW)
+
+
+async def test_hostile_model_pieces_are_shown_as_stand_ins_and_stored_as_they_came(tmp_path):
+    app, _ = fake_app(tmp_path / "chat.sqlite3", FakeEngine(lambda m, s: HOSTILE))
+    async with app.run_test(size=SIZE) as pilot:
+        await type_and_send(pilot, "say something nasty")
+        (answer,) = app.query(Answer)
+        assert answer.source == SHOWN and not any(character in screen_text(app) for character in RAW)
+        assert app.store.messages(app.conversation.id)[-1].content == HOSTILE  # the record is faithful
+
+
+async def test_a_damaged_history_opens_a_fresh_one_and_says_so(tmp_path):
+    path = tmp_path / "chat.sqlite3"
+    path.write_bytes(b"SQLite format 3\x00" + bytes(range(256)) * 32)
+    before = path.read_bytes()
+    app, _ = fake_app(path)
+    async with app.run_test(size=SIZE) as pilot:
+        notice = status(app, "history")
+        assert "chat-1.sqlite3" in notice and str(path) in notice
+        await type_and_send(pilot, "Hello")
+        assert app.query(Answer) and app.store.path.name == "chat-1.sqlite3"
+    assert path.read_bytes() == before
+    assert [m.content for m in ConversationStore(tmp_path / "chat-1.sqlite3").messages(1)][0] == "Hello"
+
+
+async def test_a_send_that_cannot_be_stored_keeps_the_typed_text(tmp_path):
+    path = tmp_path / "chat.sqlite3"
+    ConversationStore(path).close()
+    app, engine = fake_app(path)
+    app.store = ConversationStore(path, mode="read")  # as open_store gives for a read-only file
+    notes = recorded_notes(app)
+    async with app.run_test(size=SIZE) as pilot:
+        await type_and_send(pilot, "Please keep me")
+        assert app.query_one(Composer).text == "Please keep me" and not app.query(UserMessage)
+        assert engine.calls == [] and len(notes) == 1 and "read-only" in notes[0] and "\n" not in notes[0]
+
+
+async def test_a_locked_history_mid_reply_stops_the_reply_and_keeps_what_was_shown(tmp_path, monkeypatch):
+    monkeypatch.setattr("grains_edge.conversations.BUSY_SECONDS", 0.05)
+    long_reply = " ".join(f"word{i}" for i in range(400))
+    app, _ = fake_app(tmp_path / "chat.sqlite3", FakeEngine(lambda m, s: long_reply, delay=SLOW))
+    notes = recorded_notes(app)
+    async with app.run_test(size=SIZE) as pilot:
+        app.query_one(Composer).insert("Talk")
+        await pilot.press("enter")
+        await until(pilot, lambda: app.turn is not None and len(app.turn.lanes[0].reply.text) >= 20)
+        other = sqlite3.connect(tmp_path / "chat.sqlite3", isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")  # another program takes the write lock mid-reply
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        other.execute("ROLLBACK")
+        answer = app.query_one(Answer)
+        stored = app.store.messages(app.conversation.id)[-1]
+        assert answer.source == stored.content and 0 < len(stored.content) < len(long_reply)
+        assert "locked" in notes[-1] and str(answer.border_subtitle) == "failed"

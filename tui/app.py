@@ -9,6 +9,7 @@ steering tensor for the engine's next call; the model is never reloaded.
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections.abc import Iterable
@@ -28,10 +29,11 @@ from textual.widgets.markdown import MarkdownStream
 from textual.worker import Worker
 
 from grains_edge import conversations, paths
-from grains_edge.conversations import Conversation, ConversationStore
+from grains_edge.conversations import Conversation, ConversationStore, open_store
 from grains_edge.engine import GenerationSettings, GenerationStats
 from grains_edge.errors import GrainsError
 from grains_edge.models import DEFAULT_GGUF, DEFAULT_MODEL
+from grains_edge.safe_text import printable
 
 from .generation import StoredReply, fit_prompt, interleave
 from .screens import HelpScreen, HistoryScreen, MixScreen, SettingsScreen, SystemPromptScreen
@@ -136,6 +138,7 @@ class ChatApp(App):
         resume: bool = False,
         settings: GenerationSettings | None = None,
         system_prompt: str = "",
+        notice: str = "",
     ):
         super().__init__()
         self.engine = engine
@@ -151,6 +154,7 @@ class ChatApp(App):
         self.turn: Turn | None = None
         self.speed: float | None = None  # tokens/s of the last reply
         self.context_used: int | None = None
+        self.notice = notice  # why the history in use is not the usual file, or is read-only
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -167,10 +171,26 @@ class ChatApp(App):
         self.chat.anchor()
         self.refresh_panel()
         self.refresh_status()
-        latest = self.store.latest() if self.resume else None
-        if latest is not None:
-            await self.open_conversation(latest.id)
+        if self.notice:
+            self.notify(self.notice, title="Chat history", severity="warning", timeout=15)
+        if self.resume:
+            try:
+                latest = self.store.latest()
+            except GrainsError as error:
+                self.history_failed(error)
+            else:
+                if latest is not None:
+                    await self.open_conversation(latest.id)
         self.query_one(Composer).focus()
+
+    def notify(self, message: str, **options) -> None:
+        """Every notification as plain text: messages quote model output, file names and profile metadata."""
+        options["markup"] = False
+        super().notify(printable(message), **options)
+
+    def history_failed(self, error: GrainsError) -> None:
+        """A read or write of the history failed: one line, and the chat goes on."""
+        self.notify(str(error), title="Chat history", severity="error", timeout=15)
 
     @property
     def chat(self) -> VerticalScroll:
@@ -193,6 +213,7 @@ class ChatApp(App):
         bar.show("context", f"ctx {used}/{self.engine.max_context}")
         compare = f"COMPARE vs {self.baseline.label}" if self.compare else "compare off"
         bar.show("compare", compare, highlight=self.compare)
+        bar.show("history", self.notice, highlight=bool(self.notice))
 
     def set_steering(self, steering: Steering) -> None:
         self.steering = steering
@@ -218,15 +239,20 @@ class ChatApp(App):
     def show_conversation(self, conversation: Conversation | None) -> None:
         self.conversation = conversation
         self.system_prompt = conversation.system_prompt if conversation else self.system_prompt
-        self.sub_title = (conversation.title if conversation else "") or "new conversation"
+        self.sub_title = printable(conversation.title if conversation else "") or "new conversation"
 
     async def open_conversation(self, conversation_id: int) -> None:
-        conversation = self.store.conversation(conversation_id)
+        try:
+            conversation = self.store.conversation(conversation_id)
+            stored = [] if conversation is None else self.store.messages(conversation_id)
+        except GrainsError as error:
+            self.history_failed(error)
+            return
         if conversation is None:
             return
         self.show_conversation(conversation)
         await self.chat.remove_children()
-        await self.chat.mount_all(list(message_widgets(self.store.messages(conversation_id))))
+        await self.chat.mount_all(list(message_widgets(stored)))
         history = self.model_history()
         self.context_used = len(self.engine.chat_ids(history)) if history else None
         self.speed = None
@@ -241,12 +267,16 @@ class ChatApp(App):
         if self.turn is not None:
             self.notify("A reply is still streaming: escape stops it", severity="warning")
             return
-        if self.conversation is None:
-            title = text.strip().splitlines()[0][:60]
-            self.show_conversation(
-                self.store.create_conversation(model_name(self.engine), self.system_prompt, title=title)
-            )
-        message_id = self.store.add_message(self.conversation.id, "user", text)
+        try:  # nothing is shown that isn't stored: if it can't be, the text stays in the box
+            if self.conversation is None:
+                title = text.strip().splitlines()[0][:60]
+                self.show_conversation(
+                    self.store.create_conversation(model_name(self.engine), self.system_prompt, title=title)
+                )
+            message_id = self.store.add_message(self.conversation.id, "user", text)
+        except GrainsError as error:
+            self.history_failed(error)
+            return
         self.query_one(Composer).clear()
         await self.query(Welcome).remove()
         message = UserMessage(text)
@@ -254,16 +284,21 @@ class ChatApp(App):
         await self.start_turn((message_id, message))
 
     async def start_turn(self, user: tuple[int, UserMessage] | None) -> None:
-        history = self.model_history()
         chosen = [(self.steering, "assistant")]
         if self.compare:
             chosen.insert(0, (self.baseline, "compare"))
         lanes = []
-        for steering, role in chosen:
-            profile, alpha = steering.to_record()
-            message_id = self.store.add_message(self.conversation.id, role, "", profile, alpha, complete=False)
-            answer = Answer(steering, note="streaming…")
-            lanes.append(Lane(self.library.tensor(steering), answer, StoredReply(self.store, message_id)))
+        try:
+            history = self.model_history()
+            for steering, role in chosen:
+                profile, alpha = steering.to_record()
+                message_id = self.store.add_message(self.conversation.id, role, "", profile, alpha, complete=False)
+                answer = Answer(steering, note="streaming…")
+                lanes.append(Lane(self.library.tensor(steering), answer, StoredReply(self.store, message_id)))
+        except GrainsError as error:
+            self.history_failed(error)
+            await self.take_back([lane.reply.message_id for lane in lanes], user)
+            return
         self.turn = Turn(lanes, user)  # before mounting: from here on a second send waits and escape stops
         await self.chat.mount(AnswerPair(lanes[0].widget, lanes[1].widget) if self.compare else lanes[0].widget)
         for lane in lanes:
@@ -284,19 +319,22 @@ class ChatApp(App):
             turn.prompt_tokens = len(ids)
         except Exception as error:  # a failed reply is reported in the app, never fatal to it
             turn.error = str(error) if isinstance(error, GrainsError) else f"{type(error).__name__}: {error}"
-        for lane in turn.lanes:
-            lane.reply.finish()
+        try:
+            for lane in turn.lanes:
+                lane.reply.finish()
+        except GrainsError as error:  # the text is stored; only its "complete" mark is missing
+            turn.error = turn.error or str(error)
         self.post_message(TurnEnded(turn))
 
     def stream_piece(self, turn: Turn, index: int, piece: str) -> None:
-        """In the worker: keep one piece of answer `index` and send it to the screen."""
+        """In the worker: store one piece of answer `index` (its own commit), then send it to the screen."""
         lane = turn.lanes[index]
-        lane.reply.add(piece)
+        lane.reply.add(piece)  # a HistoryError here ends the reply before the piece is shown
         self.post_message(Piece(lane, piece))
 
     @on(Piece)
     async def show_piece(self, message: Piece) -> None:
-        await message.lane.stream.write(message.text)
+        await message.lane.stream.write(printable(message.text))
 
     @on(TurnEnded)
     async def end_turn(self, message: TurnEnded) -> None:
@@ -321,16 +359,24 @@ class ChatApp(App):
             for lane in turn.lanes:
                 lane.widget.border_subtitle = "failed"
             return
-        self.store.delete_messages([lane.reply.message_id for lane in turn.lanes])
         first = turn.lanes[0].widget
         await (first.parent if isinstance(first.parent, AnswerPair) else first).remove()
-        if turn.user is not None:
-            message_id, message = turn.user
-            self.store.delete_messages([message_id])
+        await self.take_back([lane.reply.message_id for lane in turn.lanes], turn.user)
+
+    async def take_back(self, answer_ids: list[int], user: tuple[int, UserMessage] | None) -> None:
+        """Undo a turn that never showed an answer: its rows go, its question goes back into the box."""
+        message_ids = answer_ids + ([user[0]] if user is not None else [])
+        try:
+            if message_ids:
+                self.store.delete_messages(message_ids)
+        except GrainsError as error:
+            self.history_failed(error)
+        if user is not None:
+            message = user[1]
             await message.remove()
             composer = self.query_one(Composer)
             if not composer.text:
-                composer.text = message.source
+                composer.text = message.typed
                 composer.move_cursor(composer.document.end)
 
     # ---- actions ---------------------------------------------------------------------------
@@ -342,11 +388,15 @@ class ChatApp(App):
     async def action_regenerate(self) -> None:
         if self.turn is not None or self.conversation is None:
             return
-        messages = self.store.messages(self.conversation.id)
-        users = [index for index, message in enumerate(messages) if message.role == "user"]
-        if not users:
+        try:
+            messages = self.store.messages(self.conversation.id)
+            users = [index for index, message in enumerate(messages) if message.role == "user"]
+            if not users:
+                return
+            self.store.delete_messages([message.id for message in messages[users[-1] + 1 :]])
+        except GrainsError as error:
+            self.history_failed(error)
             return
-        self.store.delete_messages([message.id for message in messages[users[-1] + 1 :]])
         children = list(self.chat.children)
         last_user = max(index for index, child in enumerate(children) if isinstance(child, UserMessage))
         await self.chat.remove_children(children[last_user + 1 :])
@@ -470,14 +520,21 @@ class ChatApp(App):
             if prompt is not None:
                 self.system_prompt = prompt
                 if self.conversation is not None:
-                    self.store.set_system_prompt(self.conversation.id, prompt)
+                    try:
+                        self.store.set_system_prompt(self.conversation.id, prompt)
+                    except GrainsError as error:
+                        self.history_failed(error)
                 self.notify("Applies from the next reply on", title="System prompt")
 
         self.push_screen(SystemPromptScreen(self.system_prompt), saved)
 
     def action_copy_answer(self) -> None:
-        messages = self.store.messages(self.conversation.id) if self.conversation else []
-        answers = [m.content for m in messages if m.role == "assistant" and m.content]
+        try:
+            messages = self.store.messages(self.conversation.id) if self.conversation else []
+        except GrainsError as error:
+            self.history_failed(error)
+            return
+        answers = [printable(m.content) for m in messages if m.role == "assistant" and m.content]
         if not answers:
             self.notify("No answer to copy yet", severity="warning")
             return
@@ -506,8 +563,9 @@ class ChatApp(App):
         )
         for profile in self.library.refresh():
             if self.library.fits(profile):
-                help_text = f"{profile.method} profile at its default α {profile.alpha:g}"
-                yield SystemCommand(f"Steer: {profile.name}", help_text, partial(self.select_profile, profile.name))
+                help_text = printable(f"{profile.method} profile at its default α {profile.alpha:g}")
+                title = f"Steer: {printable(profile.name)}"
+                yield SystemCommand(title, help_text, partial(self.select_profile, profile.name))
 
 
 def message_widgets(messages: list[conversations.Message]) -> Iterable[UserMessage | Answer | AnswerPair]:
@@ -518,7 +576,11 @@ def message_widgets(messages: list[conversations.Message]) -> Iterable[UserMessa
             yield UserMessage(message.content)
             continue
         note = "" if message.complete else "interrupted"
-        answer = Answer(Steering.from_record(message.profile, message.alpha), message.content, note)
+        try:
+            steering = Steering.from_record(message.profile, message.alpha)
+        except ValueError:  # a profile column this version did not write: shown as it is
+            steering = Steering(message.profile, message.alpha or 0.0)
+        answer = Answer(steering, message.content, note)
         if message.role == "compare":
             baseline = answer
         elif baseline is not None:
@@ -538,13 +600,20 @@ def run_chat(
     store: ConversationStore | None = None,
     settings: GenerationSettings | None = None,
     system_prompt: str = "",
-) -> None:
-    """Open the chat on a loaded engine; `profile` (a name or a path, None: unsteered) steers from the start."""
+) -> int:
+    """Open the chat on a loaded engine; `profile` (a name or a path, None: unsteered) steers from the start.
+
+    Returns the exit code: non-zero when the app ended on an unhandled error (Textual printed it).
+    """
     library = ProfileLibrary((engine.num_layers, engine.hidden_size))
     library.refresh()
     steering = library.chosen(profile, alpha)
-    store = store or ConversationStore(paths.db_path())
+    store, notice = (store, "") if store is not None else open_store(paths.db_path())
+    if notice:
+        print(f"grains-edge: {printable(notice)}", file=sys.stderr)
+    app = ChatApp(engine, store, library, steering, resume, settings, system_prompt, notice)
     try:
-        ChatApp(engine, store, library, steering, resume, settings, system_prompt).run()
+        app.run()
     finally:
         store.close()
+    return app.return_code or 0

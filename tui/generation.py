@@ -1,17 +1,14 @@
-"""Replies without the UI: fitting the prompt into the context, answers interleaved, saving as they stream."""
+"""Replies without the UI: fitting the prompt into the context, answers interleaved, each piece stored as it streams."""
 
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from grains_edge.conversations import ConversationStore
 from grains_edge.engine import GenerationSettings, GenerationStats
-
-SAVE_EVERY = 0.5  # seconds between writes of a streaming answer
 
 
 def fit_prompt(engine, history: Sequence[dict], system_prompt: str, max_new_tokens: int) -> tuple[list[int], int]:
@@ -62,20 +59,17 @@ def interleave(
 
 
 class StoredReply:
-    """An answer's text as it streams, written to its message row at most every SAVE_EVERY seconds."""
+    """An answer's text as it streams: each piece is appended to its message row (one commit) before it is shown."""
 
-    def __init__(self, store: ConversationStore, message_id: int, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, store: ConversationStore, message_id: int):
         self.store = store
         self.message_id = message_id
-        self.clock = clock
-        self.text = ""
-        self.saved_at = clock()
+        self.text = ""  # what is stored, so what may be shown
 
     def add(self, piece: str) -> None:
+        """Store `piece`; raises HistoryError (and keeps nothing) if it can't be stored."""
+        self.store.append_to_message(self.message_id, piece)
         self.text += piece
-        if self.clock() - self.saved_at >= SAVE_EVERY:
-            self.store.update_message(self.message_id, self.text)
-            self.saved_at = self.clock()
 
     def finish(self) -> None:
-        self.store.update_message(self.message_id, self.text, complete=True)
+        self.store.finish_message(self.message_id)

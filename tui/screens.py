@@ -14,6 +14,8 @@ from textual.widgets.option_list import Option
 
 from grains_edge.conversations import Conversation, ConversationStore
 from grains_edge.engine import GenerationSettings
+from grains_edge.errors import GrainsError
+from grains_edge.safe_text import printable
 
 
 class Dialog(ModalScreen):
@@ -128,7 +130,7 @@ class SystemPromptScreen(Dialog):
 
 
 def conversation_prompt(conversation: Conversation, current: bool) -> Content:
-    title = conversation.title or "(untitled)"
+    title = printable(conversation.title) or "(untitled)"
     when = conversation.last_active.replace("T", " ")[:16]
     details = f"{when} · {conversation.message_count} messages" + (" · open now" if current else "")
     return Content.assemble(title, "\n", (details, "dim"))
@@ -146,7 +148,11 @@ class HistoryScreen(Dialog):
         self.current = current
 
     def compose_body(self) -> ComposeResult:
-        conversations = self.store.conversations()
+        try:
+            conversations = self.store.conversations()
+        except GrainsError as error:  # shown in the dialog: the chat goes on
+            yield Label(printable(str(error)), classes="error", markup=False)
+            return
         options = [Option(conversation_prompt(c, c.id == self.current), id=str(c.id)) for c in conversations]
         yield OptionList(*options, id="history-list")
         yield Label("enter open · d delete · escape close" if options else "No conversations yet.", classes="hint")
@@ -156,12 +162,18 @@ class HistoryScreen(Dialog):
         self.dismiss(int(event.option.id))
 
     def action_delete(self) -> None:
-        options = self.query_one(OptionList)
-        option = options.highlighted_option
-        if option is None or int(option.id) == self.current:
+        options = self.query_one(OptionList) if self.query(OptionList) else None
+        option = None if options is None else options.highlighted_option
+        if options is None or option is None:
+            return
+        if int(option.id) == self.current:
             self.notify("The open conversation can't be deleted here; start a new one first", severity="warning")
             return
-        self.store.delete_conversation(int(option.id))
+        try:
+            self.store.delete_conversation(int(option.id))
+        except GrainsError as error:
+            self.notify(str(error), severity="error")
+            return
         options.remove_option(option.id)
 
 
@@ -176,7 +188,7 @@ class MixScreen(Dialog):
         self.alpha = alpha
 
     def compose_body(self) -> ComposeResult:
-        yield Label(Content.from_markup("Add [b]$name[/b] at strength α:", name=self.profile_name))
+        yield Label(Content.from_markup("Add [b]$name[/b] at strength α:", name=printable(self.profile_name)))
         yield Input(f"{self.alpha:g}", id="mix-alpha", validators=[Number(-3, 3)])
         yield Label("enter apply · escape cancel", classes="hint")
 

@@ -1,4 +1,9 @@
-"""The chat's widgets: messages, the side-by-side answer pair, the input box, the status bar, the profile panel."""
+"""The chat's widgets: messages, the side-by-side answer pair, the input box, the status bar, the profile panel.
+
+Every text that comes from outside (model output, stored history, profile files) passes through
+`printable` on its way in, so no control character or escape sequence reaches the terminal. Text is
+given to Textual as Content or Markdown, never as markup, so "[bold]" in it stays literal.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ from textual.widgets import Label, Markdown, OptionList, Static, Switch, TextAre
 from textual.widgets.option_list import Option
 
 from grains_edge.profiles import Profile
+from grains_edge.safe_text import printable
 
 from .steering import Steering, format_alpha
 
@@ -41,21 +47,22 @@ def chat_parser() -> MarkdownIt:
 
 
 def answer_title(steering: Steering) -> Content:
-    return Content("unsteered" if steering.profile is None else steering.label)
+    return Content("unsteered" if steering.profile is None else printable(steering.label))
 
 
 class UserMessage(Markdown):
     BORDER_TITLE = "you"
 
     def __init__(self, text: str):
-        super().__init__(text, parser_factory=chat_parser)
+        super().__init__(printable(text), parser_factory=chat_parser)
+        self.typed = text  # as the user wrote it: what goes back into the message box
 
 
 class Answer(Markdown):
     """One assistant answer; its border names the steering that produced it."""
 
     def __init__(self, steering: Steering, text: str = "", note: str = ""):
-        super().__init__(text, parser_factory=chat_parser)
+        super().__init__(printable(text), parser_factory=chat_parser)
         self.border_title = answer_title(steering)
         self.border_subtitle = note
 
@@ -100,9 +107,10 @@ class Composer(TextArea):
 
 
 class StatusBar(Horizontal):
-    """One line: model, execution provider, steering, speed of the last reply, context used, compare mode."""
+    """One line: model, execution provider, steering, speed of the last reply, context used, compare mode,
+    and a notice when the chat history is not the usual file or is read-only."""
 
-    SEGMENTS = ("model", "provider", "steering", "speed", "context", "compare")
+    SEGMENTS = ("model", "provider", "steering", "speed", "context", "history", "compare")
 
     def compose(self):
         for name in self.SEGMENTS:
@@ -110,8 +118,9 @@ class StatusBar(Horizontal):
 
     def show(self, name: str, text: str, highlight: bool = False) -> None:
         label = self.query_one(f"#status-{name}", Label)
-        label.update(Content(text))
+        label.update(Content(printable(text)))
         label.set_class(highlight, "-on")
+        label.display = bool(text)
 
 
 class ProfileList(OptionList):
@@ -157,12 +166,12 @@ def profile_about(profile: Profile | None) -> Content:
     if profile is None:
         return Content.styled("The model as it is: no steering.", "dim")
     facts = f"{profile.method} · layers {layer_span(profile.layers)} · α {profile.alpha:g}"
-    description = profile.metadata.get("description", "")
-    return Content.assemble((facts, "dim"), f"\n{description}" if description else "")
+    description = printable(str(profile.metadata.get("description", "")))
+    return Content.assemble((printable(facts), "dim"), f"\n{description}" if description else "")
 
 
 def profile_prompt(name: str, kind: str, mark: str, width: int) -> Content:
-    return Content.assemble(f"{mark} {name:<{width}} ", (kind, "dim"))
+    return Content.assemble(f"{mark} {printable(name):<{width}} ", (kind, "dim"))
 
 
 def profile_mark(name: str | None, steering: Steering) -> str:
@@ -204,7 +213,11 @@ class ProfilePanel(Vertical):
         options.highlighted = highlighted if keep else active
         alpha = "—" if steering.profile is None else format_alpha(steering.alpha, signed=True)
         self.query_one("#alpha", Static).update(Content.from_markup("α $alpha   [dim]+/- · ctrl+↑/↓[/]", alpha=alpha))
-        mix = "—" if steering.mix is None else f"{steering.mix} α{format_alpha(steering.mix_alpha, signed=True)}"
+        mix = (
+            "—"
+            if steering.mix is None
+            else printable(f"{steering.mix} α{format_alpha(steering.mix_alpha, signed=True)}")
+        )
         self.query_one("#mix", Static).update(Content.from_markup("mix $mix   [dim]m[/]", mix=mix))
         left = answer_title(baseline)
         self.query_one("#baseline", Static).update(Content.from_markup("left column: $left   [dim]c[/]", left=left))
