@@ -5,6 +5,8 @@ import threading
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from grains_edge.engine import Engine, GenerationSettings, pick_token
 from grains_edge.errors import GrainsError
@@ -217,3 +219,25 @@ def test_a_damaged_export_is_one_line_naming_it(tiny_export, tmp_path, damage):
         Engine(copy, device="cpu")
     assert "fix:" in str(raised.value) and "\n" not in str(raised.value)
     assert main(["ask", "hello", "--model", str(copy), "--device", "cpu"]) == 2
+
+
+MANIFEST_FIELDS = ["num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim", "vocab_size", "max_context"]
+
+
+@settings(max_examples=25, deadline=None)
+@given(changes=st.dictionaries(st.sampled_from(MANIFEST_FIELDS), st.integers(-2, 70), min_size=1, max_size=3))
+def test_a_manifest_edited_out_of_step_with_its_graph_loads_right_or_is_one_error(
+    tiny_export, tmp_path_factory, changes
+):
+    """Random edits of the manifest's dims: a GrainsError, or an engine that still answers."""
+    import shutil
+
+    copy = tmp_path_factory.mktemp("edited") / "export"
+    shutil.copytree(tiny_export, copy)
+    edit_manifest(**changes)(copy)
+    try:
+        pieces = list(Engine(copy, device="cpu").chat(HELLO, None, GenerationSettings(max_new_tokens=2)))
+    except GrainsError as error:
+        assert "fix:" in str(error)
+        return
+    assert all(isinstance(piece, str) for piece in pieces)

@@ -198,6 +198,18 @@ def test_refuses_an_out_that_is_a_file_or_cannot_be_written_before_loading(tmp_p
     assert (tmp_path / "file").read_text() == "mine" and sorted(tmp_path.iterdir()) == [tmp_path / "file"]
 
 
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="a read-only folder binds no root")
+def test_refuses_an_out_in_a_read_only_folder_before_loading(tmp_path, monkeypatch):
+    no_model_load(monkeypatch)
+    (tmp_path / "ro").mkdir()
+    (tmp_path / "ro").chmod(0o500)
+    try:
+        with pytest.raises(GrainsError, match="cannot write beside .*fix: choose a writable --out"):
+            export("default", tmp_path / "ro" / "out")
+    finally:
+        (tmp_path / "ro").chmod(0o700)
+
+
 def dead_pid() -> int:
     finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     return int(finished.stdout)
