@@ -53,10 +53,10 @@ class LiveServer:
     def client(self, key: str = KEY) -> openai.OpenAI:
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0, timeout=60)
 
-    def post(self, path: str, body, key: str | None = KEY, **kwargs) -> httpx.Response:
+    def post(self, path: str, body, key: str | None = KEY, timeout: float = 60) -> httpx.Response:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         content = body if isinstance(body, str | bytes) else json.dumps(body)
-        return httpx.post(f"{self.url}{path}", content=content, headers=headers, timeout=60, **kwargs)
+        return httpx.post(f"{self.url}{path}", content=content, headers=headers, timeout=timeout)
 
     def stop(self) -> None:
         self.server.should_exit = True

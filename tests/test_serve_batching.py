@@ -142,6 +142,19 @@ def test_a_dropped_stream_frees_its_slot_for_the_next_request_and_the_queue_is_b
         server.stop()
 
 
+def test_a_non_streaming_client_that_gives_up_cancels_its_row(engine):
+    server, log = start(engine, max_batch=2)
+    log.delay = 0.02  # 100 tokens would take over 2 s
+    try:
+        body = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 100, "ignore_eos": True}
+        with pytest.raises(httpx.ReadTimeout):
+            server.post("/v1/chat/completions", body, timeout=0.3)
+        wait_for(lambda: health(server.url)["active"] == 0, seconds=1.5)
+        assert len(log.rows[tuple(engine.chat_ids(body["messages"]))]) < 100
+    finally:
+        server.stop()
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -254,13 +254,18 @@ def create_app(
 
     async def collect(request, job, events, spec, head, chat) -> JSONResponse:
         text = []
+        checked = time.monotonic()
         try:
             while True:
                 try:
                     event = await asyncio.wait_for(events.get(), DISCONNECT_POLL)
                 except asyncio.TimeoutError:
+                    event = None
+                if time.monotonic() - checked >= DISCONNECT_POLL:  # by the clock: pieces may arrive every step
+                    checked = time.monotonic()
                     if await request.is_disconnected():
                         return JSONResponse({}, status_code=499)
+                if event is None:
                     continue
                 if isinstance(event, Piece):
                     text.append(event.text)
