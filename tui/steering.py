@@ -8,8 +8,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from grains_edge.errors import GrainsError
-from grains_edge.profiles import Profile, list_profiles, load_profile, steering_tensor
+from grains_edge.profiles import Profile, check_fits, combine, list_profiles, load_profile
 
 ALPHA_STEP = 0.05  # for a profile without a default strength
 ALPHA_LIMIT = 3.0
@@ -76,10 +75,12 @@ class ProfileLibrary:
         shape: tuple[int, int],
         source: Callable[[], list[Profile]] = list_profiles,
         loader: Callable[[str], Profile] = load_profile,
+        fingerprint: str | None = None,
     ):
         self.shape = shape  # [num_layers, hidden] of the loaded model
         self.source = source
         self.loader = loader
+        self.fingerprint = fingerprint  # of the loaded model's weights: a profile built from others warns once
         self.profiles: dict[str, Profile] = {}
 
     def refresh(self) -> list[Profile]:
@@ -91,23 +92,18 @@ class ProfileLibrary:
 
     def get(self, name: str) -> Profile:
         """A listed profile by name, else one loaded by name or path (then listed too)."""
-        profile = self.profiles.get(name) or self.loader(name)
-        if not self.fits(profile):
-            raise GrainsError(
-                f"profile '{profile.name}' was built for another model (vectors {tuple(profile.vectors.shape)}, "
-                f"this model needs {self.shape}); fix: build it for this model with 'grains-edge vectors'"
-            )
+        profile = check_fits(self.profiles.get(name) or self.loader(name), *self.shape, self.fingerprint)
         self.profiles[profile.name] = profile
         return profile
 
     def tensor(self, steering: Steering) -> np.ndarray | None:
-        """[num_layers, hidden] for the engine; None for the unsteered model."""
+        """[num_layers, hidden] for the engine (profiles.combine, the one strength rule); None: unsteered."""
         if steering.profile is None:
             return None
-        total = steering_tensor(self.get(steering.profile), steering.alpha)
+        terms = [(self.get(steering.profile), steering.alpha)]
         if steering.mix is not None:
-            total = total + steering_tensor(self.get(steering.mix), steering.mix_alpha)
-        return total
+            terms.append((self.get(steering.mix), steering.mix_alpha))
+        return combine(terms)
 
     def chosen(self, name: str | None, alpha: float | None = None) -> Steering:
         """The steering of picking profile `name` (None: unsteered) at `alpha`, by default its own."""
