@@ -155,18 +155,19 @@ def new_staging(out_dir: Path) -> Path:
     """Create `out_dir`'s staging folder (a unique sibling) with its staging marker."""
     staging = out_dir.with_name(f"{out_dir.name}.partial-{os.getpid()}-{secrets.token_hex(3)}")
     staging.mkdir(parents=True)
-    mark_staging(staging)
-    return staging
-
-
-def mark_staging(folder: Path) -> None:
     marker = {"format": STAGING_FORMAT, "pid": os.getpid(), "host": socket.gethostname()}
-    (folder / STAGING_MARKER_NAME).write_text(json.dumps(marker) + "\n")
+    try:
+        (staging / STAGING_MARKER_NAME).write_text(json.dumps(marker) + "\n")
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return staging
 
 
 def publish(staging: Path, out_dir: Path) -> None:
     """Mark the finished `staging` as an export and rename it to `out_dir`, replacing an export of ours there
-    (moved aside as a staging folder first, so a crash at any point leaves either export whole)."""
+    (renamed aside to a staging name first, so a crash at any point leaves either export whole, and the
+    aside one is removed as a dead staging by its export marker)."""
     (staging / STAGING_MARKER_NAME).unlink()
     write_marker(staging)
     check_replaceable(out_dir)  # again: the user may have put files there during the export
@@ -174,9 +175,15 @@ def publish(staging: Path, out_dir: Path) -> None:
     if out_dir.is_dir() and not any(out_dir.iterdir()):
         out_dir.rmdir()
     elif out_dir.is_dir():
-        mark_staging(out_dir)
+        if not has_valid_marker(out_dir):
+            write_marker(out_dir)  # an export of an earlier version, proven ours by its content
         retired = out_dir.with_name(f"{out_dir.name}.partial-{os.getpid()}-{secrets.token_hex(3)}")
         os.replace(out_dir, retired)
-    os.replace(staging, out_dir)
+    try:
+        os.replace(staging, out_dir)
+    except OSError:
+        if retired is not None:
+            os.replace(retired, out_dir)  # the old export back in place
+        raise
     if retired is not None:
         shutil.rmtree(retired, ignore_errors=True)

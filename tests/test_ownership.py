@@ -76,3 +76,21 @@ def test_staging_is_removed_only_for_a_dead_process_on_this_host(tmp_path, monke
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         f.name for f in (folders["alive"], folders["elsewhere"])
     )
+
+
+def test_a_failed_publish_puts_the_old_export_back(marked, tmp_path, monkeypatch):
+    before = {p.name: p.read_bytes() for p in marked.iterdir()}
+    staging = ownership.new_staging(marked)
+    (staging / "model.onnx").write_text("new")
+    replace = os.replace
+
+    def failing(source, target):
+        if source == staging:
+            raise OSError("disk gone")
+        replace(source, target)
+
+    monkeypatch.setattr(ownership.os, "replace", failing)
+    with pytest.raises(OSError, match="disk gone"):
+        ownership.publish(staging, marked)
+    assert {p.name: p.read_bytes() for p in marked.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["export", staging.name])
