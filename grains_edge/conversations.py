@@ -16,6 +16,7 @@ or folder that can't be written gives a read-only store.
 from __future__ import annotations
 
 import math
+import os
 import sqlite3
 import threading
 from collections.abc import Callable
@@ -80,14 +81,14 @@ FIXES = {
 class HistoryError(GrainsError):
     """The history file can't be used; `kind` says which fallback applies (damaged, read-only, locked, full)."""
 
-    def __init__(self, path: Path | None, kind: str, reason: str):
-        where = f"chat history {path}" if path is not None else "chat history"
-        super().__init__(f"{where}: {reason}; fix: {FIXES[kind]}")
+    def __init__(self, path: Path, kind: str, reason: str):
+        super().__init__(f"chat history {path}: {reason}; fix: {FIXES[kind]}")
         self.kind = kind
         self.reason = reason
 
     @classmethod
-    def from_sqlite(cls, path: Path | None, error: sqlite3.Error) -> HistoryError:
+    def from_sqlite(cls, path: Path, error: sqlite3.Error) -> HistoryError:
+        """The error's kind from SQLite's result code (Python 3.11+), else from its message."""
         code = getattr(error, "sqlite_errorcode", None)
         primary = None if code is None else code & 0xFF
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
@@ -202,6 +203,15 @@ def check_header(path: Path) -> None:
         raise HistoryError(path, "damaged", "the file is not a database")
 
 
+def check_writable(path: Path) -> None:
+    """Refuse a file or folder the chat can't write: SQLite would open a read-only file without a word and
+    fail only at the first write; WAL mode writes two files beside the database."""
+    if path.exists() and not os.access(path, os.W_OK):
+        raise HistoryError(path, "read-only", "the file is read-only")
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise HistoryError(path, "read-only", "its folder is read-only")
+
+
 def check(db: sqlite3.Connection, path: Path) -> None:
     """Refuse a file that is not a sound grains-edge history, before anything is written to it."""
     verdict = db.execute("PRAGMA quick_check").fetchall()
@@ -243,6 +253,7 @@ class ConversationStore:
             check_header(self.path)
             if self.mode == "write":
                 self.path.parent.mkdir(parents=True, exist_ok=True)
+                check_writable(self.path)
                 target, uri = str(self.path), False
             else:
                 target, uri = f"{self.path.absolute().as_uri()}?mode=ro", True

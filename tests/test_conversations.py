@@ -186,6 +186,18 @@ def test_a_read_only_store_shows_the_history_and_refuses_writes(tmp_path):
     assert digest(path) == before
 
 
+def test_a_file_the_user_cannot_write_opens_read_only_with_its_history(tmp_path, monkeypatch):
+    path = tmp_path / "chat.sqlite3"
+    conversation_id = filled_history(path)
+    before = digest(path)
+    writable = os.access
+    monkeypatch.setattr(os, "access", lambda where, mode: writable(where, mode) and where != path)  # as for chmod 444
+    store, notice = open_store(path)
+    assert not store.writable and len(store.messages(conversation_id)) == 60
+    assert "the file is read-only" in notice and "sending is off" in notice
+    assert digest(path) == before
+
+
 @pytest.mark.skipif(ROOT, reason="root writes read-only files")
 def test_a_read_only_file_opens_read_only(tmp_path):
     path = tmp_path / "chat.sqlite3"

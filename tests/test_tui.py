@@ -1,5 +1,6 @@
 """The chat app driven by Textual's pilot on a FakeEngine: no model, a few seconds in all."""
 
+import os
 import sqlite3
 import time
 from collections.abc import Callable
@@ -445,16 +446,18 @@ async def test_a_damaged_history_opens_a_fresh_one_and_says_so(tmp_path):
     assert [m.content for m in ConversationStore(tmp_path / "chat-1.sqlite3").messages(1)][0] == "Hello"
 
 
-async def test_a_send_that_cannot_be_stored_keeps_the_typed_text(tmp_path):
+async def test_a_read_only_history_opens_read_only_and_a_send_keeps_the_typed_text(tmp_path, monkeypatch):
     path = tmp_path / "chat.sqlite3"
     ConversationStore(path).close()
+    writable = os.access
+    monkeypatch.setattr("os.access", lambda where, mode: writable(where, mode) and where != path)  # root ignores chmod
     app, engine = fake_app(path)
-    app.store = ConversationStore(path, mode="read")  # as open_store gives for a read-only file
     notes = recorded_notes(app)
     async with app.run_test(size=SIZE) as pilot:
+        assert "read-only" in status(app, "history") and "sending is off" in status(app, "history")
         await type_and_send(pilot, "Please keep me")
         assert app.query_one(Composer).text == "Please keep me" and not app.query(UserMessage)
-        assert engine.calls == [] and len(notes) == 1 and "read-only" in notes[0] and "\n" not in notes[0]
+        assert engine.calls == [] and "read-only" in notes[-1] and "\n" not in notes[-1]
 
 
 async def test_a_locked_history_mid_reply_stops_the_reply_and_keeps_what_was_shown(tmp_path, monkeypatch):

@@ -3,8 +3,10 @@
 Built like Textual's examples/mother.py: each reply streams from a thread worker into Markdown widgets,
 and the conversation view is anchored to the newest text. The worker posts its pieces as messages
 (thread-safe, and it never waits for the screen), so generation runs at the engine's speed while the
-Markdown stream coalesces whatever arrives between two frames. Switching a profile only builds a new
-steering tensor for the engine's next call; the model is never reloaded.
+Markdown stream coalesces whatever arrives between two frames. Each piece is committed to the history
+before it is posted, so what the screen shows is on disk; and it is shown through `printable`, so model
+text never reaches the terminal as control characters. Switching a profile only builds a new steering
+tensor for the engine's next call; the model is never reloaded.
 """
 
 from __future__ import annotations
