@@ -16,9 +16,11 @@ import httpx
 import numpy as np
 import openai
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from grains_edge.engine import Engine
-from grains_edge.serve.batcher import held_back
+from grains_edge.engine import Engine, GenerationSettings
+from grains_edge.serve.batcher import Batcher, Finished, Job, Piece, held_back
 from grains_edge.serve.slots import SlotCache
 from tests.test_serve import KEY, start
 
@@ -70,6 +72,44 @@ def test_held_back_keeps_a_possible_stop_prefix_unshown():
     assert held_back("hello", ("world",)) == 0
     assert held_back("a\n", ("\n\n", "xyz")) == 1
     assert held_back("anything", ()) == 0
+
+
+def first_stop(engine: Engine, tokens: list[int], stops: tuple[str, ...]) -> tuple[str, str]:
+    """The reference: decode ever longer prefixes; at the first that holds a stop, cut before the earliest."""
+    for end in range(1, len(tokens) + 1):
+        text = engine.tokenizer.decode(tokens[:end])
+        found = [text.index(stop) for stop in stops if stop in text]
+        if found:
+            return text[: min(found)], "stop"
+    return engine.tokenizer.decode(tokens), "length"
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_stop_strings_cut_the_stream_where_the_first_one_appears(engine, data):
+    """Token by token through the batcher's own `advance`: the pieces it emits join to the text cut before
+    the first stop string, never showing any of it, and the finish reason says why it ended."""
+    vocab = engine.tokenizer.get_vocab()
+    printable = sorted(i for i in vocab.values() if i not in engine.stop_ids and engine.tokenizer.decode([i]).isascii())
+    tokens = data.draw(st.lists(st.sampled_from(printable), min_size=1, max_size=12))
+    text = engine.tokenizer.decode(tokens)
+    pieces = st.integers(0, max(0, len(text) - 1)).flatmap(lambda i: st.integers(1, 4).map(lambda n: text[i : i + n]))
+    stops = tuple(
+        s for s in data.draw(st.lists(st.one_of(pieces, st.text("ab \n", min_size=1, max_size=3)), max_size=3)) if s
+    )
+    events = []
+    batcher = Batcher(engine, max_batch=1, capacity=64, max_queue=1)
+    job = Job([1], None, GenerationSettings(max_new_tokens=len(tokens)), events.append, stops)
+    batcher.active.append(job)
+    batcher.state[job] = (np.random.default_rng(0), np.zeros(engine.manifest.vocab_size, bool))
+    for token in tokens:
+        batcher.advance(job, np.eye(engine.manifest.vocab_size, dtype=np.float32)[token])
+        if job.done:
+            break
+    expected, reason = first_stop(engine, tokens, stops)
+    assert "".join(e.text for e in events if isinstance(e, Piece)) == expected
+    assert isinstance(events[-1], Finished) and events[-1].reason == reason
+    assert job.done and not batcher.active
 
 
 def health(url: str) -> dict:
