@@ -215,7 +215,9 @@ def export(
     try:
         staging = ownership.new_staging(out_dir)
     except OSError as error:
-        raise GrainsError(f"cannot write beside {out_dir} ({error}); fix: choose a writable --out folder") from error
+        raise GrainsError(
+            f"cannot create a folder beside {out_dir} ({error.strerror or error}); fix: choose a writable --out folder"
+        ) from error
     try:
         manifest = build(model_spec, staging, layers_spec, quantize, kernels)
         ownership.publish(staging, out_dir)

@@ -115,7 +115,8 @@ class Manifest:
             raise GrainsError(f"{path} is damaged ({error}); fix: re-run 'grains-edge export'") from error
         if not isinstance(data, dict) or "format_version" not in data:
             raise GrainsError(
-                f"{path} is not a grains-edge manifest; fix: pass an export folder (made by 'grains-edge export')"
+                f"{path} is not a grains-edge manifest; fix: pass an export folder (made by 'grains-edge export'), "
+                "a model folder or a .gguf file"
             )
         if data["format_version"] != FORMAT_VERSION:
             raise GrainsError(

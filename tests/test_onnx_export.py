@@ -193,7 +193,7 @@ def test_refuses_an_out_that_is_a_file_or_cannot_be_written_before_loading(tmp_p
     (tmp_path / "file").write_text("mine")
     with pytest.raises(GrainsError, match="is a file; fix:"):
         export("default", tmp_path / "file")
-    with pytest.raises(GrainsError, match="cannot write beside .*fix: choose a writable --out"):
+    with pytest.raises(GrainsError, match="cannot create a folder beside .*fix: choose a writable --out"):
         export("default", tmp_path / "file" / "out")
     assert (tmp_path / "file").read_text() == "mine" and sorted(tmp_path.iterdir()) == [tmp_path / "file"]
 
@@ -204,7 +204,7 @@ def test_refuses_an_out_in_a_read_only_folder_before_loading(tmp_path, monkeypat
     (tmp_path / "ro").mkdir()
     (tmp_path / "ro").chmod(0o500)
     try:
-        with pytest.raises(GrainsError, match="cannot write beside .*fix: choose a writable --out"):
+        with pytest.raises(GrainsError, match="cannot create a folder beside .*fix: choose a writable --out"):
             export("default", tmp_path / "ro" / "out")
     finally:
         (tmp_path / "ro").chmod(0o700)
