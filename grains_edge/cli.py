@@ -9,7 +9,7 @@ import sys
 from grains_edge import crash_log
 from grains_edge.errors import GrainsError
 
-COMMANDS = ("export", "chat", "vectors", "eval", "tune", "builtins", "serve")
+COMMANDS = ("export", "chat", "vectors", "eval", "tune", "builtins", "serve", "profiles")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -17,11 +17,12 @@ grains-edge's layer i is the output of block i too (`steering.steering_hooks` ho
 the export adds after layer i), so direction.N is profile layer N with no shift.
 
 Strength: llama.cpp adds scale * direction.N; grains-edge adds alpha * vectors[N] and then rescales the hidden
-state to its own norm. Export writes the unscaled vectors, so `--control-vector-scaled FILE alpha` adds what
-grains-edge adds before the renormalization (for alpha << 1 the two differ by under alpha in relative norm);
-import keeps the directions as vectors with alpha = the file's `grains_edge.alpha`, else 1 (llama.cpp's
-`--control-vector` strength). The rest of a profile (name, metadata, the rows it does not steer) travels in
-`grains_edge.*` keys, which llama.cpp ignores, so profile -> GGUF -> profile is exact.
+state to its own norm. Export writes the unscaled vectors, so `--control-vector-scaled FILE alpha` adds the same
+shift s: the two hidden states point the same way, llama.cpp's longer or shorter by a factor within
+1 +- ||s||/||h|| (about 1 +- alpha, vectors being scaled to the layer's mean norm). Import keeps the directions
+as vectors with alpha = the file's `grains_edge.alpha`, else 1 (llama.cpp's `--control-vector` strength). The
+rest of a profile (name, metadata, the rows it does not steer) travels in `grains_edge.*` keys, which llama.cpp
+ignores, so profile -> GGUF -> profile is exact.
 """
 
 from __future__ import annotations

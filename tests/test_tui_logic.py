@@ -70,6 +70,24 @@ def test_library_refuses_unknown_profiles_and_other_models(tmp_path):
         shelf.get("wide")
 
 
+def test_library_goes_through_the_one_strength_rule_and_warns_once_about_other_weights(monkeypatch, capsys):
+    from dataclasses import replace
+
+    from grains_edge import profiles
+
+    monkeypatch.setattr(profiles, "_warned", set())
+    other = replace(fake_profile("other", 1), metadata={"fingerprint": "bbbb"})
+    shelf = ProfileLibrary((LAYERS, HIDDEN), source=lambda: [*PROFILES, other], fingerprint="aaaa")
+    shelf.refresh()
+    for _ in range(2):
+        mixed = shelf.tensor(Steering("truthful", 0.2, "other", 0.3))
+    np.testing.assert_array_equal(mixed, profiles.combine([(PROFILES[0], 0.2), (other, 0.3)]))
+    warned = capsys.readouterr().err.strip().splitlines()
+    assert len(warned) == 1 and "profile 'other' was built for other weights" in warned[0]
+    with pytest.raises(GrainsError, match="finite"):
+        shelf.tensor(Steering("truthful", float("nan")))
+
+
 def test_fit_prompt_drops_the_oldest_turns_and_keeps_the_last():
     engine = FakeEngine(max_context=60)
     history = []
