@@ -341,3 +341,18 @@ def test_concurrent_rows_with_different_steerings_answer_as_each_alone(live, eng
     for (prompt, steering), single in zip(requests, singles, strict=True):
         tensor = None if steering is None else combine([(profiles[steering["profile"]], steering.get("alpha"))])
         assert single == alone(engine, [{"role": "user", "content": prompt}], tensor, max_tokens=24)
+
+
+def test_the_server_default_profile_applies_when_a_request_names_none(engine, profiles):
+    server, _ = start(engine, max_batch=2, profile="calm", alpha=2.0)
+    try:
+        client = server.client()
+        default = client.chat.completions.create(model="m", messages=HELLO, temperature=0, max_tokens=12)
+        unsteered = client.chat.completions.create(
+            model="m", messages=HELLO, temperature=0, max_tokens=12, extra_body={"steering": {"profile": "none"}}
+        )
+        assert default.model_extra["steering"] == {"profile": "calm", "alpha": 2.0}
+        assert default.choices[0].message.content == alone(engine, HELLO, combine([(profiles["calm"], 2.0)]))
+        assert unsteered.choices[0].message.content == alone(engine, HELLO)
+    finally:
+        server.stop()
