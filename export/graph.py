@@ -1,44 +1,44 @@
-"""Build the steered ONNX graph of a Llama- or GPT-2-family causal LM directly from its weights.
+"""Build the steered ONNX graph of a causal LM directly from its weights: one function per family over
+shared block builders.
 
-One readable pass, layer by layer, in the ops ONNX Runtime runs fastest on a CPU:
-SimplifiedLayerNormalization / LayerNormalization, one MatMul for q|k|v and one for gate|up, and
-`com.microsoft.GroupQueryAttention` (RoPE, causal mask, grouped KV heads and the KV cache in one
-kernel; its past and present buffers may be the same memory, so decoding appends in place). After
-every steered layer, per token, the GRAINS renormalization
+    graph_spec(model)          every dimension and detail the graph needs, read once from the HF config
+    embedding, norm, attention, gated_mlp, head      one builder per block kind
+    llama_decoder / gemma_decoder / gpt2_decoder     one per family, stringing the blocks together; each
+                               ends its layer loop with the same `Steering.residual_add` (llama.cpp's
+                               `build_cvec(cur, il)`)
 
-    h' = (h + s_l) * ||h|| / ||h + s_l||        s_l = steering[:, l:l+1, :] (one Split for all l)
-
-in four kernels that also do the layer's residual add: SkipSimplifiedLayerNormalization(h, delta) with
-unit scale outputs h and 1/rms(h); Add and SimplifiedLayerNormalization give (h + s_l) / rms(h + s_l);
-a Div by the first 1/rms finishes it (the sqrt(hidden) in the two RMS cancel). Decode steps run
-hundreds of small kernels, each costing microseconds, so the count matters: this is 4 where Add, Add,
-LpNormalization, ReduceL2, Mul were 5.
-
-Graph interface:
-  inputs   input_ids [b, s] int64, attention_mask [b, total] int64 (1 = token, right padding only),
-           position_ids [b, s] int64, steering [b, num_layers, hidden] float32,
-           logits_to_keep [1] int64 (k: logits of the last k positions only; 0 = all, as scoring needs;
-           a prompt step needs only the last, and for 512 prompt tokens the LM head is otherwise the
-           largest matmul of the step and its logits 100 MB),
-           past_key_values.{i}.key|value [b, kv_heads, past, head_dim] float32
-  outputs  logits [b, k, vocab] (the last k = logits_to_keep positions, or all s),
-           present.{i}.key|value [b, kv_heads, total or buffer, head_dim]
-The causal mask and positions come from attention_mask (seqlens_k = sum(mask) - 1, as
+The ops are the ones ONNX Runtime runs fastest on a CPU: SimplifiedLayerNormalization / LayerNormalization,
+one MatMul for q|k|v and one for gate|up, and `com.microsoft.GroupQueryAttention` (RoPE, causal mask,
+sliding window, soft-capping, grouped KV heads and the KV cache in one kernel; its past and present buffers
+may be the same memory, so decoding appends in place). The graph's inputs and outputs are `graph_io.py`'s.
+The causal mask and rotary positions come from attention_mask (seqlens_k = sum(mask) - 1, as
 GroupQueryAttention defines them); position_ids feed GPT-2's learned position table.
 
-Sources: Llama (Touvron et al. 2023) and GPT-2 (Radford et al. 2019) as in transformers'
-`modeling_llama.py` / `modeling_gpt2.py`; RoPE (Su et al. 2021); ONNX Runtime contrib op docs
-(`GroupQueryAttention`, `SimplifiedLayerNormalization`).
+Families (checked against transformers' modeling_<family>.py): Llama (any static rope scaling, e.g.
+Llama-3's), Mistral (sliding window), Qwen2 (q/k/v biases, sliding layers), Qwen3 (RMSNorm on q and k per
+head), Phi-3 (q|k|v and gate|up fused in the checkpoint; longrope up to its original context), Gemma-2 and
+Gemma-3 (RMSNorm scaled by 1 + w, embeddings scaled by sqrt(hidden), GeGLU, norms before and after attention
+and MLP, query_pre_attn_scalar, local and global layers with their own rope tables, q/k norm (3), attention
+and final logit soft-capping (2)), GPT-2 (LayerNorm, learned positions).
+
+Sources: Llama (Touvron et al. 2023), GPT-2 (Radford et al. 2019), Gemma 2 and 3 (Gemma Team 2024, 2025),
+RoPE (Su et al. 2021); ONNX Runtime contrib op docs (`GroupQueryAttention`, `SimplifiedLayerNormalization`).
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from grains_edge import kernels
+from grains_edge import kernels, models
+from grains_edge.errors import GrainsError
+from grains_edge.export import graph_io
 from grains_edge.export.gguf_blocks import BLOCK, Blocks, block_sum_indicator, folded, q4_1_fields
 
 OPSET = 20
@@ -48,23 +48,185 @@ ACCURACY_LEVEL = 4
 # The eps under the RMS of the steering renormalization: far below any hidden state's mean square, so the
 # result is (h + s) * ||h|| / ||h + s|| to float precision, and 0 (not NaN) where h + s = 0.
 STEER_EPSILON = 1e-12
+# Rope types whose tables do not change with the sequence length, so one cos/sin cache holds them.
+STATIC_ROPE = ("default", "linear", "llama3", "yarn")
+ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
+
+Linear = tuple[np.ndarray, "np.ndarray | None"]  # weight [in, out], bias [out] or None
 
 
 def array(tensor: torch.Tensor) -> np.ndarray:
     return tensor.detach().float().cpu().numpy()
 
 
-class GraphBuilder:
-    """Accumulates nodes and initializers; `op` returns the output name(s) of the node it adds.
-    `blocks`: weights (by linear name) already quantized, e.g. a GGUF's own (`gguf_blocks.py`);
-    `own_kernels`: Q4_1 blocks and the steering go to grains-edge's own kernels (grains_edge/kernels)."""
+# --- the spec: every detail of the graph, read once -------------------------------------------------
 
-    def __init__(self, blocks: dict[str, Blocks] | None = None, own_kernels: bool = False) -> None:
+
+@dataclass(frozen=True)
+class GraphSpec:
+    family: str  # config.model_type, a key of FAMILIES
+    num_layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab_size: int
+    max_context: int  # positions the rope tables (or GPT-2's position table) cover
+    norm: str  # "rms" (SimplifiedLayerNormalization) | "layer" (LayerNormalization, with bias)
+    norm_eps: float
+    norm_offset: float  # Gemma's RMSNorm scales by (1 + w): the graph stores w + offset
+    activation: str  # "silu" | "gelu_tanh"
+    embedding_scale: float  # Gemma multiplies looked-up embeddings by sqrt(hidden); 1 elsewhere
+    attention_scale: float  # 1/sqrt(head_dim), Gemma's 1/sqrt(query_pre_attn_scalar)
+    rope: tuple[str, ...]  # per layer: the name of its rotary table ("" = learned positions, GPT-2)
+    windows: tuple[int, ...]  # per layer: the config's sliding window, 0 = global
+    attention_softcap: float  # scores -> c * tanh(scores / c) before softmax, 0 = none (Gemma-2)
+    final_softcap: float  # the same on the logits, 0 = none (Gemma-2, Gemma-3)
+    qk_norm: bool  # RMSNorm on q and k per head before rope (Qwen3, Gemma-3)
+    sandwich_norms: bool  # norms after attention and MLP too, before their residual adds (Gemma)
+    tied_head: bool  # the LM head is the embedding table
+
+
+def graph_spec(model) -> GraphSpec:
+    """The GraphSpec of a loaded HF causal LM; a one-line GrainsError for what the graph cannot express."""
+    config = model.config
+    family = config.model_type
+    models.check_architecture(family)
+    gemma = family in ("gemma2", "gemma3_text")
+    heads, hidden, layers = config.num_attention_heads, config.hidden_size, config.num_hidden_layers
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    activation = getattr(config, "hidden_activation", None) if gemma else None
+    activation = activation or getattr(config, "hidden_act", None) or config.activation_function
+    if activation not in ACTIVATIONS:
+        raise GrainsError(f"activation '{activation}' of this {family} model is not supported; fix: use another model")
+    if getattr(config, "use_bidirectional_attention", False):
+        raise GrainsError(f"this {family} model attends bidirectionally; fix: use a causal (decoder) model")
+    rope, max_context = rope_layout(config, family, layers)
+    tied = model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    return GraphSpec(
+        family=family,
+        num_layers=layers,
+        hidden=hidden,
+        heads=heads,
+        kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+        head_dim=head_dim,
+        vocab_size=config.vocab_size,
+        max_context=max_context,
+        norm="layer" if family == "gpt2" else "rms",
+        norm_eps=float(config.layer_norm_epsilon if family == "gpt2" else config.rms_norm_eps),
+        norm_offset=1.0 if gemma else 0.0,
+        activation=ACTIVATIONS[activation],
+        embedding_scale=hidden**0.5 if gemma else 1.0,
+        attention_scale=float((config.query_pre_attn_scalar if gemma else head_dim) ** -0.5),
+        rope=rope,
+        windows=sliding_windows(config, layers),
+        # Gemma-3's attention does not pass its config's attn_logit_softcapping on (modeling_gemma3.py)
+        attention_softcap=float(config.attn_logit_softcapping or 0) if family == "gemma2" else 0.0,
+        final_softcap=float(getattr(config, "final_logit_softcapping", None) or 0),
+        qk_norm=family in ("qwen3", "gemma3_text"),
+        sandwich_norms=gemma,
+        tied_head=tied,
+    )
+
+
+def sliding_windows(config, layers: int) -> tuple[int, ...]:
+    """Per layer the window of a sliding layer, 0 for global ones: `layer_types` where the config has them
+    (Qwen2, Qwen3, Gemma), else the one `sliding_window` for every layer (Mistral, Phi-3)."""
+    window = getattr(config, "sliding_window", None) or 0
+    kinds = getattr(config, "layer_types", None) or ["sliding_attention"] * layers
+    return tuple(window if kind == "sliding_attention" else 0 for kind in kinds)
+
+
+def rope_layout(config, family: str, layers: int) -> tuple[tuple[str, ...], int]:
+    """(per layer the name of its rotary table, the context the tables cover). Gemma-3 has one table per
+    layer type (local and global bases); longrope (Phi-3) is static up to its original context only."""
+    if family == "gpt2":
+        return ("",) * layers, config.max_position_embeddings
+    per_type = family == "gemma3_text"
+    names = tuple(config.layer_types) if per_type else ("default",) * layers
+    context = config.max_position_embeddings
+    for name in sorted(set(names)):
+        params = config.rope_parameters[name] if per_type else config.rope_parameters
+        kind = params.get("rope_type", "default")
+        if params.get("partial_rotary_factor", 1.0) != 1.0:
+            raise GrainsError(
+                f"this {family} model rotates part of each head (partial_rotary_factor); fix: use a model with "
+                "full rotary embeddings"
+            )
+        if kind == "longrope":  # its short factors hold up to the original context, the long ones past it
+            context = min(context, params.get("original_max_position_embeddings") or config.max_position_embeddings)
+        elif kind not in STATIC_ROPE:
+            raise GrainsError(
+                f"rope_type '{kind}' changes with the sequence length, which one rope table cannot hold; "
+                f"fix: use a model with one of {', '.join(STATIC_ROPE)}"
+            )
+    return names, int(context)
+
+
+def rope_tables(model, spec: GraphSpec) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """name -> cos, sin [max_context, head_dim / 2] from the model's own rotary module (its scaling
+    included); its original frequencies, which a longrope forward past the original context replaces."""
+    rotary = decoder_body(model).rotary_emb
+    positions = torch.arange(spec.max_context, dtype=torch.float32)
+    tables = {}
+    for name in sorted(set(spec.rope) - {""}):
+        prefix = "" if name == "default" else f"{name}_"
+        inv_freq = getattr(rotary, f"{prefix}original_inv_freq")
+        angles = positions[:, None] * inv_freq.float()[None, :]  # [positions, d/2]
+        scale = float(getattr(rotary, f"{prefix}attention_scaling", 1.0))
+        tables[name] = (array(angles.cos() * scale), array(angles.sin() * scale))
+    return tables
+
+
+def decoder_body(model):
+    """The module holding the embedding, the layers and the final norm."""
+    return model.transformer if model.config.model_type == "gpt2" else model.model
+
+
+def side_by_side(*linears) -> Linear:
+    """[in, sum of outs] weights (and biases) of nn.Linear layers side by side: q|k|v, gate|up."""
+    weight = np.concatenate([array(linear.weight).T for linear in linears], axis=1)
+    biases = [linear.bias for linear in linears]
+    if all(b is None for b in biases):
+        return weight, None
+    return weight, np.concatenate(
+        [
+            array(b) if b is not None else np.zeros(linear.out_features, np.float32)
+            for b, linear in zip(biases, linears, strict=True)
+        ]
+    )
+
+
+# --- the builder ------------------------------------------------------------------------------------
+
+
+class GraphBuilder:
+    """Accumulates nodes and initializers; `op` returns the output name(s) of the node it adds, named by
+    where it is (`/model/layers.3/attn/qkv/MatMul`: the scopes open around it, then its op type).
+    `blocks`: weights (by linear name) already quantized, e.g. a GGUF's own (`gguf_blocks.py`);
+    `custom_kernels`: Q4_1 blocks and the steering go to grains-edge's own kernels (grains_edge/kernels)."""
+
+    def __init__(self, blocks: dict[str, Blocks] | None = None, custom_kernels: bool = False) -> None:
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self.count = 0
         self.blocks = blocks or {}
-        self.own_kernels = own_kernels
+        self.custom_kernels = custom_kernels
+        self.scopes: list[str] = ["/model"]
+        self.node_names: set[str] = set()
+
+    @contextlib.contextmanager
+    def scope(self, name: str) -> Iterator[None]:
+        """Nodes added inside are named under `name`."""
+        self.scopes.append(name)
+        try:
+            yield
+        finally:
+            self.scopes.pop()
+
+    def part(self, weight_name: str):
+        """The scope of a weight's block: the last dotted part of its name (`layers.3.qkv` -> qkv)."""
+        return self.scope(weight_name.rsplit(".", 1)[-1])
 
     def weight(self, name: str, value: np.ndarray) -> str:
         self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
@@ -74,27 +236,37 @@ class GraphBuilder:
         self.count += 1
         return self.weight(f"const_{self.count}", np.asarray(value, dtype))
 
-    def op(self, op_type: str, *inputs: str, outputs: int = 1, domain: str = "", **attributes):
+    def op(self, op_type: str, *inputs: str, outputs: int | list = 1, domain: str = "", **attributes):
+        """Add a node; `outputs` is a count, or a list of names where None asks for a fresh name and ""
+        leaves that output unused."""
         self.count += 1
-        names = [f"{op_type.lower()}_{self.count}_{k}" for k in range(outputs)]
-        self.nodes.append(helper.make_node(op_type, list(inputs), names, domain=domain, **attributes))
-        return names[0] if outputs == 1 else names
+        wanted = [None] * outputs if isinstance(outputs, int) else outputs
+        names = [f"{op_type.lower()}_{self.count}_{k}" if n is None else n for k, n in enumerate(wanted)]
+        base = "/".join([*self.scopes, op_type])
+        name, copies = base, 0
+        while name in self.node_names:
+            copies += 1
+            name = f"{base}_{copies}"
+        self.node_names.add(name)
+        self.nodes.append(helper.make_node(op_type, list(inputs), names, name=name, domain=domain, **attributes))
+        return names[0] if len(names) == 1 else names
 
     def linear(self, x: str, name: str, weight: np.ndarray, bias: np.ndarray | None) -> str:
         """x @ weight (+ bias); weight is [in, out]; from self.blocks[name] when it has them."""
-        blocks = self.blocks.get(name)
-        if blocks is None:
-            y = self.op("MatMul", x, self.weight(f"{name}.weight", weight))
-        elif blocks.offsets is None:
-            y = self.block_matmul(x, name, blocks)
-        elif self.own_kernels:
-            rows, cols = blocks.shape  # [N, K]
-            fields = [self.weight(f"{name}.{f}", v) for f, v in zip("qdm", q4_1_fields(blocks), strict=True)]
-            y = self.op("Q4_1MatMul", x, *fields, domain=kernels.DOMAIN, K=cols, N=rows)
-        else:  # Q4_1: the offsets ride as extra K columns fed by x's block sums (gguf_blocks.folded)
-            sums = self.block_matmul(x, f"{name}.block_sums", block_sum_indicator(blocks.shape[1]))
-            y = self.block_matmul(self.op("Concat", x, sums, axis=-1), name, folded(blocks))
-        return y if bias is None else self.op("Add", y, self.weight(f"{name}.bias", bias))
+        with self.part(name):
+            blocks = self.blocks.get(name)
+            if blocks is None:
+                y = self.op("MatMul", x, self.weight(f"{name}.weight", weight))
+            elif blocks.offsets is None:
+                y = self.block_matmul(x, name, blocks)
+            elif self.custom_kernels:
+                rows, cols = blocks.shape  # [N, K]
+                fields = [self.weight(f"{name}.{f}", v) for f, v in zip("qdm", q4_1_fields(blocks), strict=True)]
+                y = self.op("Q4_1MatMul", x, *fields, domain=kernels.DOMAIN, K=cols, N=rows)
+            else:  # Q4_1: the offsets ride as extra K columns fed by x's block sums (gguf_blocks.folded)
+                sums = self.block_matmul(x, f"{name}.block_sums", block_sum_indicator(blocks.shape[1]))
+                y = self.block_matmul(self.op("Concat", x, sums, axis=-1), name, folded(blocks))
+            return y if bias is None else self.op("Add", y, self.weight(f"{name}.bias", bias))
 
     def block_matmul(self, x: str, name: str, blocks: Blocks) -> str:
         """MatMulNBits on blocks without offsets, as they are."""
@@ -113,78 +285,126 @@ class GraphBuilder:
         )
 
 
-def fused(*linears) -> tuple[np.ndarray, np.ndarray | None]:
-    """[in, sum of outs] weights (and biases) of nn.Linear layers side by side."""
-    weight = np.concatenate([array(linear.weight).T for linear in linears], axis=1)
-    biases = [linear.bias for linear in linears]
-    if all(b is None for b in biases):
-        return weight, None
-    return weight, np.concatenate(
-        [
-            array(b) if b is not None else np.zeros(linear.out_features, np.float32)
-            for b, linear in zip(biases, linears, strict=True)
-        ]
-    )
+@dataclass
+class Prelude:
+    """What every layer reads: the graph inputs and GroupQueryAttention's view of the mask."""
+
+    past: list[str]  # past_key_values.{i}.key|value
+    present: list[str]  # present.{i}.key|value
+    seqlens_k: str  # [b] int32, tokens per row - 1
+    total: str  # [] int32, the mask's length
+    one_axis: str  # const [1]
 
 
-def rope_caches(model, max_positions: int, head_dim: int) -> tuple[np.ndarray, np.ndarray]:
-    """cos, sin [max_positions, head_dim / 2] from the model's own rotary module (any rope scaling)."""
-    rotary = model.model.rotary_emb
-    positions = torch.arange(max_positions, dtype=torch.float32)
-    angles = positions[:, None] * rotary.inv_freq.float()[None, :]  # [positions, d/2]
-    scale = float(getattr(rotary, "attention_scaling", 1.0))
-    return array(angles.cos() * scale), array(angles.sin() * scale)
+def prelude(g: GraphBuilder, num_layers: int) -> Prelude:
+    with g.scope("mask"):
+        one_axis = g.const([1])
+        lengths = g.op("ReduceSum", graph_io.ATTENTION_MASK, one_axis, keepdims=0)  # [b]
+        seqlens_k = g.op("Cast", g.op("Sub", lengths, g.const(1)), to=TensorProto.INT32)  # [b]
+        mask_shape = g.op("Shape", graph_io.ATTENTION_MASK)
+        total = g.op("Cast", g.op("Gather", mask_shape, g.const(1), axis=0), to=TensorProto.INT32)  # []
+    return Prelude(graph_io.past_names(num_layers), graph_io.present_names(num_layers), seqlens_k, total, one_axis)
 
 
-def build(
-    model,
-    steered_layers: list[int],
-    input_names: list[str],
-    output_names: list[str],
-    separate_head: bool = False,
-    blocks: dict[str, Blocks] | None = None,
-    own_kernels: bool = False,
-) -> onnx.ModelProto:
-    """The steered graph of `model` (a loaded HF LlamaForCausalLM or GPT2LMHeadModel). `separate_head`
-    gives the LM head its own [hidden, vocab] MatMul weight even when tied, so a quantizer can take it;
-    `blocks` replaces the named linears (and `lm_head`) with MatMulNBits on already-quantized weights, or
-    their Q4_1 ones with grains-edge's Q4_1MatMul when `own_kernels`, which also steers with SteeredAdd."""
-    config = model.config
-    llama = config.model_type == "llama"
-    num_layers, hidden = config.num_hidden_layers, config.hidden_size
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or hidden // heads
-    max_positions = int(getattr(config, "max_position_embeddings", 0) or config.n_positions)
-    g = GraphBuilder(blocks, own_kernels)
-    ids, mask, positions, steering, keep = input_names[:5]
-    past = input_names[5:]
+# --- steering: the same residual add after every layer of every family ------------------------------
 
-    # prelude: GroupQueryAttention's view of the mask, the embeddings
-    one_axis = g.const([1])
-    lengths = g.op("ReduceSum", mask, one_axis, keepdims=0)  # [b]
-    seqlens_k = g.op("Cast", g.op("Sub", lengths, g.const(1)), to=TensorProto.INT32)  # [b]
-    total = g.op("Cast", g.op("Gather", g.op("Shape", mask), g.const(1), axis=0), to=TensorProto.INT32)  # []
-    if steered_layers:  # one Split for all layers: shifts[i] = steering[:, i:i+1] [b, 1, hidden]
-        split = g.op("Split", steering, outputs=num_layers, axis=1, num_outputs=num_layers)
-        shifts = [split] if num_layers == 1 else split
-        if not own_kernels:  # SteeredAdd needs none
-            ones = g.weight("steer.ones", np.ones(hidden, np.float32))  # [hidden], the unit norm scale
-    attention = dict(domain="com.microsoft", num_heads=heads, kv_num_heads=kv_heads, scale=float(head_dim**-0.5))
-    head = model.get_output_embeddings().weight
-    tied = head.data_ptr() == model.get_input_embeddings().weight.data_ptr()
-    if llama:
-        body = model.model
+
+class Steering:
+    """The steering input split per layer, and the residual add that ends every layer (steered or not)."""
+
+    def __init__(self, g: GraphBuilder, spec: GraphSpec, steered_layers: list[int]) -> None:
+        self.steered = set(steered_layers)
+        self.custom_kernels = g.custom_kernels
+        if not steered_layers:
+            return
+        with g.scope("steering"):  # one Split for all layers: shifts[i] = steering[:, i:i+1] [b, 1, hidden]
+            split = g.op("Split", graph_io.STEERING, outputs=spec.num_layers, axis=1, num_outputs=spec.num_layers)
+        self.shifts = [split] if spec.num_layers == 1 else split
+        if not g.custom_kernels:  # SteeredAdd needs none
+            self.ones = g.weight("steer.ones", np.ones(spec.hidden, np.float32))  # [hidden], the unit norm scale
+
+    def residual_add(self, g: GraphBuilder, h: str, delta: str, layer: int) -> str:
+        """h + delta, steered after the layers it steers: llama.cpp's build_cvec(cur, il)."""
+        if layer not in self.steered:
+            with g.scope("residual"):
+                return g.op("Add", h, delta)
+        with g.scope("steer"):
+            return self.steered_add(g, h, delta, self.shifts[layer])
+
+    #   h ─┬──────────────────────────────────────────────────────────────┐
+    #      │                                                              │
+    #   delta ─► SkipSimplifiedLayerNorm(h, delta, scale 1) ─► h + delta ─┼─► Add(s_l) ─► SimplifiedLayerNorm
+    #                       │                                             │        (h+s)/rms(h+s)   │
+    #                       └─► 1/rms(h + delta) ─────────────────────────┴──────────► Div ◄─────────┘
+    #                                                                                   │
+    #        h' = (h + s_l) * ||h|| / ||h + s_l||   (the sqrt(hidden) of both RMS cancel)   ▼ next layer
+    #
+    # where h is the residual stream after the layer (h + delta); or, with custom kernels, all of it in one
+    # SteeredAdd(h, delta, s_l). Decode steps run hundreds of small kernels, each costing microseconds, so
+    # the count matters: this is 4 where Add, Add, LpNormalization, ReduceL2, Mul were 5.
+    def steered_add(self, g: GraphBuilder, h: str, delta: str, shift: str) -> str:
+        """h + delta, then steered per token: (h + s) * ||h|| / ||h + s||, s = shift [b, 1, hidden]."""
+        if self.custom_kernels:
+            return g.op("SteeredAdd", h, delta, shift, domain=kernels.DOMAIN, epsilon=STEER_EPSILON)
+        _, _, inverse_rms, total = g.op(
+            "SkipSimplifiedLayerNormalization",
+            h,
+            delta,
+            self.ones,
+            outputs=[None, "", None, None],
+            domain="com.microsoft",
+            epsilon=STEER_EPSILON,
+        )  # [b, s, 1] 1/rms(h), [b, s, hidden] h
+        steered = g.op("Add", total, shift)  # [b, s, hidden]; the skip input of the kernel above cannot broadcast
+        unit = g.op("SimplifiedLayerNormalization", steered, self.ones, axis=-1, epsilon=STEER_EPSILON)
+        return g.op("Div", unit, inverse_rms)
+
+
+# --- block builders ---------------------------------------------------------------------------------
+
+
+def norm_scale(g: GraphBuilder, spec: GraphSpec, module, name: str) -> str:
+    weight = array(module.weight)
+    return g.weight(f"{name}.weight", weight + spec.norm_offset if spec.norm_offset else weight)
+
+
+def norm(g: GraphBuilder, spec: GraphSpec, x: str, module, name: str) -> str:
+    """The family's norm over the last axis of x."""
+    with g.part(name):
+        scale = norm_scale(g, spec, module, name)
+        if spec.norm == "rms":
+            return g.op("SimplifiedLayerNormalization", x, scale, axis=-1, epsilon=spec.norm_eps)
+        shift = g.weight(f"{name}.bias", array(module.bias))
+        return g.op("LayerNormalization", x, scale, shift, axis=-1, epsilon=spec.norm_eps)
+
+
+def add_then_norm(g: GraphBuilder, spec: GraphSpec, h: str, delta: str, module, name: str) -> tuple[str, str]:
+    """(norm(h + delta), h + delta) in one Skip[Simplified]LayerNormalization kernel."""
+    with g.part(name):
+        scale = norm_scale(g, spec, module, name)
+        if spec.norm == "rms":
+            kind, extra = "SkipSimplifiedLayerNormalization", []
+        else:
+            kind, extra = "SkipLayerNormalization", [g.weight(f"{name}.bias", array(module.bias))]
+        normed, _, _, total = g.op(
+            kind, h, delta, scale, *extra, outputs=[None, "", "", None], domain="com.microsoft", epsilon=spec.norm_eps
+        )  # mean and inverse std are not needed
+        return normed, total
+
+
+def token_embedding(g: GraphBuilder, spec: GraphSpec, table_module, name: str) -> tuple[str, str]:
+    """(the embeddings [b, s, hidden] of input_ids, the name of the float table or "")."""
+    with g.part(name):
         head_blocks = g.blocks.get("lm_head")
-        if tied and head_blocks is not None and head_blocks.offsets is None:
+        if spec.tied_head and head_blocks is not None and head_blocks.offsets is None:
             # the table is the head's own blocks: looked up quantized, with no float32 copy of it
             vocab = head_blocks.shape[0]
-            table = g.weight("embed_tokens.qweight", head_blocks.packed().reshape(vocab, -1))  # [vocab, hidden*bits/8]
-            scales = g.weight("embed_tokens.scales", head_blocks.scales)  # [vocab, hidden/32]
+            table = g.weight(f"{name}.qweight", head_blocks.packed().reshape(vocab, -1))  # [vocab, hidden*bits/8]
+            scales = g.weight(f"{name}.scales", head_blocks.scales)  # [vocab, hidden/32]
             h = g.op(
                 "GatherBlockQuantized",
                 table,
-                ids,
+                graph_io.INPUT_IDS,
                 scales,
                 domain="com.microsoft",
                 bits=head_blocks.bits,
@@ -192,133 +412,237 @@ def build(
                 gather_axis=0,
                 quantize_axis=1,
             )  # [b, s, hidden], (q - 2^(bits-1)) * scale: the default zero point, as in MatMulNBits
+            table = ""
         else:
-            embedding = g.weight("embed_tokens.weight", array(body.embed_tokens.weight))  # [vocab, hidden]
-            h = g.op("Gather", embedding, ids, axis=0)  # [b, s, hidden]
-        cos, sin = rope_caches(model, max_positions, head_dim)
-        rope = [g.weight("rope.cos", cos), g.weight("rope.sin", sin)]
-        attention.update(do_rotary=1, rotary_interleaved=0)
-        blocks = body.layers
-    else:
-        body = model.transformer
-        embedding = g.weight("wte.weight", array(body.wte.weight))
-        table = g.weight("wpe.weight", array(body.wpe.weight))
-        h = g.op("Add", g.op("Gather", embedding, ids, axis=0), g.op("Gather", table, positions, axis=0))
-        rope = ["", ""]
-        blocks = body.h
+            table = g.weight(f"{name}.weight", array(table_module.weight))  # [vocab, hidden]
+            h = g.op("Gather", table, graph_io.INPUT_IDS, axis=0)  # [b, s, hidden]
+        if spec.embedding_scale != 1.0:
+            h = g.op("Mul", h, g.const(spec.embedding_scale, np.float32))
+        return h, table
 
-    def norm(x: str, module, name: str) -> str:
-        scale = g.weight(f"{name}.weight", array(module.weight))
-        if llama:
-            return g.op("SimplifiedLayerNormalization", x, scale, axis=-1, epsilon=float(module.variance_epsilon))
-        shift = g.weight(f"{name}.bias", array(module.bias))
-        return g.op("LayerNormalization", x, scale, shift, axis=-1, epsilon=float(module.eps))
 
-    def add_then_norm(h: str, delta: str, module, name: str) -> tuple[str, str]:
-        """(norm(h + delta), h + delta) in one Skip[Simplified]LayerNormalization kernel."""
-        scale = g.weight(f"{name}.weight", array(module.weight))
-        if llama:
-            eps_value, kind, extra = float(module.variance_epsilon), "SkipSimplifiedLayerNormalization", []
-        else:
-            eps_value, kind, extra = (
-                float(module.eps),
-                "SkipLayerNormalization",
-                [g.weight(f"{name}.bias", array(module.bias))],
-            )
-        normed, _, _, total = g.op(kind, h, delta, scale, *extra, outputs=4, domain="com.microsoft", epsilon=eps_value)
-        g.nodes[-1].output[1:3] = ["", ""]  # mean and inverse std are not needed
-        return normed, total
+def rope_inputs(g: GraphBuilder, model, spec: GraphSpec) -> dict[str, list[str]]:
+    """rope table name -> [cos, sin] initializers, GroupQueryAttention's cos_cache and sin_cache."""
+    tables = rope_tables(model, spec)
+    if set(tables) == {"default"}:
+        cos, sin = tables["default"]
+        return {"default": [g.weight("rope.cos", cos), g.weight("rope.sin", sin)]}
+    return {n: [g.weight(f"rope.{n}.cos", cos), g.weight(f"rope.{n}.sin", sin)] for n, (cos, sin) in tables.items()}
 
-    def steer(h: str, delta: str, shift: str) -> str:
-        """h + delta, then steered: (h + s) * ||h|| / ||h + s|| per token (the module docstring)."""
-        if own_kernels:
-            return g.op("SteeredAdd", h, delta, shift, domain=kernels.DOMAIN, epsilon=STEER_EPSILON)
-        _, _, inverse_rms, total = g.op(
-            "SkipSimplifiedLayerNormalization", h, delta, ones, outputs=4, domain="com.microsoft", epsilon=STEER_EPSILON
-        )  # [b, s, 1] 1/rms(h), [b, s, hidden] h
-        g.nodes[-1].output[1] = ""
-        steered = g.op("Add", total, shift)  # [b, s, hidden]; the skip input of the kernel above cannot broadcast
-        unit = g.op("SimplifiedLayerNormalization", steered, ones, axis=-1, epsilon=STEER_EPSILON)  # (h+s)/rms(h+s)
-        return g.op("Div", unit, inverse_rms)
 
-    for i, block in enumerate(blocks):
-        past_k, past_v = past[2 * i], past[2 * i + 1]
-        if llama:
-            attn, mlp = block.self_attn, block.mlp
-            x = norm(h, block.input_layernorm, f"layers.{i}.input_norm")
-            qkv = g.linear(x, f"layers.{i}.qkv", *fused(attn.q_proj, attn.k_proj, attn.v_proj))  # [b, s, (H+2KV)d]
-            out_proj = (
-                array(attn.o_proj.weight).T,
-                None if attn.o_proj.bias is None else array(attn.o_proj.bias),
-            )
-        else:
-            attn, mlp = block.attn, block.mlp
-            x = norm(h, block.ln_1, f"h.{i}.ln_1")
-            qkv = g.linear(x, f"h.{i}.c_attn", array(attn.c_attn.weight), array(attn.c_attn.bias))
-            out_proj = (array(attn.c_proj.weight), array(attn.c_proj.bias))
-        context, present_k, present_v = g.op(
+def attention(
+    g: GraphBuilder,
+    spec: GraphSpec,
+    pre: Prelude,
+    layer: int,
+    x: str,
+    qkv: tuple[str, Linear],
+    out: tuple[str, Linear],
+    rope: list[str],
+    qk_norms: tuple | None = None,
+) -> str:
+    """Self-attention of layer `layer` on x [b, s, hidden]: the q|k|v projection, q/k norms per head when
+    given, GroupQueryAttention (rope, window, soft-cap, KV cache) and the output projection."""
+    with g.scope("attn"):
+        packed = g.linear(x, qkv[0], *qkv[1])  # [b, s, (H + 2 KV) d]
+        query, key, value = packed, "", ""
+        if qk_norms is not None:  # per head: Reshape -> SimplifiedLayerNormalization -> Reshape
+            sizes = g.const([spec.heads * spec.head_dim, spec.kv_heads * spec.head_dim, spec.kv_heads * spec.head_dim])
+            query, key, value = g.op("Split", packed, sizes, outputs=3, axis=-1)
+            per_head, flat = g.const([0, 0, -1, spec.head_dim]), g.const([0, 0, -1])
+            query, key = (
+                g.op("Reshape", norm(g, spec, g.op("Reshape", t, per_head), module, name), flat)
+                for t, (module, name) in zip((query, key), qk_norms, strict=True)
+            )  # [b, s, H d], [b, s, KV d]
+        settings = dict(num_heads=spec.heads, kv_num_heads=spec.kv_heads, scale=spec.attention_scale)
+        if rope[0]:
+            settings.update(do_rotary=1, rotary_interleaved=0)
+        if spec.windows[layer]:  # the same keys as transformers' sliding mask (checked in tests/test_families.py)
+            settings["local_window_size"] = spec.windows[layer]
+        if spec.attention_softcap:
+            settings["softcap"] = spec.attention_softcap
+        context, _, _ = g.op(
             "GroupQueryAttention",
-            qkv,
-            "",
-            "",
-            past_k,
-            past_v,
-            seqlens_k,
-            total,
+            query,
+            key,
+            value,
+            pre.past[2 * layer],
+            pre.past[2 * layer + 1],
+            pre.seqlens_k,
+            pre.total,
             *rope,
-            outputs=3,
-            **attention,
+            outputs=[None, pre.present[2 * layer], pre.present[2 * layer + 1]],
+            domain="com.microsoft",
+            **settings,
         )  # [b, s, H*d], [b, KV, total, d] x2
-        g.nodes[-1].output[1:] = [output_names[1 + 2 * i], output_names[2 + 2 * i]]
-        attended = g.linear(context, f"layers.{i}.o_proj", *out_proj)
-        if llama:
-            x, h = add_then_norm(h, attended, block.post_attention_layernorm, f"layers.{i}.post_norm")
-            gate, up = g.op(
-                "Split",
-                g.linear(x, f"layers.{i}.gate_up", *fused(mlp.gate_proj, mlp.up_proj)),
-                outputs=2,
-                axis=-1,
-                num_outputs=2,
-            )
-            act = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up)  # silu(gate) * up
-            down = (array(mlp.down_proj.weight).T, None if mlp.down_proj.bias is None else array(mlp.down_proj.bias))
-            delta = g.linear(act, f"layers.{i}.down_proj", *down)
-        else:
-            x, h = add_then_norm(h, attended, block.ln_2, f"h.{i}.ln_2")
-            fc = g.linear(x, f"h.{i}.c_fc", array(mlp.c_fc.weight), array(mlp.c_fc.bias))
-            act = g.op("Gelu", fc, approximate="tanh")
-            delta = g.linear(act, f"h.{i}.mlp.c_proj", array(mlp.c_proj.weight), array(mlp.c_proj.bias))
-        h = steer(h, delta, shifts[i]) if i in steered_layers else g.op("Add", h, delta)  # [b, s, hidden]
+        return g.linear(context, out[0], *out[1])
 
-    final = body.norm if llama else body.ln_f
-    kept = g.op("Slice", h, g.op("Neg", keep), g.const([np.iinfo(np.int64).max]), one_axis)  # [b, k, hidden]
-    x = norm(kept, final, "final_norm")
-    flat = g.op("Reshape", x, g.const([-1, hidden]))  # [b*k, hidden]
-    if separate_head or "lm_head" in g.blocks:
-        logits = g.linear(flat, "lm_head", array(head).T, None)  # [b*k, vocab]
+
+def gated_mlp(g: GraphBuilder, spec: GraphSpec, x: str, gate_up: tuple[str, Linear], down: tuple[str, Linear]) -> str:
+    """down(act(gate(x)) * up(x)): SwiGLU (silu) or GeGLU (gelu-tanh), gate|up in one MatMul."""
+    with g.scope("mlp"):
+        gate, up = g.op("Split", g.linear(x, gate_up[0], *gate_up[1]), outputs=2, axis=-1, num_outputs=2)
+        if spec.activation == "silu":
+            act = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up)  # silu(gate) * up
+        else:
+            act = g.op("Mul", g.op("Gelu", gate, approximate="tanh"), up)
+        return g.linear(act, down[0], *down[1])
+
+
+def head(g: GraphBuilder, spec: GraphSpec, pre: Prelude, model, h: str, final_norm, table: str, separate: bool):
+    """The final norm and the LM head on the last logits_to_keep positions of h, into the `logits` output;
+    `separate`: the head gets its own [hidden, vocab] MatMul weight even when tied, so a quantizer can take it."""
+    with g.scope("head"):
+        keep = g.op("Neg", graph_io.LOGITS_TO_KEEP)
+        kept = g.op("Slice", h, keep, g.const([np.iinfo(np.int64).max]), pre.one_axis)  # [b, k, hidden]
+    x = norm(g, spec, kept, final_norm, "final_norm")
+    weight = model.get_output_embeddings().weight
+    with g.scope("head"):
+        flat = g.op("Reshape", x, g.const([-1, spec.hidden]))  # [b*k, hidden]
+    if separate or "lm_head" in g.blocks:
+        logits = g.linear(flat, "lm_head", array(weight).T, None)  # [b*k, vocab]
     else:  # the tied embedding table read in place, no transposed copy
-        head_name = embedding if tied else g.weight("lm_head.weight", array(head))  # [vocab, hidden]
-        logits = g.op("Gemm", flat, head_name, transB=1)  # [b*k, vocab]
-    batch_seq = g.op("Slice", g.op("Shape", kept), g.const([0]), g.const([2]))
-    g.nodes.append(
-        helper.make_node("Reshape", [logits, g.op("Concat", batch_seq, g.const([-1]), axis=0)], [output_names[0]])
-    )
+        with g.scope("lm_head"):
+            head_table = table if spec.tied_head else g.weight("lm_head.weight", array(weight))  # [vocab, hidden]
+            logits = g.op("Gemm", flat, head_table, transB=1)  # [b*k, vocab]
+    with g.scope("head"):
+        if spec.final_softcap:  # c * tanh(logits / c)
+            cap = g.const(spec.final_softcap, np.float32)
+            logits = g.op("Mul", g.op("Tanh", g.op("Div", logits, cap)), cap)
+        batch_seq = g.op("Slice", g.op("Shape", kept), g.const([0]), g.const([2]))
+        shape = g.op("Concat", batch_seq, g.const([-1]), axis=0)
+        g.op("Reshape", logits, shape, outputs=[graph_io.LOGITS])  # [b, k, vocab]
+
+
+# --- one function per family -------------------------------------------------------------------------
+
+
+def llama_linears(layer, family: str) -> tuple[Linear, Linear, Linear, Linear]:
+    """(q|k|v, o, gate|up, down) of a Llama-style layer; Phi-3's checkpoint has q|k|v and gate|up fused."""
+    attn, mlp = layer.self_attn, layer.mlp
+    if family == "phi3":
+        return (
+            side_by_side(attn.qkv_proj),
+            side_by_side(attn.o_proj),
+            side_by_side(mlp.gate_up_proj),
+            side_by_side(mlp.down_proj),
+        )
+    qkv = side_by_side(attn.q_proj, attn.k_proj, attn.v_proj)
+    return qkv, side_by_side(attn.o_proj), side_by_side(mlp.gate_proj, mlp.up_proj), side_by_side(mlp.down_proj)
+
+
+def llama_decoder(g: GraphBuilder, spec: GraphSpec, model, pre: Prelude, steering: Steering, separate: bool) -> None:
+    """Llama, Mistral, Qwen2, Qwen3, Phi-3: x = norm(h); h += attn(x); h += mlp(norm(h)); steer."""
+    body = decoder_body(model)
+    h, table = token_embedding(g, spec, body.embed_tokens, "embed_tokens")
+    rope = rope_inputs(g, model, spec)
+    for i, layer in enumerate(body.layers):
+        qkv, o, gate_up, down = llama_linears(layer, spec.family)
+        attn = layer.self_attn
+        qk_norms = ((attn.q_norm, f"layers.{i}.q_norm"), (attn.k_norm, f"layers.{i}.k_norm")) if spec.qk_norm else None
+        with g.scope(f"layers.{i}"):
+            x = norm(g, spec, h, layer.input_layernorm, f"layers.{i}.input_norm")
+            attended = attention(
+                g, spec, pre, i, x, (f"layers.{i}.qkv", qkv), (f"layers.{i}.o_proj", o), rope[spec.rope[i]], qk_norms
+            )
+            x, h = add_then_norm(g, spec, h, attended, layer.post_attention_layernorm, f"layers.{i}.post_norm")
+            delta = gated_mlp(g, spec, x, (f"layers.{i}.gate_up", gate_up), (f"layers.{i}.down_proj", down))
+            h = steering.residual_add(g, h, delta, i)  # [b, s, hidden]
+    head(g, spec, pre, model, h, body.norm, table, separate)
+
+
+def gemma_decoder(g: GraphBuilder, spec: GraphSpec, model, pre: Prelude, steering: Steering, separate: bool) -> None:
+    """Gemma-2, Gemma-3: h += post_norm(attn(norm(h))); h += post_ff_norm(mlp(pre_ff_norm(h))); steer."""
+    body = decoder_body(model)
+    h, table = token_embedding(g, spec, body.embed_tokens, "embed_tokens")
+    rope = rope_inputs(g, model, spec)
+    for i, layer in enumerate(body.layers):
+        qkv, o, gate_up, down = llama_linears(layer, spec.family)
+        attn = layer.self_attn
+        qk_norms = ((attn.q_norm, f"layers.{i}.q_norm"), (attn.k_norm, f"layers.{i}.k_norm")) if spec.qk_norm else None
+        with g.scope(f"layers.{i}"):
+            x = norm(g, spec, h, layer.input_layernorm, f"layers.{i}.input_norm")
+            attended = attention(
+                g, spec, pre, i, x, (f"layers.{i}.qkv", qkv), (f"layers.{i}.o_proj", o), rope[spec.rope[i]], qk_norms
+            )
+            attended = norm(g, spec, attended, layer.post_attention_layernorm, f"layers.{i}.post_attention_norm")
+            x, h = add_then_norm(g, spec, h, attended, layer.pre_feedforward_layernorm, f"layers.{i}.pre_mlp_norm")
+            delta = gated_mlp(g, spec, x, (f"layers.{i}.gate_up", gate_up), (f"layers.{i}.down_proj", down))
+            delta = norm(g, spec, delta, layer.post_feedforward_layernorm, f"layers.{i}.post_mlp_norm")
+            h = steering.residual_add(g, h, delta, i)  # [b, s, hidden]
+    head(g, spec, pre, model, h, body.norm, table, separate)
+
+
+def gpt2_decoder(g: GraphBuilder, spec: GraphSpec, model, pre: Prelude, steering: Steering, separate: bool) -> None:
+    """GPT-2: learned positions; x = ln_1(h); h += attn(x); h += mlp(ln_2(h)); steer. Its Conv1D weights
+    are [in, out] already."""
+    body = model.transformer
+    with g.scope("wte"):
+        table = g.weight("wte.weight", array(body.wte.weight))
+        positions = g.weight("wpe.weight", array(body.wpe.weight))
+        tokens = g.op("Gather", table, graph_io.INPUT_IDS, axis=0)
+        h = g.op("Add", tokens, g.op("Gather", positions, graph_io.POSITION_IDS, axis=0))  # [b, s, hidden]
+    for i, layer in enumerate(body.h):
+        attn, mlp = layer.attn, layer.mlp
+        with g.scope(f"layers.{i}"):
+            x = norm(g, spec, h, layer.ln_1, f"h.{i}.ln_1")
+            qkv = (f"h.{i}.c_attn", (array(attn.c_attn.weight), array(attn.c_attn.bias)))
+            out = (f"layers.{i}.o_proj", (array(attn.c_proj.weight), array(attn.c_proj.bias)))
+            attended = attention(g, spec, pre, i, x, qkv, out, ["", ""])
+            x, h = add_then_norm(g, spec, h, attended, layer.ln_2, f"h.{i}.ln_2")
+            with g.scope("mlp"):
+                fc = g.linear(x, f"h.{i}.c_fc", array(mlp.c_fc.weight), array(mlp.c_fc.bias))
+                act = g.op("Gelu", fc, approximate="tanh")
+                delta = g.linear(act, f"h.{i}.mlp.c_proj", array(mlp.c_proj.weight), array(mlp.c_proj.bias))
+            h = steering.residual_add(g, h, delta, i)  # [b, s, hidden]
+    head(g, spec, pre, model, h, body.ln_f, table, separate)
+
+
+# model_type -> the function that builds its layers; a new family is a GraphSpec derivation and an entry here
+FAMILIES: dict[str, Callable] = {
+    "llama": llama_decoder,
+    "mistral": llama_decoder,
+    "qwen2": llama_decoder,
+    "qwen3": llama_decoder,
+    "phi3": llama_decoder,
+    "gemma2": gemma_decoder,
+    "gemma3_text": gemma_decoder,
+    "gpt2": gpt2_decoder,
+}
+
+
+def build(
+    model,
+    spec: GraphSpec,
+    steered_layers: list[int],
+    separate_head: bool = False,
+    blocks: dict[str, Blocks] | None = None,
+    custom_kernels: bool = False,
+) -> onnx.ModelProto:
+    """The steered graph of `model` (a loaded HF causal LM of a FAMILIES type) as `spec` describes it.
+    `separate_head` gives the LM head its own [hidden, vocab] MatMul weight even when tied, so a quantizer can
+    take it; `blocks` replaces the named linears (and `lm_head`) with MatMulNBits on already-quantized weights,
+    or their Q4_1 ones with grains-edge's Q4_1MatMul when `custom_kernels`, which also steers with SteeredAdd."""
+    g = GraphBuilder(blocks, custom_kernels)
+    pre = prelude(g, spec.num_layers)
+    steering = Steering(g, spec, steered_layers)
+    FAMILIES[spec.family](g, spec, model, pre, steering, separate_head)
 
     float_t, int_t = TensorProto.FLOAT, TensorProto.INT64
-    cache = ["batch", kv_heads, "past", head_dim]
+    cache = ["batch", spec.kv_heads, "past", spec.head_dim]
     inputs = [
-        helper.make_tensor_value_info(ids, int_t, ["batch", "seq"]),
-        helper.make_tensor_value_info(mask, int_t, ["batch", "total"]),
-        helper.make_tensor_value_info(positions, int_t, ["batch", "seq"]),
-        helper.make_tensor_value_info(steering, float_t, ["batch", num_layers, hidden]),
-        helper.make_tensor_value_info(keep, int_t, [1]),
-        *[helper.make_tensor_value_info(name, float_t, cache) for name in past],
+        helper.make_tensor_value_info(graph_io.INPUT_IDS, int_t, ["batch", "seq"]),
+        helper.make_tensor_value_info(graph_io.ATTENTION_MASK, int_t, ["batch", "total"]),
+        helper.make_tensor_value_info(graph_io.POSITION_IDS, int_t, ["batch", "seq"]),
+        helper.make_tensor_value_info(graph_io.STEERING, float_t, ["batch", spec.num_layers, spec.hidden]),
+        helper.make_tensor_value_info(graph_io.LOGITS_TO_KEEP, int_t, [1]),
+        *[helper.make_tensor_value_info(name, float_t, cache) for name in pre.past],
     ]
     outputs = [
-        helper.make_tensor_value_info(output_names[0], float_t, ["batch", "kept", config.vocab_size]),
+        helper.make_tensor_value_info(graph_io.LOGITS, float_t, ["batch", "kept", spec.vocab_size]),
         *[
-            helper.make_tensor_value_info(n, float_t, ["batch", kv_heads, "present", head_dim])
-            for n in output_names[1:]
+            helper.make_tensor_value_info(n, float_t, ["batch", spec.kv_heads, "present", spec.head_dim])
+            for n in pre.present
         ],
     ]
     graph = helper.make_graph(g.nodes, "grains_edge_steered_decoder", inputs, outputs, g.initializers)

@@ -21,13 +21,12 @@ import numpy as np
 import onnx
 import torch
 
-from grains_edge import kernels as own_kernels
+from grains_edge import kernels as kernel_library
 from grains_edge import models, ownership
-from grains_edge.engine import ALL_POSITIONS
 from grains_edge.errors import GrainsError
-from grains_edge.export import gguf_blocks, graph
+from grains_edge.export import gguf_blocks, graph, graph_io
 from grains_edge.layers import parse_layers
-from grains_edge.manifest import MANIFEST_NAME, MODEL_NAME, QUANTIZATIONS, Manifest, io_names
+from grains_edge.manifest import MANIFEST_NAME, MODEL_NAME, QUANTIZATIONS, Manifest
 from grains_edge.steering import steering_hooks
 
 OPSET = graph.OPSET
@@ -47,31 +46,25 @@ QUANTIZED_TOLERANCE = {"int8": 0.15, "int4": 2.0}
 MIN_EFFECT_CORRELATION = {"none": 0.99, "int8": 0.9, "int4": 0.5}
 
 
-def source_blocks(model_spec: str, model, quantize: str) -> dict[str, gguf_blocks.Blocks]:
+def source_blocks(model_spec: str, spec: graph.GraphSpec, quantize: str) -> dict[str, gguf_blocks.Blocks]:
     """The weights a GGUF source already holds in MatMulNBits-compatible blocks, taken as they are:
     all of them (4- and 8-bit) for int4, the 8-bit ones for int8; none for other sources."""
     source = models.resolve(model_spec)
-    config = model.config
-    if quantize == "none" or source.gguf_file is None or config.model_type != "llama":
+    if quantize == "none" or source.gguf_file is None or spec.family != "llama":
         return {}
-    found = gguf_blocks.llama_blocks(
-        Path(source.path) / source.gguf_file,
-        config.num_hidden_layers,
-        config.num_attention_heads,
-        getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
-    )
+    found = gguf_blocks.llama_blocks(Path(source.path) / source.gguf_file, spec.num_layers, spec.heads, spec.kv_heads)
     wanted = {"int4": (4, 8), "int8": (8,)}[quantize]
     return {name: blocks for name, blocks in found.items() if blocks.bits in wanted}
 
 
-def fused_kernels(choice: str, blocks: dict[str, gguf_blocks.Blocks]) -> bool:
+def use_custom_kernels(choice: str, blocks: dict[str, gguf_blocks.Blocks]) -> bool:
     """Whether the Q4_1 linears among `blocks` go to grains-edge's own kernel: `choice` auto (when it can
     be built here), fused (must be) or stock (never)."""
     if choice not in KERNEL_CHOICES:
         raise GrainsError(f"unknown kernels '{choice}'; fix: use one of {', '.join(KERNEL_CHOICES)}")
     if choice == "stock" or not any(b.offsets is not None for b in blocks.values()):
         return False
-    reason = own_kernels.unavailable_reason()
+    reason = kernel_library.unavailable_reason()
     if reason and choice == "fused":
         raise GrainsError(reason)
     if reason:
@@ -79,16 +72,23 @@ def fused_kernels(choice: str, blocks: dict[str, gguf_blocks.Blocks]) -> bool:
     return reason is None
 
 
-def write_graph(model, steered: list[int], path: Path, quantize: str = "none", blocks=None, fused=False) -> str:
+def write_graph(
+    model,
+    spec: graph.GraphSpec,
+    steered: list[int],
+    path: Path,
+    quantize: str = "none",
+    blocks=None,
+    custom_kernels: bool = False,
+) -> str:
     """Build the graph and return how its MatMul weights are stored. For int8/int4, `blocks` (a GGUF's
-    own quantized weights) are used as they are (Q4_1 ones in grains-edge's own kernel when `fused`);
+    own quantized weights) are used as they are (Q4_1 ones in grains-edge's own kernel when `custom_kernels`);
     every other MatMul weight (the layers and the LM head) is quantized with ONNX Runtime's block-wise
     MatMulNBits (round-to-nearest, block 32, symmetric). The embedding lookup, norms, attention, the
     steering input and its renormalization stay float32."""
     blocks = blocks or {}
-    inputs, outputs = io_names(model.config.num_hidden_layers)
     proto = graph.build(
-        model, steered, inputs, outputs, separate_head=quantize != "none", blocks=blocks, own_kernels=fused
+        model, spec, steered, separate_head=quantize != "none", blocks=blocks, custom_kernels=custom_kernels
     )
     rounded = [n for n in proto.graph.node if n.op_type == "MatMul"]
     if quantize != "none" and rounded:
@@ -112,7 +112,7 @@ def write_graph(model, steered: list[int], path: Path, quantize: str = "none", b
     kinds = sorted({f"{b.bits}-bit" for b in blocks.values()})
     exactness = "exact"
     if any(b.offsets is not None for b in blocks.values()):
-        exactness = "exact, Q4_1 in grains-edge's kernel" if fused else "Q4_1 offsets to 8 bits"
+        exactness = "exact, Q4_1 in grains-edge's kernel" if custom_kernels else "Q4_1 offsets to 8 bits"
     parts = [f"{len(blocks)} from the GGUF's own blocks ({', '.join(kinds)}; {exactness})"] if blocks else []
     if rounded:
         parts.append(f"{len(rounded)} rounded to {quantize}")
@@ -121,27 +121,27 @@ def write_graph(model, steered: list[int], path: Path, quantize: str = "none", b
 
 def run_graph(session, manifest: Manifest, ids: torch.Tensor, steering: torch.Tensor) -> np.ndarray:
     """Logits [batch, seq, vocab]: all but the last token as a prompt, then the last through the KV cache."""
-    inputs, _ = io_names(manifest.num_layers)
+    past = graph_io.past_names(manifest.num_layers)
     batch, seq = ids.shape
     empty = np.zeros((batch, manifest.num_kv_heads, 0, manifest.head_dim), np.float32)
     prompt = {
-        "input_ids": ids[:, :-1].numpy(),
-        "attention_mask": np.ones((batch, seq - 1), np.int64),
-        "position_ids": np.arange(seq - 1)[None].repeat(batch, 0),
-        "steering": steering.numpy(),
-        "logits_to_keep": ALL_POSITIONS,
-        **dict.fromkeys(inputs[5:], empty),
+        graph_io.INPUT_IDS: ids[:, :-1].numpy(),
+        graph_io.ATTENTION_MASK: np.ones((batch, seq - 1), np.int64),
+        graph_io.POSITION_IDS: np.arange(seq - 1)[None].repeat(batch, 0),
+        graph_io.STEERING: steering.numpy(),
+        graph_io.LOGITS_TO_KEEP: graph_io.ALL_POSITIONS,
+        **dict.fromkeys(past, empty),
     }
     logits, *present = session.run(None, prompt)
     step = {
-        "input_ids": ids[:, -1:].numpy(),
-        "attention_mask": np.ones((batch, seq), np.int64),
-        "position_ids": np.full((batch, 1), seq - 1),
-        "steering": steering.numpy(),
-        "logits_to_keep": ALL_POSITIONS,
-        **dict(zip(inputs[5:], present, strict=True)),
+        graph_io.INPUT_IDS: ids[:, -1:].numpy(),
+        graph_io.ATTENTION_MASK: np.ones((batch, seq), np.int64),
+        graph_io.POSITION_IDS: np.full((batch, 1), seq - 1),
+        graph_io.STEERING: steering.numpy(),
+        graph_io.LOGITS_TO_KEEP: graph_io.ALL_POSITIONS,
+        **dict(zip(past, present, strict=True)),
     }
-    return np.concatenate([logits, session.run(["logits"], step)[0]], axis=1)
+    return np.concatenate([logits, session.run([graph_io.LOGITS], step)[0]], axis=1)
 
 
 def verify(model, export_dir: Path, manifest: Manifest) -> dict:
@@ -153,7 +153,7 @@ def verify(model, export_dir: Path, manifest: Manifest) -> dict:
 
     options = ort.SessionOptions()
     if manifest.kernels == "fused":
-        own_kernels.register(options)
+        kernel_library.register(options)
     session = ort.InferenceSession(str(export_dir / MODEL_NAME), options, providers=["CPUExecutionProvider"])
     generator = torch.Generator().manual_seed(1)
     ids = torch.randint(0, min(manifest.vocab_size, 1000), (2, 10), generator=generator)
@@ -237,33 +237,33 @@ def build(model_spec: str, staging: Path, layers_spec: str, quantize: str, kerne
     """Load, export and verify into `staging`; returns the manifest written there."""
     log(f"loading {model_spec} …")
     model, tokenizer = models.load(model_spec)
-    config = model.config
-    num_layers = config.num_hidden_layers
+    spec = graph.graph_spec(model)
+    num_layers = spec.num_layers
     steered = [] if layers_spec == "none" else parse_layers(layers_spec, num_layers)
-    heads = config.num_attention_heads
+    input_names, output_names = graph_io.io_names(num_layers)
     manifest = Manifest(
         source_model=model_spec,
-        architecture=config.model_type,
+        architecture=spec.family,
         num_layers=num_layers,
-        hidden_size=config.hidden_size,
-        num_heads=heads,
-        num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
-        head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
-        vocab_size=config.vocab_size,
-        max_context=int(getattr(config, "max_position_embeddings", 0) or getattr(config, "n_positions", 2048)),
+        hidden_size=spec.hidden,
+        num_heads=spec.heads,
+        num_kv_heads=spec.kv_heads,
+        head_dim=spec.head_dim,
+        vocab_size=spec.vocab_size,
+        max_context=spec.max_context,
         steered_layers=steered,
-        input_names=io_names(num_layers)[0],
-        output_names=io_names(num_layers)[1],
+        input_names=input_names,
+        output_names=output_names,
         opset=OPSET,
         weights_fingerprint=models.fingerprint(model),
         versions=package_versions(),
         quantization=quantize,
     )
     log(f"writing the ONNX graph: {num_layers} layers, steering after {len(steered)} of them …")
-    blocks = source_blocks(model_spec, model, quantize)
-    fused = fused_kernels(kernels, blocks)
-    manifest.kernels = "fused" if fused else "stock"
-    manifest.weights = write_graph(model, steered, staging / MODEL_NAME, quantize, blocks, fused)
+    blocks = source_blocks(model_spec, spec, quantize)
+    custom_kernels = use_custom_kernels(kernels, blocks)
+    manifest.kernels = "fused" if custom_kernels else "stock"  # the manifest's name for custom kernels
+    manifest.weights = write_graph(model, spec, steered, staging / MODEL_NAME, quantize, blocks, custom_kernels)
     log(f"MatMul weights: {manifest.weights}")
     tokenizer.save_pretrained(staging)
     log("verifying ONNX Runtime against PyTorch (zero and non-zero steering, KV cache) …")

@@ -22,6 +22,7 @@ import numpy as np
 from grains_edge import kernels
 from grains_edge.chat_tokenizer import ChatTokenizer
 from grains_edge.errors import GrainsError
+from grains_edge.export.graph_io import ALL_POSITIONS, LAST_POSITION
 from grains_edge.manifest import MODEL_NAME, Manifest, graph_mismatches
 
 STOP_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "</s>")
@@ -50,8 +51,6 @@ class GenerationStats:
 
 
 DEVICES = ("auto", "cpu", "cuda")
-# logits_to_keep: a step returns the last position's logits only, forward() every position's
-LAST_POSITION, ALL_POSITIONS = np.ones(1, np.int64), np.zeros(1, np.int64)
 
 
 def choose_providers(device: str, available: list[str]) -> list[str]:

@@ -9,6 +9,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 from grains_edge.errors import GrainsError
+from grains_edge.export.graph_io import io_names, past_names, present_names
 
 MANIFEST_NAME = "manifest.json"
 MODEL_NAME = "model.onnx"
@@ -138,13 +139,6 @@ class Manifest:
         return True
 
 
-def io_names(num_layers: int) -> tuple[list[str], list[str]]:
-    """The graph's input and output names, in order, for a model of `num_layers` layers."""
-    past = [f"past_key_values.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
-    present = [f"present.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
-    return ["input_ids", "attention_mask", "position_ids", "steering", "logits_to_keep", *past], ["logits", *present]
-
-
 def graph_mismatches(manifest: Manifest, inputs: dict[str, list], outputs: dict[str, list]) -> list[str]:
     """Where the graph's declared inputs and outputs (name -> shape, a dim an int or a symbol) disagree
     with the manifest: names, and every dim the graph fixes that the manifest gives."""
@@ -164,7 +158,8 @@ def graph_mismatches(manifest: Manifest, inputs: dict[str, list], outputs: dict[
         "steering": [None, manifest.num_layers, manifest.hidden_size],
         "logits": [None, None, manifest.vocab_size],
     }
-    wanted.update((name, cache) for name in [*manifest.input_names[5:], *manifest.output_names[1:]])
+    caches = [*past_names(manifest.num_layers), *present_names(manifest.num_layers)]
+    wanted.update((name, cache) for name in caches)
     declared = {**inputs, **outputs}
     return [
         f"{name} is {declared[name]} in the graph, the manifest says {['*' if w is None else w for w in dims]}"

@@ -4,9 +4,10 @@ GRAINS applies, after each steered decoder layer and per token,
 
     h' = (h + s) * ||h||_2 / max(||h + s||_2, eps)        (norm over the hidden axis)
 
-The exported ONNX graph computes the same thing with Add/LpNormalization/ReduceL2/Mul; this module
-is the PyTorch side: the formula, and forward hooks that apply it to a Hugging Face model
-(used to verify exports, to benchmark PyTorch eager, and to measure steered activations).
+The exported ONNX graph computes the same thing after every steered layer of every family
+(export/graph.py, `Steering.residual_add`); this module is the PyTorch side: the formula, and forward
+hooks that apply it to a Hugging Face model at the same points (used to verify exports, to benchmark
+PyTorch eager, and to measure steered activations).
 """
 
 from __future__ import annotations
@@ -26,12 +27,20 @@ def renormalized_add(hidden: torch.Tensor, shift: torch.Tensor, eps: float = EPS
     return steered * scale
 
 
+# Where each family keeps its decoder blocks: Llama, Mistral, Qwen2/3, Phi-3, Gemma-2/3 text models;
+# Gemma-3 with its vision tower (the text model nested as language_model); GPT-2.
+LAYER_PATHS = ("model.layers", "model.language_model.layers", "transformer.h")
+
+
 def decoder_layers(model: torch.nn.Module) -> Sequence[torch.nn.Module]:
-    """The decoder blocks of a Llama- or GPT-2-family causal LM, in order."""
-    if hasattr(model, "model") and hasattr(model.model, "layers"):
-        return model.model.layers
-    if hasattr(model, "transformer") and hasattr(model.transformer, "h"):
-        return model.transformer.h
+    """The decoder blocks of a supported causal LM, in order: each one's output is the residual stream
+    after that layer, where the exported graph steers."""
+    for path in LAYER_PATHS:
+        found = model
+        for part in path.split("."):
+            found = getattr(found, part, None)
+        if isinstance(found, torch.nn.ModuleList):
+            return found
     raise TypeError(f"cannot find decoder layers in {type(model).__name__}")
 
 

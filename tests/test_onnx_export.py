@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM
 
 from grains_edge import models, ownership
 from grains_edge.errors import GrainsError
+from grains_edge.export import graph_io
 from grains_edge.export.onnx_export import export
 from grains_edge.manifest import Manifest
 from grains_edge.steering import steering_hooks
@@ -26,8 +27,8 @@ def test_manifest_describes_the_graph(tiny_export):
     assert manifest.steered_layers == [1, 2]
     assert manifest.num_layers == 4 and manifest.hidden_size == 64
     fixed = ["input_ids", "attention_mask", "position_ids", "steering", "logits_to_keep"]
-    assert manifest.input_names[:5] == fixed
-    assert len(manifest.input_names) == 5 + 2 * manifest.num_layers
+    assert manifest.input_names == [*fixed, *graph_io.past_names(4)]
+    assert manifest.output_names == ["logits", *graph_io.present_names(4)]
     checks = manifest.verification
     assert checks["zero"] < 1e-3 and checks["steered"] < 1e-3 and checks["steering_effect_correlation"] > 0.99
     assert len(manifest.weights_fingerprint) == 16 and "onnxruntime" in manifest.versions
@@ -53,7 +54,7 @@ def run_ort(export_dir, feeds):
         empty = np.zeros((batch, manifest.num_kv_heads, 0, manifest.head_dim), np.float32)
         past = [empty] * (2 * manifest.num_layers)
     feeds.setdefault("logits_to_keep", np.zeros(1, np.int64))
-    feeds.update(zip(manifest.input_names[5:], past, strict=True))
+    feeds.update(zip(graph_io.past_names(manifest.num_layers), past, strict=True))
     return session.run(None, feeds)
 
 
@@ -139,7 +140,7 @@ def test_unsupported_architecture_is_a_clear_error(tmp_path, tiny_tokenizer):
             is_decoder=True,
         )
     ).save_pretrained(tmp_path / "bert")
-    with pytest.raises(GrainsError, match="unsupported architecture 'bert'; supported: llama, gpt2"):
+    with pytest.raises(GrainsError, match="unsupported architecture 'bert'; supported: llama, mistral, .*, gpt2"):
         export(str(tmp_path / "bert"), tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bert"]  # no output, no staging folder
 
