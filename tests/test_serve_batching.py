@@ -229,3 +229,12 @@ def reachable(port: int) -> bool:
         return httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200
     except httpx.TransportError:
         return False
+
+
+def test_a_request_for_a_free_slot_is_not_refused_by_an_empty_queue(engine):
+    server, _ = start(engine, max_batch=1, max_queue=0)
+    try:
+        answer = server.client().completions.create(model="m", prompt="Hello", max_tokens=2, temperature=0)
+        assert answer.choices[0].finish_reason in ("stop", "length")
+    finally:
+        server.stop()

@@ -110,8 +110,12 @@ class Batcher:
         self.thread.join()
 
     def submit(self, job: Job) -> None:
+        """Queue `job`; QueueFull when `max_queue` jobs already wait beyond the free slots."""
         with self.condition:
-            if len(self.pending) >= self.max_queue:
+            if any(waiting.cancelled.is_set() for waiting in self.pending):  # clients that gave up waiting
+                self.pending = deque(waiting for waiting in self.pending if not waiting.cancelled.is_set())
+            free = self.slots.max_batch - len(self.active)
+            if len(self.pending) >= self.max_queue + free:
                 raise QueueFull(f"{len(self.pending)} requests are waiting")
             self.pending.append(job)
             self.condition.notify()
