@@ -53,7 +53,20 @@ def one_shot_prompt(args: argparse.Namespace) -> str | None:
     if prompt is None or prompt == "-":
         if sys.stdin.isatty():
             raise GrainsError("no prompt given; fix: pass --prompt TEXT or pipe the prompt into stdin")
-        prompt = sys.stdin.read()
+        try:
+            prompt = sys.stdin.read()
+        except UnicodeDecodeError as error:
+            raise GrainsError(
+                f"the prompt on stdin is not UTF-8 text (byte {error.start} is 0x{error.object[error.start]:02x}); "
+                "fix: send UTF-8 text"
+            ) from None
+    try:  # undecodable bytes reach Python as lone surrogates (argv, or stdin in the C locale)
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise GrainsError(
+            f"the prompt is not UTF-8 text (character {error.start + 1}); fix: pass UTF-8 text (check the terminal's "
+            "encoding)"
+        ) from None
     if not prompt.strip():
         raise GrainsError("the prompt is empty; fix: ask something")
     return prompt

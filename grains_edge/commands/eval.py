@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
+import sys
+
+from grains_edge.arguments import finite_float
+from grains_edge.errors import GrainsError
 
 SPLITS = ("report", "tune", "validation", "train", "train+tune", "all")
 
@@ -14,7 +17,7 @@ def register(subparsers) -> None:
     parser.add_argument("--data", required=True)
     parser.add_argument("--model", default="default", help="model spec or export folder")
     parser.add_argument("--profile", default="none", help="NAME, PATH or none")
-    parser.add_argument("--alpha", type=float, default=None, help="strength (default: the profile's)")
+    parser.add_argument("--alpha", type=finite_float, default=None, help="strength (default: the profile's)")
     parser.add_argument("--layers", default=None, help="override the profile's layers: A-B | i,j,k | all")
     parser.add_argument(
         "--split",
@@ -25,65 +28,78 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--score", default="text", choices=("text", "letter"), help="ab: score the letter or the text")
     parser.add_argument("--toward", default="matching", choices=("matching", "not-matching"), help="ab: preferred side")
-    parser.add_argument("--limit", type=int, default=None)
+    parser.add_argument("--limit", type=int, default=None, help="at most N items of the split (N ≥ 1)")
     parser.add_argument("--device", default="auto")
     parser.set_defaults(run=run)
 
 
-def steering_for(engine, profile_name: str, alpha, layers_spec):
-    from grains_edge.layers import parse_layers
-    from grains_edge.profiles import load_profile, steering_tensor
-
-    if profile_name == "none":
-        return None, {"profile": "none"}
-    profile = load_profile(profile_name)
-    if layers_spec:
-        profile.layers = parse_layers(layers_spec, engine.num_layers)
-    strength = profile.alpha if alpha is None else alpha
-    info = {"profile": profile.name, "method": profile.method, "alpha": strength, "layers": profile.layers}
-    return steering_tensor(profile, strength), info
-
-
-def select(items, split: str, key, limit=None):
-    """The items of one split: 70 % train, 30 % validation, the validation halved into tune and report."""
+def select(items, split: str, key, limit=None, source: str = "the data"):
+    """The items of one split: 70 % train, 30 % validation, the validation halved into tune and report.
+    No items left is a GrainsError naming `source`."""
     from grains_edge import datasets
 
+    chosen = items
     if split != "all":
         train, validation = datasets.split(items, key)
         report, tune = datasets.split(validation, lambda item: "tune/" + key(item), validation_fraction=0.5)
-        chosen = {"train": train, "validation": validation, "tune": tune, "report": report, "train+tune": train + tune}
-        items = chosen[split]
-    return items[:limit] if limit else items
+        parts = {"train": train, "validation": validation, "tune": tune, "report": report, "train+tune": train + tune}
+        chosen = parts[split]
+    if not chosen:
+        raise GrainsError(
+            f"the '{split}' split of {source} has no items ({len(items)} in all); fix: add items or pass --split all"
+        )
+    return chosen[:limit] if limit is not None else chosen
 
 
-def evaluate(engine, task: str, data: str, steering, split: str, score: str, limit, toward: str = "matching") -> dict:
-    from grains_edge import datasets, evaluation
+def load_items(task: str, data: str, split: str, score: str, limit, toward: str = "matching"):
+    """The task's items in one split: (MC1, MC2) question lists, A/B items, or (prompt, response) pairs."""
+    from grains_edge import datasets
 
+    datasets.check_limit(limit)
     if task == "truthfulqa":
         mc1, mc2 = datasets.load_truthfulqa(data)
-        return evaluation.truthfulqa(
-            engine,
-            select(mc1, split, lambda i: i.question, limit),
-            select(mc2, split, lambda i: i.question, limit),
-            steering,
-            against_unsteered=True,
-        )
+        return select(mc1, split, lambda i: i.question, limit, data), select(mc2, split, lambda i: i.question, limit)
     if task == "ab":
-        items = select(datasets.load_ab(data, score, toward), split, lambda i: i.question, limit)
-        return evaluation.ab_preference(engine, items, steering, against_unsteered=True)
+        return select(datasets.load_ab(data, score, toward), split, lambda i: i.question, limit, data)
     prompts, responses = datasets.load_dolly(data)
-    chosen = select(list(zip(prompts, responses, strict=True)), split, lambda item: item[0], limit)
-    return evaluation.perplexity(
-        engine, [p for p, _ in chosen], [r for _, r in chosen], steering, against_unsteered=True
-    )
+    return select(list(zip(prompts, responses, strict=True)), split, lambda item: item[0], limit, data)
+
+
+def evaluate(engine, task: str, items, steering) -> dict:
+    """The task's scores on the items that fit the model's context, steered and against the unsteered model;
+    `skipped_too_long` counts the items left out (said on stderr as well)."""
+    from grains_edge import evaluation
+
+    if task == "truthfulqa":  # a question is left out of both tasks when any MC1 or MC2 choice is too long
+        questions, skipped = evaluation.fitting(engine, list(zip(*items, strict=True)), evaluation.mc_sequences)
+        mc1, mc2 = [q for q, _ in questions], [q for _, q in questions]
+        result = evaluation.truthfulqa(engine, mc1, mc2, steering, against_unsteered=True)
+    elif task == "ab":
+        kept, skipped = evaluation.fitting(engine, items, evaluation.ab_sequences)
+        result = evaluation.ab_preference(engine, kept, steering, against_unsteered=True)
+    else:
+        kept, skipped = evaluation.fitting(engine, items, lambda item: [item])
+        result = evaluation.perplexity(
+            engine, [p for p, _ in kept], [r for _, r in kept], steering, against_unsteered=True
+        )
+    if skipped:
+        print(
+            f"[grains-edge] left out {skipped} items longer than the model's context ({engine.max_context} tokens)",
+            file=sys.stderr,
+        )
+    return {**result, "skipped_too_long": skipped}
 
 
 def run(args: argparse.Namespace) -> int:
     from grains_edge.bootstrap import ensure_export
     from grains_edge.engine import Engine
+    from grains_edge.evaluation import finite_json
+    from grains_edge.profiles import steering_for
 
+    items = load_items(args.task, args.data, args.split, args.score, args.limit, args.toward)  # before the model
     engine = Engine(ensure_export(args.model), device=args.device)
     steering, info = steering_for(engine, args.profile, args.alpha, args.layers)
-    result = evaluate(engine, args.task, args.data, steering, args.split, args.score, args.limit, args.toward)
-    print(json.dumps({"task": args.task, "data": args.data, "split": args.split, **info, **result}, indent=2))
+    result = evaluate(engine, args.task, items, steering)
+    report = {"task": args.task, "data": args.data, "split": args.split, **info, **result}
+    print(finite_json(report, indent=2))
     return 0

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import time
+
+from grains_edge.arguments import finite_floats
 
 PPL_BUDGET = 1.03
 MMLU_BUDGET = 0.01
@@ -30,7 +31,9 @@ def register(subparsers) -> None:
     parser.add_argument("--ppl-data", required=True, help="Dolly JSONL for the perplexity check")
     parser.add_argument("--mmlu", default=None, help="2-choice MMLU JSON for the capability check (optional)")
     parser.add_argument("--model", default="default")
-    parser.add_argument("--alphas", default="0.005,0.01,0.02,0.03", help="strengths, in hidden-state norms")
+    parser.add_argument(
+        "--alphas", type=finite_floats, default="0.005,0.01,0.02,0.03", help="strengths, in hidden-state norms"
+    )
     parser.add_argument("--windows", default="auto", help="auto, or layer specs separated by ';' (e.g. 0-9;10-19;all)")
     parser.add_argument("--score", default="text", choices=("text", "letter"))
     parser.add_argument("--toward", default="matching", choices=("matching", "not-matching"))
@@ -54,21 +57,32 @@ def run(args: argparse.Namespace) -> int:
     from grains_edge.layers import parse_layers
     from grains_edge.profiles import load_profile, save_profile, steering_tensor
 
+    datasets.check_limit(args.limit)
+    datasets.check_limit(args.ppl_limit, "--ppl-limit")
     engine = Engine(ensure_export(args.model))
     profile = load_profile(args.profile)
-    alphas = [float(a) for a in args.alphas.split(",")]
+    alphas = args.alphas
     windows = auto_windows(engine.num_layers) if args.windows == "auto" else args.windows.split(";")
+    skipped = {}  # per item set: how many are longer than the model's context (left out)
     if args.task == "truthfulqa":
         mc1, mc2 = datasets.load_truthfulqa(args.data)
-        items = select(mc1, "tune", lambda i: i.question, args.limit)
-        items2 = select(mc2, "tune", lambda i: i.question, args.limit)
+        both = zip(
+            select(mc1, "tune", lambda i: i.question, args.limit, args.data),
+            select(mc2, "tune", lambda i: i.question, args.limit),
+            strict=True,
+        )
+        questions, skipped["tune"] = evaluation.fitting(engine, list(both), evaluation.mc_sequences)
+        items, items2 = [q for q, _ in questions], [q for _, q in questions]
 
         def behaviour(steering) -> tuple[float, float]:
             """(MC1, MC2): MC2, continuous, breaks the ties of MC1 on a small split."""
             result = evaluation.truthfulqa(engine, items, items2, steering)
             return result["mc1"], result["mc2"]
     else:
-        items = select(datasets.load_ab(args.data, args.score, args.toward), "tune", lambda i: i.question, args.limit)
+        items = select(
+            datasets.load_ab(args.data, args.score, args.toward), "tune", lambda i: i.question, args.limit, args.data
+        )
+        items, skipped["tune"] = evaluation.fitting(engine, items, evaluation.ab_sequences)
 
         def behaviour(steering) -> tuple[float, float]:
             """(matching rate, mean log-prob margin): the margin breaks ties of the rate."""
@@ -76,8 +90,19 @@ def run(args: argparse.Namespace) -> int:
             return result["matching_rate"], result["mean_logprob_margin"]
 
     prompts, responses = datasets.load_dolly(args.ppl_data)
-    dolly = select(list(zip(prompts, responses, strict=True)), "train+tune", lambda item: item[0], args.ppl_limit)
-    mmlu = select(datasets.load_ab(args.mmlu, "text"), "tune", lambda i: i.question) if args.mmlu else []
+    dolly = select(
+        list(zip(prompts, responses, strict=True)), "train+tune", lambda item: item[0], args.ppl_limit, args.ppl_data
+    )
+    dolly, skipped["ppl"] = evaluation.fitting(engine, dolly, lambda item: [item])
+    mmlu = (
+        select(datasets.load_ab(args.mmlu, "text"), "tune", lambda i: i.question, None, args.mmlu) if args.mmlu else []
+    )
+    mmlu, skipped["mmlu"] = evaluation.fitting(engine, mmlu, evaluation.ab_sequences)
+    if any(skipped.values()):
+        print(
+            f"[grains-edge] left out items longer than the model's context ({engine.max_context} tokens): {skipped}",
+            file=sys.stderr,
+        )
 
     def measure(steering) -> dict:
         primary, secondary = behaviour(steering)
@@ -94,18 +119,23 @@ def run(args: argparse.Namespace) -> int:
     for window in windows:
         windowed = dataclasses.replace(profile, layers=parse_layers(window, engine.num_layers))
         for alpha in alphas:
-            row = {"layers": window, "alpha": alpha, **measure(steering_tensor(windowed, alpha))}
-            row["admissible"] = row["ppl"] <= base["ppl"] * PPL_BUDGET and (
-                not mmlu or row["mmlu"] >= base["mmlu"] - MMLU_BUDGET
-            )
+            row = {"layers": window, "alpha": alpha}
+            try:
+                row.update(measure(steering_tensor(windowed, alpha)))
+                row["admissible"] = row["ppl"] <= base["ppl"] * PPL_BUDGET and (
+                    not mmlu or row["mmlu"] >= base["mmlu"] - MMLU_BUDGET
+                )
+            except evaluation.NonFiniteScores as error:  # a setting too strong to score is not admissible
+                row.update(error=str(error), admissible=False)
             rows.append(row)
-            print(json.dumps(row), flush=True)
+            print(evaluation.finite_json(row), flush=True)
     admissible = [r for r in rows if r["admissible"]]
     best = max(admissible, key=lambda r: (r["behaviour"], r["tie_break"], -r["alpha"])) if admissible else None
     report = {
         "task": args.task,
         "tune_items": len(items),
         "ppl_items": len(dolly),
+        "skipped_too_long": skipped,
         "unsteered": base,
         "sweep": rows,
         "chosen": best,
@@ -120,10 +150,10 @@ def run(args: argparse.Namespace) -> int:
             f"keeps α {profile.alpha:g}; fix: try smaller --alphas or other --windows",
             file=sys.stderr,
         )
-    profile.metadata["tuning"] = json.dumps(report)
+    profile.metadata["tuning"] = evaluation.finite_json(report)
     save_profile(profile, profile.path)
     if args.report:
         with open(args.report, "w") as handle:
-            json.dump(report, handle, indent=2)
-    print(json.dumps({"chosen": best, "unsteered": base, "profile": str(profile.path)}, indent=2))
+            handle.write(evaluation.finite_json(report, indent=2))
+    print(evaluation.finite_json({"chosen": best, "unsteered": base, "profile": str(profile.path)}, indent=2))
     return 0

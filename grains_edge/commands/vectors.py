@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
+from grains_edge.arguments import finite_float
 from grains_edge.errors import GrainsError
 
 
@@ -19,7 +21,7 @@ def register(subparsers) -> None:
     parser.add_argument("--model", default="default")
     parser.add_argument("--layers", default="all", help="layers the profile steers: all | A-B | i,j,k")
     parser.add_argument(
-        "--alpha", type=float, default=0.02, help="default strength, in hidden-state norms (tune chooses one)"
+        "--alpha", type=finite_float, default=0.02, help="default strength, in hidden-state norms (tune chooses one)"
     )
     parser.add_argument("--k", type=int, default=10, help="GRAINS: tokens masked on each side")
     parser.add_argument("--ig-steps", type=int, default=20, help="GRAINS: Integrated Gradients steps")
@@ -60,10 +62,11 @@ def run(args: argparse.Namespace) -> int:
 
     if args.k < 1 or args.ig_steps < 1:
         raise GrainsError("--k and --ig-steps must be at least 1; fix: pass positive numbers")
+    datasets.check_limit(args.limit)
     pairs = datasets.load_pairs(args.data, score=args.score, toward=args.toward)
     if args.split == "train":
         pairs, _ = datasets.split(pairs, key=lambda pair: pair.prompt)
-    if args.limit:
+    if args.limit is not None:
         pairs = pairs[: args.limit]
     if not pairs:
         raise GrainsError(f"no pairs to learn from in {args.data}; fix: check the file or --split all")
@@ -72,10 +75,17 @@ def run(args: argparse.Namespace) -> int:
     layers = parse_layers(args.layers, model.config.num_hidden_layers)
     fingerprint = models.fingerprint(model)
     cache = ScoreCache(args.attributions, fingerprint) if args.attributions and args.method == "grains" else None
+    token_pairs, skipped = vectors.fitting_pairs(model, vectors.tokenize_pairs(tokenizer, pairs))
+    if skipped:
+        print(
+            f"[grains-edge] left out {skipped} of {len(pairs)} pairs longer than the model's context "
+            f"({vectors.model_context(model)} tokens)",
+            file=sys.stderr,
+        )
     started = time.perf_counter()
     steering = vectors.build(
         model,
-        vectors.tokenize_pairs(tokenizer, pairs),
+        token_pairs,
         args.method,
         k=args.k,
         steps=args.ig_steps,
@@ -92,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
         alpha=args.alpha,
         method=args.method,
         metadata={
-            "source": f"{Path(args.data).name} ({args.split} split, {len(pairs)} pairs, {args.score} answers, "
+            "source": f"{Path(args.data).name} ({args.split} split, {len(token_pairs)} pairs, {args.score} answers, "
             f"toward {args.toward})",
             "model": args.model,
             "fingerprint": fingerprint,
@@ -104,5 +114,5 @@ def run(args: argparse.Namespace) -> int:
         },
     )
     path = save_profile(profile, output_path(args.out))
-    print(f"wrote {path} ({args.method}, {len(pairs)} pairs, {seconds:.0f} s)")
+    print(f"wrote {path} ({args.method}, {len(token_pairs)} pairs, {seconds:.0f} s)")
     return 0
