@@ -83,7 +83,6 @@ class GraphSpec:
     attention_softcap: float  # scores -> c * tanh(scores / c) before softmax, 0 = none (Gemma-2)
     final_softcap: float  # the same on the logits, 0 = none (Gemma-2, Gemma-3)
     qk_norm: bool  # RMSNorm on q and k per head before rope (Qwen3, Gemma-3)
-    sandwich_norms: bool  # norms after attention and MLP too, before their residual adds (Gemma)
     tied_head: bool  # the LM head is the embedding table
 
 
@@ -124,7 +123,6 @@ def graph_spec(model) -> GraphSpec:
         attention_softcap=float(config.attn_logit_softcapping or 0) if family == "gemma2" else 0.0,
         final_softcap=float(getattr(config, "final_logit_softcapping", None) or 0),
         qk_norm=family in ("qwen3", "gemma3_text"),
-        sandwich_norms=gemma,
         tied_head=tied,
     )
 
@@ -331,17 +329,22 @@ class Steering:
         with g.scope("steer"):
             return self.steered_add(g, h, delta, self.shifts[layer])
 
-    #   h ─┬──────────────────────────────────────────────────────────────┐
-    #      │                                                              │
-    #   delta ─► SkipSimplifiedLayerNorm(h, delta, scale 1) ─► h + delta ─┼─► Add(s_l) ─► SimplifiedLayerNorm
-    #                       │                                             │        (h+s)/rms(h+s)   │
-    #                       └─► 1/rms(h + delta) ─────────────────────────┴──────────► Div ◄─────────┘
-    #                                                                                   │
-    #        h' = (h + s_l) * ||h|| / ||h + s_l||   (the sqrt(hidden) of both RMS cancel)   ▼ next layer
+    # The steered residual add of layer l (r: the residual stream after the layer, s_l = steering[:, l]):
     #
-    # where h is the residual stream after the layer (h + delta); or, with custom kernels, all of it in one
-    # SteeredAdd(h, delta, s_l). Decode steps run hundreds of small kernels, each costing microseconds, so
-    # the count matters: this is 4 where Add, Add, LpNormalization, ReduceL2, Mul were 5.
+    #   h ─────┐
+    #          ▼
+    #   delta ─► SkipSimplifiedLayerNorm(scale 1) ──► r = h + delta ──► Add ◄── s_l
+    #                       │                                            │
+    #                       ▼                                            ▼ r + s_l
+    #                  1 / rms(r)                         SimplifiedLayerNorm(scale 1)
+    #                       │                                            │ (r + s_l) / rms(r + s_l)
+    #                       └────────────────────────► Div ◄─────────────┘
+    #                                                   │
+    #                                                   ▼ h' = (r + s_l) * ||r|| / ||r + s_l||
+    #
+    # (the sqrt(hidden) in both RMS cancel). With custom kernels all of it is one SteeredAdd(h, delta, s_l).
+    # Decode steps run hundreds of small kernels, each costing microseconds, so the count matters: this is 4
+    # where Add, Add, LpNormalization, ReduceL2, Mul were 5.
     def steered_add(self, g: GraphBuilder, h: str, delta: str, shift: str) -> str:
         """h + delta, then steered per token: (h + s) * ||h|| / ||h + s||, s = shift [b, 1, hidden]."""
         if self.custom_kernels:
@@ -517,57 +520,54 @@ def head(g: GraphBuilder, spec: GraphSpec, pre: Prelude, model, h: str, final_no
 # --- one function per family -------------------------------------------------------------------------
 
 
-def llama_linears(layer, family: str) -> tuple[Linear, Linear, Linear, Linear]:
-    """(q|k|v, o, gate|up, down) of a Llama-style layer; Phi-3's checkpoint has q|k|v and gate|up fused."""
-    attn, mlp = layer.self_attn, layer.mlp
-    if family == "phi3":
-        return (
-            side_by_side(attn.qkv_proj),
-            side_by_side(attn.o_proj),
-            side_by_side(mlp.gate_up_proj),
-            side_by_side(mlp.down_proj),
-        )
-    qkv = side_by_side(attn.q_proj, attn.k_proj, attn.v_proj)
-    return qkv, side_by_side(attn.o_proj), side_by_side(mlp.gate_proj, mlp.up_proj), side_by_side(mlp.down_proj)
+def llama_attention(g: GraphBuilder, spec: GraphSpec, pre: Prelude, rope: dict, i: int, layer, x: str) -> str:
+    """The attention block of a Llama-style layer (Gemma's too): q|k|v side by side, or as Phi-3's checkpoint
+    has them fused already; q and k normed per head where the family does it."""
+    attn = layer.self_attn
+    parts = (attn.qkv_proj,) if spec.family == "phi3" else (attn.q_proj, attn.k_proj, attn.v_proj)
+    qkv, out = (f"layers.{i}.qkv", side_by_side(*parts)), (f"layers.{i}.o_proj", side_by_side(attn.o_proj))
+    qk_norms = ((attn.q_norm, f"layers.{i}.q_norm"), (attn.k_norm, f"layers.{i}.k_norm")) if spec.qk_norm else None
+    return attention(g, spec, pre, i, x, qkv, out, rope[spec.rope[i]], qk_norms)
+
+
+def llama_mlp(g: GraphBuilder, spec: GraphSpec, i: int, layer, x: str) -> str:
+    """The gated MLP of a Llama-style layer: gate|up side by side, or as Phi-3's checkpoint has them fused."""
+    mlp = layer.mlp
+    parts = (mlp.gate_up_proj,) if spec.family == "phi3" else (mlp.gate_proj, mlp.up_proj)
+    gate_up, down = (
+        (f"layers.{i}.gate_up", side_by_side(*parts)),
+        (f"layers.{i}.down_proj", side_by_side(mlp.down_proj)),
+    )
+    return gated_mlp(g, spec, x, gate_up, down)
 
 
 def llama_decoder(g: GraphBuilder, spec: GraphSpec, model, pre: Prelude, steering: Steering, separate: bool) -> None:
-    """Llama, Mistral, Qwen2, Qwen3, Phi-3: x = norm(h); h += attn(x); h += mlp(norm(h)); steer."""
+    """Llama, Mistral, Qwen2, Qwen3, Phi-3: h += attn(norm(h)); h += mlp(norm(h)); steer."""
     body = decoder_body(model)
     h, table = token_embedding(g, spec, body.embed_tokens, "embed_tokens")
     rope = rope_inputs(g, model, spec)
     for i, layer in enumerate(body.layers):
-        qkv, o, gate_up, down = llama_linears(layer, spec.family)
-        attn = layer.self_attn
-        qk_norms = ((attn.q_norm, f"layers.{i}.q_norm"), (attn.k_norm, f"layers.{i}.k_norm")) if spec.qk_norm else None
         with g.scope(f"layers.{i}"):
             x = norm(g, spec, h, layer.input_layernorm, f"layers.{i}.input_norm")
-            attended = attention(
-                g, spec, pre, i, x, (f"layers.{i}.qkv", qkv), (f"layers.{i}.o_proj", o), rope[spec.rope[i]], qk_norms
-            )
+            attended = llama_attention(g, spec, pre, rope, i, layer, x)
             x, h = add_then_norm(g, spec, h, attended, layer.post_attention_layernorm, f"layers.{i}.post_norm")
-            delta = gated_mlp(g, spec, x, (f"layers.{i}.gate_up", gate_up), (f"layers.{i}.down_proj", down))
-            h = steering.residual_add(g, h, delta, i)  # [b, s, hidden]
+            h = steering.residual_add(g, h, llama_mlp(g, spec, i, layer, x), i)  # [b, s, hidden]
     head(g, spec, pre, model, h, body.norm, table, separate)
 
 
 def gemma_decoder(g: GraphBuilder, spec: GraphSpec, model, pre: Prelude, steering: Steering, separate: bool) -> None:
-    """Gemma-2, Gemma-3: h += post_norm(attn(norm(h))); h += post_ff_norm(mlp(pre_ff_norm(h))); steer."""
+    """Gemma-2, Gemma-3, norms before and after each block: h += norm(attn(norm(h))); h += norm(mlp(norm(h)));
+    steer."""
     body = decoder_body(model)
     h, table = token_embedding(g, spec, body.embed_tokens, "embed_tokens")
     rope = rope_inputs(g, model, spec)
     for i, layer in enumerate(body.layers):
-        qkv, o, gate_up, down = llama_linears(layer, spec.family)
-        attn = layer.self_attn
-        qk_norms = ((attn.q_norm, f"layers.{i}.q_norm"), (attn.k_norm, f"layers.{i}.k_norm")) if spec.qk_norm else None
         with g.scope(f"layers.{i}"):
             x = norm(g, spec, h, layer.input_layernorm, f"layers.{i}.input_norm")
-            attended = attention(
-                g, spec, pre, i, x, (f"layers.{i}.qkv", qkv), (f"layers.{i}.o_proj", o), rope[spec.rope[i]], qk_norms
-            )
+            attended = llama_attention(g, spec, pre, rope, i, layer, x)
             attended = norm(g, spec, attended, layer.post_attention_layernorm, f"layers.{i}.post_attention_norm")
             x, h = add_then_norm(g, spec, h, attended, layer.pre_feedforward_layernorm, f"layers.{i}.pre_mlp_norm")
-            delta = gated_mlp(g, spec, x, (f"layers.{i}.gate_up", gate_up), (f"layers.{i}.down_proj", down))
+            delta = llama_mlp(g, spec, i, layer, x)
             delta = norm(g, spec, delta, layer.post_feedforward_layernorm, f"layers.{i}.post_mlp_norm")
             h = steering.residual_add(g, h, delta, i)  # [b, s, hidden]
     head(g, spec, pre, model, h, body.norm, table, separate)
