@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from grains_edge.engine import Engine, GenerationSettings
@@ -249,8 +250,13 @@ def create_app(
                 stream(job, events, spec, head, chat),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                background=BackgroundTask(abandon, job),  # a client gone before the stream began
             )
         return await collect(request, job, events, spec, head, chat)
+
+    def abandon(job: Job) -> None:
+        if not job.done:
+            batcher.cancel(job)
 
     async def collect(request, job, events, spec, head, chat) -> JSONResponse:
         text = []
@@ -274,8 +280,7 @@ def create_app(
                 else:
                     break
         finally:
-            if not job.done:
-                batcher.cancel(job)
+            abandon(job)
         content = "".join(text)
         choice = (
             {"index": 0, "message": {"role": "assistant", "content": content}}
@@ -317,8 +322,7 @@ def create_app(
                     break
             yield sse("[DONE]")
         finally:
-            if not job.done:
-                batcher.cancel(job)
+            abandon(job)
 
     @app.get("/health")
     async def health() -> dict:
