@@ -14,8 +14,8 @@ llama-cpp-python's OpenAI server (`llama_cpp.server`) on the same GGUF under the
 comparison, run without a control vector (it cannot switch one per request); without llama-cpp-python
 that part is skipped with a note.
 
-    python bench/bench_serve.py --fp32 EXPORT_DIR --int4 EXPORT_DIR [--tokens 64] [--rounds 3]
-        [--clients 1,4,8,16] [--out bench/results/serve.json]
+    python bench/bench_serve.py --export int4=DIR --export fp32=DIR [--export LABEL=DIR …] [--tokens 64]
+        [--rounds 3] [--clients 1,4,8,16] [--note TEXT] [--out bench/results/serve.json]
 """
 
 from __future__ import annotations
@@ -178,8 +178,13 @@ def bench_llama_cpp(clients: list[int], tokens: int, rounds: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--fp32", type=Path, help="the default model's float32 export")
-    parser.add_argument("--int4", type=Path, help="its int4 export (grains-edge export --quantize int4)")
+    parser.add_argument(
+        "--export",
+        action="append",
+        default=[],
+        metavar="LABEL=DIR",
+        help="an export of the default model to serve, e.g. int4=DIR (grains-edge export --quantize int4); repeatable",
+    )
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--clients", default="1,4,8,16")
@@ -194,10 +199,9 @@ def main() -> None:
         "clients": clients,
         "profiles": [p or "none" for p in PROFILES],
     }
-    for name, export in (("int4", args.int4), ("fp32", args.fp32)):
-        if export is not None:
-            print(f"grains-edge serve, {name}:", file=sys.stderr, flush=True)
-            result[f"grains_edge_{name}"] = bench_grains(export, clients, args.tokens, args.rounds)
+    for label, _, folder in (spec.partition("=") for spec in args.export):
+        print(f"grains-edge serve, {label}:", file=sys.stderr, flush=True)
+        result[f"grains_edge_{label}"] = bench_grains(Path(folder), clients, args.tokens, args.rounds)
     print("llama-cpp-python server:", file=sys.stderr, flush=True)
     result["llama_cpp_server"] = bench_llama_cpp(clients, args.tokens, args.rounds)
     result["machine"]["load_after"] = os.getloadavg()
