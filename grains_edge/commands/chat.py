@@ -5,13 +5,16 @@ from __future__ import annotations
 import argparse
 import sys
 
+from grains_edge.arguments import finite_float
 from grains_edge.errors import GrainsError
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="default", help="'default', an export folder, a model folder, .gguf or id")
     parser.add_argument("--profile", default=None, help="behaviour profile: NAME, PATH or none (default: none)")
-    parser.add_argument("--alpha", type=float, default=None, help="profile strength (default: the profile's own)")
+    parser.add_argument(
+        "--alpha", type=finite_float, default=None, help="profile strength (default: the profile's own)"
+    )
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument(
         "--quantize",
@@ -86,7 +89,8 @@ def check(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     from grains_edge.bootstrap import ensure_builtin_profiles, ensure_export
     from grains_edge.engine import Engine, GenerationSettings
-    from grains_edge.tui.steering import ProfileLibrary
+    from grains_edge.profiles import steering_for
+    from grains_edge.safe_text import printable
 
     check(args)
     prompt = one_shot_prompt(args)
@@ -97,12 +101,10 @@ def run(args: argparse.Namespace) -> int:
     if prompt is None:
         from grains_edge.tui.app import run_chat
 
-        run_chat(engine, args.profile, args.alpha, args.resume, settings=settings, system_prompt=args.system)
-        return 0
-    library = ProfileLibrary((engine.num_layers, engine.hidden_size))
-    steering = library.tensor(library.chosen(args.profile, args.alpha))
+        return run_chat(engine, args.profile, args.alpha, args.resume, settings=settings, system_prompt=args.system)
+    steering, _ = steering_for(engine, args.profile or "none", args.alpha)
     system = [{"role": "system", "content": args.system}] if args.system.strip() else []
     for piece in engine.chat([*system, {"role": "user", "content": prompt}], steering, settings):
-        print(piece, end="", flush=True)
+        print(printable(piece), end="", flush=True)  # model text never drives the terminal
     print()
     return 0
