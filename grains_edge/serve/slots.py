@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from grains_edge.engine import LAST_POSITION, Engine
+from grains_edge.engine import Engine
+from grains_edge.export.graph_io import LAST_POSITION
 
 
 class SlotCache:
