@@ -111,7 +111,7 @@ def combine(terms: Sequence[tuple[Profile, float | None]]) -> np.ndarray:
         strength = profile.alpha if alpha is None else finite_alpha(alpha, f"the strength of '{profile.name}'")
         if alpha is not None:
             warn_if_far(profile, strength)
-        with np.errstate(over="ignore"):  # an overflow is refused below
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow (inf, or inf - inf) is refused below
             steering[profile.layers] += strength * profile.vectors[profile.layers]
     if not np.isfinite(steering).all():
         raise GrainsError("the steering overflows float32 at this strength; fix: use a smaller α")
