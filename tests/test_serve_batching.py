@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from grains_edge.engine import Engine, GenerationSettings
 from grains_edge.serve.batcher import Batcher, Finished, Job, Piece, held_back
-from grains_edge.serve.slots import SlotCache
+from grains_edge.serve.slots import MASK_STEP, SlotCache
 from tests.test_serve import KEY, start
 
 
@@ -41,14 +41,15 @@ def single_row_logits(engine: Engine, ids: list[int], steering: np.ndarray, step
 
 
 def test_slots_decode_rows_of_different_lengths_and_steerings_as_each_alone(engine):
-    """Three rows (prompts of 3, 9 and 5 tokens, three steerings) decode together; then the first row leaves,
-    the last is moved into its slot, and both go on; every logit equals the row's own single-row run."""
+    """Three rows (prompts of 3, 60 and 5 tokens, three steerings) decode together; then the first row leaves,
+    the last is moved into its slot, and both go on, the long row past the first mask width (MASK_STEP);
+    every logit equals the row's own single-row run."""
     rng = np.random.default_rng(0)
-    prompts = [list(rng.integers(3, 200, n)) for n in (3, 9, 5)]
+    prompts = [list(rng.integers(3, 200, n)) for n in (3, MASK_STEP - 4, 5)]
     steerings = [engine.zero_steering(), *(rng.normal(0, 5, (2, engine.num_layers, engine.hidden_size)))]
     steerings = [s.astype(np.float32) for s in steerings]
     expected = [single_row_logits(engine, p, s, 8) for p, s in zip(prompts, steerings, strict=True)]
-    slots = SlotCache(engine, max_batch=4, capacity=32)
+    slots = SlotCache(engine, max_batch=4, capacity=100)
     got = [[slots.prompt(i, p, s)] for i, (p, s) in enumerate(zip(prompts, steerings, strict=True))]
     for _ in range(4):
         step = slots.decode(np.array([int(rows[-1].argmax()) for rows in got]))
@@ -64,7 +65,8 @@ def test_slots_decode_rows_of_different_lengths_and_steerings_as_each_alone(engi
     for rows, reference in zip(got, [expected[2], expected[1]], strict=True):
         np.testing.assert_allclose(np.stack(rows), np.stack(reference), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="does not fit"):
-        slots.prompt(3, list(range(3, 40)), steerings[0])
+        slots.prompt(3, list(range(3, 110)), steerings[0])
+    assert slots.window.shape == (2, 100)  # the long row's 69 tokens: the mask grew to the slot's capacity
 
 
 def test_held_back_keeps_a_possible_stop_prefix_unshown():

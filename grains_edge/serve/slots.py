@@ -20,6 +20,11 @@ import numpy as np
 from grains_edge.engine import Engine
 from grains_edge.export.graph_io import LAST_POSITION
 
+# A decode step's attention mask covers the longest row rounded up to a multiple of this, not the whole slot:
+# GroupQueryAttention's work grows with the mask's width (its total_sequence_length), and a width that
+# changes only every MASK_STEP tokens keeps the input shapes, so ONNX Runtime's allocation plan, stable
+MASK_STEP = 64
+
 
 class SlotCache:
     """KV slots for up to `max_batch` rows of up to `capacity` tokens each, with the decode-step arrays."""
@@ -40,7 +45,7 @@ class SlotCache:
         self.logits = np.zeros((max_batch, 1, manifest.vocab_size), np.float32)
         self.lengths = np.zeros(max_batch, np.int64)  # tokens cached in each slot
         self.decode_binding = engine.session.io_binding()
-        self.bound_rows = 0  # rows the decode binding currently covers
+        self.window = np.zeros((0, 0), np.int64)  # the decode steps' attention mask [rows, width], bound
 
     def bind(self, binding, name: str, array: np.ndarray, rows: slice, output: bool = False) -> None:
         """Bind rows of `array` (a contiguous block of it) by pointer: ORT reads and writes it in place."""
@@ -85,19 +90,22 @@ class SlotCache:
         self.token[:rows, 0] = tokens
         self.position[:rows, 0] = self.lengths[:rows]
         self.mask[np.arange(rows), self.lengths[:rows]] = 1
-        if rows != self.bound_rows:  # same row count: the same pointers and shapes, nothing to rebind
+        needed = int(self.lengths[:rows].max()) + 1
+        width = min(self.capacity, -(-needed // MASK_STEP) * MASK_STEP)
+        if (rows, width) != self.window.shape:  # else the same pointers and shapes: nothing to rebind
+            self.window = np.zeros((rows, width), np.int64)
             binding, block = self.decode_binding, slice(0, rows)
             for name, array in (
                 ("input_ids", self.token),
                 ("position_ids", self.position),
-                ("attention_mask", self.mask),
                 ("steering", self.steering),
             ):
                 self.bind(binding, name, array, block)
+            self.bind(binding, "attention_mask", self.window, slice(None))
             binding.bind_cpu_input("logits_to_keep", LAST_POSITION)
             self.bind(binding, "logits", self.logits, block, output=True)
             self.bind_kv(binding, block)
-            self.bound_rows = rows
+        self.window[:] = self.mask[:rows, :width]
         self.engine.session.run_with_iobinding(self.decode_binding)
         self.lengths[:rows] += 1
         return self.logits[:rows, 0].copy()
