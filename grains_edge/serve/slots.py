@@ -6,10 +6,10 @@ place. The active rows are kept packed in slots 0..k-1: a decode step binds the 
 contiguous [k, kv_heads, capacity, head_dim] block, and a row that leaves is replaced by the last row
 (its KV prefix copied down), so every step runs exactly the live rows.
 
-Rows have different lengths. A decode step's attention mask is [k, capacity] with row i's ones covering
-its own tokens plus the new one (right padding); the graph turns it into seqlens_k = sum - 1 per row, which
-GroupQueryAttention uses as that row's past length: where it writes the new key and value, its rotary
-position, and how far it attends. A newcomer's prompt runs as its own batch-1 step on its slot's row, a
+Rows have different lengths. A decode step's attention mask is [k, width] (width: the longest row, rounded
+up) with row i's ones covering its own tokens plus the new one (right padding); the graph turns it into
+seqlens_k = sum - 1 per row, which GroupQueryAttention uses as that row's past length: where it writes the
+new key and value, its rotary position, and how far it attends. A newcomer's prompt runs as its own batch-1 step on its slot's row, a
 first prompt for GroupQueryAttention (mask width = prompt length), so it never sees other rows.
 """
 
