@@ -293,11 +293,13 @@ def test_the_api_key_is_required_everywhere_but_health(live):
     assert httpx.get(f"{server.url}/v1/nothing", headers={"Authorization": f"Bearer {KEY}"}).json()["error"]
 
 
-def rows_answer_as_alone(server: LiveServer, log: LogitsLog, engine: Engine, requests: list, max_tokens: int) -> list:
-    """Send (prompt, steering) requests all at once, then one by one; assert each row's greedy text is the
-    text it gets alone or, where batched arithmetic broke a near-tie differently, that the two runs' logits at
-    the first differing step agree within 1e-4 relative (rounding, never another row's steering leaking in).
-    Returns the texts of the lone runs."""
+def rows_answer_as_alone(
+    server: LiveServer, log: LogitsLog, engine: Engine, requests: list, max_tokens: int, bad: tuple = ()
+) -> list:
+    """Send (prompt, steering) requests all at once (with the `bad` bodies, each of which must be refused),
+    then one by one; assert each row's greedy text is the text it gets alone or, where batched arithmetic broke
+    a near-tie differently, that the two runs' logits at the first differing step agree within 1e-4 relative
+    (rounding, never another row's steering leaking in). Returns the texts of the lone runs."""
     client = server.client()
 
     def ask(request) -> str:
@@ -312,8 +314,10 @@ def rows_answer_as_alone(server: LiveServer, log: LogitsLog, engine: Engine, req
         return answer.choices[0].message.content
 
     log.rows, log.peak, log.delay = {}, 0, 0.003  # slow steps a little, so all rows overlap
-    with ThreadPoolExecutor(len(requests)) as pool:
+    with ThreadPoolExecutor(len(requests) + len(bad)) as pool:
+        refused = [pool.submit(server.post, "/v1/chat/completions", body) for body in bad]
         together = list(pool.map(ask, requests))
+    assert all(response.result().status_code == 400 for response in refused)
     batched_logits, log.rows, log.delay = log.rows, {}, 0.0
     assert log.peak >= len(requests) - 2
     singles = [ask(request) for request in requests]
@@ -327,7 +331,8 @@ def rows_answer_as_alone(server: LiveServer, log: LogitsLog, engine: Engine, req
 
 
 def test_concurrent_rows_with_different_steerings_answer_as_each_alone(live, engine, profiles):
-    """8 greedy requests at once, 4 profiles and none; the lone runs are the engine's own answers."""
+    """8 greedy requests at once, 4 profiles and none, among bad requests that are refused without disturbing
+    them; the lone runs are the engine's own answers."""
     server, log = live
     steerings = [
         None,
@@ -337,7 +342,13 @@ def test_concurrent_rows_with_different_steerings_answer_as_each_alone(live, eng
         {"profile": "warm"},
     ]
     requests = [(prompt, steerings[i % len(steerings)]) for i, prompt in enumerate(PROMPTS)]
-    singles = rows_answer_as_alone(server, log, engine, requests, max_tokens=24)
+    bad = [
+        {"messages": HELLO, "steering": {"profile": "nope"}},
+        {"messages": HELLO, "steering": {"profile": "calm", "alpha": "x"}},
+        {"messages": HELLO, "n": 3},
+        {"prompt": "no messages"},
+    ]
+    singles = rows_answer_as_alone(server, log, engine, requests, max_tokens=24, bad=tuple(bad))
     for (prompt, steering), single in zip(requests, singles, strict=True):
         tensor = None if steering is None else combine([(profiles[steering["profile"]], steering.get("alpha"))])
         assert single == alone(engine, [{"role": "user", "content": prompt}], tensor, max_tokens=24)
