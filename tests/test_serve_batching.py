@@ -240,3 +240,21 @@ def test_a_request_for_a_free_slot_is_not_refused_by_an_empty_queue(engine):
         assert answer.choices[0].finish_reason in ("stop", "length")
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize(
+    ("option", "problem"),
+    [
+        (["--max-batch", "0"], "--max-batch must be at least 1"),
+        (["--context", "1"], "--context must be at least 2"),
+        (["--max-queue", "-1"], "--max-queue must be 0 or more"),
+        (["--port", "70000"], "--port must be in 1-65535"),
+        (["--alpha", "0.5"], "--alpha sets the default profile's strength"),
+    ],
+)
+def test_impossible_limits_are_one_line_before_the_model_loads(capsys, option, problem):
+    from grains_edge.cli import main
+
+    assert main(["serve", "--model", "/nonexistent/model", *option]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and problem in lines[0] and "fix:" in lines[0]

@@ -36,12 +36,13 @@ def run(args: argparse.Namespace) -> int:
 
     from grains_edge.bootstrap import ensure_builtin_profiles, ensure_export
     from grains_edge.engine import Engine
-    from grains_edge.serve.server import build, is_loopback, listen
+    from grains_edge.serve.server import build, check_limits, is_loopback, listen
 
     if not 0 < args.port < 65536:
         raise GrainsError(f"--port must be in 1-65535, got {args.port}; fix: pass e.g. 8000")
     if args.alpha is not None and args.profile in (None, "none"):
         raise GrainsError("--alpha sets the default profile's strength; fix: add --profile NAME")
+    check_limits(args.max_batch, args.context, args.max_queue)
     api_key = args.api_key or os.environ.get(API_KEY_VARIABLE) or None
     sock = listen(args.host, args.port)
     if not is_loopback(args.host) and api_key is None:

@@ -29,17 +29,24 @@ def build(
     on_logits: Callable[[Job, int, np.ndarray], None] | None = None,
 ):
     """(FastAPI app, Batcher) over `engine`; the batcher is not started yet."""
-    if max_batch < 1:
-        raise GrainsError(f"--max-batch must be at least 1, got {max_batch}; fix: pass e.g. 8")
+    check_limits(max_batch, context, max_queue)
     capacity = min(context or DEFAULT_CONTEXT, engine.max_context)
-    if capacity < 2:
-        raise GrainsError(f"--context must be at least 2 tokens, got {context}; fix: pass e.g. 2048")
     resolver = SteeringResolver((engine.num_layers, engine.hidden_size), engine.manifest.weights_fingerprint)
     resolver.default = resolver.server_default(profile, alpha)
     queue = 4 * max_batch if max_queue is None else max_queue
     batcher = Batcher(engine, max_batch, capacity, queue, on_logits)
     app = create_app(engine, batcher, resolver, engine.export_dir.name, api_key, max_body)
     return app, batcher
+
+
+def check_limits(max_batch: int, context: int | None, max_queue: int | None) -> None:
+    """One-line errors for limits that cannot work (checked before the model loads)."""
+    if max_batch < 1:
+        raise GrainsError(f"--max-batch must be at least 1, got {max_batch}; fix: pass e.g. 8")
+    if context is not None and context < 2:
+        raise GrainsError(f"--context must be at least 2 tokens, got {context}; fix: pass e.g. 2048")
+    if max_queue is not None and max_queue < 0:
+        raise GrainsError(f"--max-queue must be 0 or more, got {max_queue}; fix: pass e.g. 32")
 
 
 def listen(host: str, port: int) -> socket.socket:

@@ -9,8 +9,9 @@ contiguous [k, kv_heads, capacity, head_dim] block, and a row that leaves is rep
 Rows have different lengths. A decode step's attention mask is [k, width] (width: the longest row, rounded
 up) with row i's ones covering its own tokens plus the new one (right padding); the graph turns it into
 seqlens_k = sum - 1 per row, which GroupQueryAttention uses as that row's past length: where it writes the
-new key and value, its rotary position, and how far it attends. A newcomer's prompt runs as its own batch-1 step on its slot's row, a
-first prompt for GroupQueryAttention (mask width = prompt length), so it never sees other rows.
+new key and value, its rotary position, and how far it attends. A newcomer's prompt runs as its own batch-1
+step on its slot's row, a first prompt for GroupQueryAttention (mask width = prompt length), so it never
+sees other rows.
 """
 
 from __future__ import annotations
