@@ -153,6 +153,44 @@ def test_each_family_matches_pytorch_steered_per_row_through_cached_steps_past_t
     assert np.abs(theirs - unsteered).max() > 100 * TOLERANCE * max(1.0, np.abs(theirs).max())
 
 
+def test_the_engine_decodes_each_family_in_place_at_parity(family_export):
+    """The engine's path: one KV buffer per layer bound as past and present, a mask as wide as the buffer
+    with zeros past the cached tokens; steered per row, past the window."""
+    from grains_edge.engine import Engine
+
+    model, out = family_export
+    engine = Engine(out, device="cpu")
+    ids = np.random.default_rng(1).integers(3, engine.manifest.vocab_size, (2, LENGTH))
+    steering = 3 * np.random.default_rng(2).standard_normal((2, engine.num_layers, engine.hidden_size))
+    steering = steering.astype(np.float32)
+    steering[1] *= -0.5
+    cache = engine.new_cache(2, LENGTH + 3)
+    ours = [engine.step(ids[:, :PROMPT], steering, cache)]
+    ours += [engine.step(ids[:, t : t + 1], steering, cache) for t in range(PROMPT, LENGTH)]
+    with torch.no_grad(), steering_hooks(model, torch.from_numpy(steering), engine.manifest.steered_layers):
+        theirs = model(input_ids=torch.from_numpy(ids)).logits.numpy()[:, PROMPT - 1 :]  # [2, steps, vocab]
+    error = np.abs(np.stack(ours, axis=1) - theirs).max() / max(1.0, np.abs(theirs).max())
+    assert error <= TOLERANCE, f"{engine.manifest.architecture}: relative logit error {error:.2e}"
+
+
+def test_a_right_padded_row_scores_as_it_does_alone(family_export):
+    """Scoring (engine.forward) pads shorter rows on the right: their logits must be those of the row alone."""
+    from grains_edge.engine import Engine
+
+    model, out = family_export
+    engine = Engine(out, device="cpu")
+    ids = np.random.default_rng(3).integers(3, engine.manifest.vocab_size, (2, LENGTH))
+    mask = np.ones_like(ids)
+    mask[1, PROMPT:] = 0  # the second row is PROMPT tokens long
+    ours = engine.forward(ids, mask)
+    with torch.no_grad():
+        alone = model(input_ids=torch.from_numpy(ids[1:, :PROMPT])).logits.numpy()[0]
+        full = model(input_ids=torch.from_numpy(ids[:1])).logits.numpy()[0]
+    scale = max(1.0, np.abs(full).max())
+    assert np.abs(ours[0] - full).max() / scale <= TOLERANCE
+    assert np.abs(ours[1, :PROMPT] - alone).max() / max(1.0, np.abs(alone).max()) <= TOLERANCE
+
+
 def test_windows_and_rope_tables_come_from_the_config(family_export):
     """The spec's per-layer windows and rope tables are the ones the HF modules use."""
     model, out = family_export
