@@ -243,3 +243,15 @@ def test_decoder_layers_are_found_where_each_family_keeps_them():
     assert decoder_layers(nested) is blocks
     with pytest.raises(TypeError):
         decoder_layers(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma3"])
+def test_quantized_exports_of_the_new_families_verify(family, tmp_path, tiny_tokenizer):
+    """int8 rounds every MatMul (q|k|v, gate|up, the head) whatever the family's extra ops around them."""
+    model = tiny_family_model(family_configs(len(tiny_tokenizer))[family])
+    model.save_pretrained(tmp_path / "model")
+    tiny_tokenizer.save_pretrained(tmp_path / "model")
+    manifest = export(str(tmp_path / "model"), tmp_path / "out", quantize="int8")
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "out" / "model.onnx"), load_external_data=False).graph.node]
+    assert "MatMul" not in ops and ops.count("MatMulNBits") == 4 * manifest.num_layers + 1
+    assert manifest.verification["steering_effect_correlation"] > 0.9
