@@ -478,3 +478,21 @@ async def test_a_locked_history_mid_reply_stops_the_reply_and_keeps_what_was_sho
         stored = app.store.messages(app.conversation.id)[-1]
         assert answer.source == stored.content and 0 < len(stored.content) < len(long_reply)
         assert "locked" in notes[-1] and str(answer.border_subtitle) == "failed"
+
+
+async def test_a_paste_and_a_stored_system_prompt_are_drawn_with_stand_ins(tmp_path):
+    path = tmp_path / "chat.sqlite3"
+    store = ConversationStore(path)
+    conversation = store.create_conversation("m", system_prompt=HOSTILE)
+    store.add_message(conversation.id, "user", "hi")
+    store.close()
+    app, _ = fake_app(path, resume=True)
+    async with app.run_test(size=SIZE) as pilot:
+        composer = app.query_one(Composer)
+        composer.insert("keep ")
+        composer.post_message(events.Paste(HOSTILE))
+        await pilot.pause()
+        assert composer.text == "keep " + SHOWN and not any(character in screen_text(app) for character in RAW)
+        await pilot.press("f2")
+        assert app.screen.query_one(TextArea).text == SHOWN
+        assert not any(character in screen_text(app) for character in RAW)

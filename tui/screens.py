@@ -114,7 +114,7 @@ class SystemPromptScreen(Dialog):
         self.prompt = prompt
 
     def compose_body(self) -> ComposeResult:
-        yield TextArea(self.prompt, id="system-prompt", soft_wrap=True)
+        yield TextArea(printable(self.prompt), id="system-prompt", soft_wrap=True)  # it may come from a file
         yield Label("Applies from the next reply on. Empty: the model's default.", classes="hint")
         with Horizontal(classes="buttons"):
             yield Button("Save  ctrl+s", variant="primary", id="save")

@@ -93,6 +93,13 @@ class Composer(TextArea):
         super().__init__(soft_wrap=True, show_line_numbers=False, tab_behavior="focus", id="composer")
         self.placeholder = "Message — enter sends · ctrl+j new line"
 
+    def _on_paste(self, event: events.Paste) -> None:
+        """Insert a paste with its control characters as stand-ins: a TextArea draws them raw."""
+        event.prevent_default()  # instead of TextArea's own paste
+        event.stop()
+        result = self.replace(printable(event.text), *self.selection)
+        self.move_cursor(result.end_location)
+
     async def _on_key(self, event: events.Key) -> None:
         if event.key == "enter":
             event.stop()
