@@ -374,7 +374,8 @@ class ConversationStore:
 
 
 def open_store(path: str | Path, clock: Callable[[], str] = now) -> tuple[ConversationStore, str]:
-    """The history at `path` or, when it can't be used, the nearest store that can; and a one-line notice why.
+    """The history at `path` or, when it can't be used, the nearest store that can; and a one-line notice
+    (what the chat does first, so a status bar that cuts it keeps the gist).
 
     A damaged file (or one that is not a grains-edge history) is kept untouched and a fresh file beside
     it is used, the same one on every start until the damaged file is moved away. A read-only or locked
@@ -390,11 +391,11 @@ def open_store(path: str | Path, clock: Callable[[], str] = now) -> tuple[Conver
         for spare in spare_paths(path):
             try:
                 store = ConversationStore(spare, clock)
-                return store, f"chat history {path}: {problem.reason}; kept untouched, this chat saves to {spare.name}"
+                return store, f"history in {spare.name}: {path} kept untouched: {problem.reason}"
             except HistoryError as error:
                 if error.kind != "damaged":
                     break
-    notice = f"chat history {path}: {problem.reason}; opened read-only, sending is off; fix: {FIXES[problem.kind]}"
+    notice = f"history read-only, sending is off: {path}: {problem.reason}; fix: {FIXES[problem.kind]}"
     if problem.kind != "damaged":
         try:
             return ConversationStore(path, clock, mode="read"), notice
