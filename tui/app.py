@@ -233,10 +233,7 @@ class ChatApp(App):
 
     def model_history(self) -> list[dict]:
         """The messages the model sees: user turns and the (right-column) answers, no baselines."""
-        if self.conversation is None:
-            return []
-        messages = self.store.messages(self.conversation.id)
-        return [{"role": m.role, "content": m.content} for m in messages if m.role in ("user", "assistant")]
+        return [] if self.conversation is None else model_messages(self.store.messages(self.conversation.id))
 
     def show_conversation(self, conversation: Conversation | None) -> None:
         self.conversation = conversation
@@ -255,7 +252,7 @@ class ChatApp(App):
         self.show_conversation(conversation)
         await self.chat.remove_children()
         await self.chat.mount_all(list(message_widgets(stored)))
-        history = self.model_history()
+        history = model_messages(stored)
         self.context_used = len(self.engine.chat_ids(history)) if history else None
         self.speed = None
         self.refresh_status()
@@ -568,6 +565,11 @@ class ChatApp(App):
                 help_text = printable(f"{profile.method} profile at its default α {profile.alpha:g}")
                 title = f"Steer: {printable(profile.name)}"
                 yield SystemCommand(title, help_text, partial(self.select_profile, profile.name))
+
+
+def model_messages(messages: list[conversations.Message]) -> list[dict]:
+    """What the model is sent of stored messages: user turns and the (right-column) answers, no baselines."""
+    return [{"role": m.role, "content": m.content} for m in messages if m.role in ("user", "assistant")]
 
 
 def message_widgets(messages: list[conversations.Message]) -> Iterable[UserMessage | Answer | AnswerPair]:
