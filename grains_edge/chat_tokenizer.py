@@ -9,6 +9,10 @@ the special tokens as variables; the text is then encoded without adding special
 writes them). Importing transformers pulls in torch, about 220 MB of resident memory that an engine
 which only runs ONNX Runtime does not need.
 
+A model without a chat template (a base model, such as Gemma-3-270M's GGUF) gets one plain-completion
+prompt everywhere a prompt is formatted, here and in `vectors`: `has_chat_template` decides and
+`plain_prompt` writes it, so a profile is built, tuned, evaluated and used on the same token ids.
+
 Sources: transformers `utils/chat_template_utils.py` (`_compile_jinja_template`, `render_jinja_template`);
 tokenizers' `Tokenizer.from_file`.
 """
@@ -37,6 +41,17 @@ def raise_exception(message: str):
 
 def tojson(value, ensure_ascii: bool = False, indent=None, separators=None, sort_keys: bool = False) -> str:
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def has_chat_template(tokenizer) -> bool:
+    """Whether a tokenizer (ours or a transformers one) carries a chat template of its own."""
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def plain_prompt(messages: Sequence[dict]) -> str:
+    """The conversation as plain `role: content` lines ending with `assistant:`, for models without a chat
+    template; encoded with the tokenizer's own special tokens (a base model expects its BOS)."""
+    return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
 
 
 def damaged(path: Path, error: Exception) -> GrainsError:
@@ -125,8 +140,7 @@ class ChatTokenizer:
 
     def chat_ids(self, messages: Sequence[dict]) -> list[int]:
         """Token ids of a conversation, ending with the assistant prompt; models without a chat template
-        get plain `role: content` lines."""
-        if self.chat_template:
+        get `plain_prompt`."""
+        if has_chat_template(self):
             return self.encode(self.render(messages), add_special_tokens=False)
-        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
-        return self.encode(text)
+        return self.encode(plain_prompt(messages))

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from grains_edge import kernels
-from grains_edge.chat_tokenizer import ChatTokenizer
+from grains_edge.chat_tokenizer import ChatTokenizer, has_chat_template
 from grains_edge.errors import GrainsError
 from grains_edge.export.graph_io import ALL_POSITIONS, LAST_POSITION
 from grains_edge.manifest import MODEL_NAME, Manifest, graph_mismatches
@@ -280,8 +280,14 @@ class Engine:
 
     # ---- text ------------------------------------------------------------------------------
 
+    @property
+    def has_chat_template(self) -> bool:
+        """Whether the model has its own chat template; without one, prompts are plain completion text."""
+        return has_chat_template(self.tokenizer)
+
     def chat_ids(self, messages: Sequence[dict]) -> list[int]:
-        """Token ids of a conversation under the chat template, ending with the assistant prompt."""
+        """Token ids of a conversation under the chat template (else the plain prompt), ending with the
+        assistant prompt."""
         return self.tokenizer.chat_ids(messages)
 
     def fit_context(self, prompt_ids: list[int], max_new_tokens: int) -> int:

@@ -1,7 +1,8 @@
 """Behaviour and capability measured through the ONNX engine, with the steering applied while scoring.
 
-Every score is a summed answer log-probability under the chat template: the prompt is the user turn,
-the answer is the assistant turn. Sequences are scored in right-padded batches sorted by length.
+Every score is a summed answer log-probability under the chat template (a model without one gets the
+runtime's plain prompt, `chat_tokenizer.plain_prompt`): the prompt is the user turn, the answer is the
+assistant turn. Sequences are scored in right-padded batches sorted by length.
 
   * TruthfulQA MC1: the top-scoring choice is the true one; MC2: probability mass on the true choices
     (Lin, Hilton & Evans 2021, `mc_task.json` metrics).

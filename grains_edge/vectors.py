@@ -33,6 +33,7 @@ import torch
 from tqdm import tqdm
 
 from grains_edge.attribution import DEFAULT_STEPS, ScoreCache, contrastive
+from grains_edge.chat_tokenizer import has_chat_template, plain_prompt
 from grains_edge.errors import GrainsError
 from grains_edge.steering import decoder_layers
 
@@ -199,10 +200,12 @@ def build(
 
 
 def chat_prompt(tokenizer, text: str) -> list[int]:
-    """Token ids of `text` as the user turn, up to and including the assistant header."""
-    encoded = tokenizer.apply_chat_template(
-        [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
-    )
+    """Token ids of `text` as the user turn, up to and including the assistant header; a model without a
+    chat template gets the runtime's plain prompt, so the engine later scores and steers the same ids."""
+    messages = [{"role": "user", "content": text}]
+    if not has_chat_template(tokenizer):
+        return list(tokenizer.encode(plain_prompt(messages)))
+    encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
 
 
