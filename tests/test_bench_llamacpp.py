@@ -7,7 +7,6 @@ from __future__ import annotations
 import importlib.util
 import json
 from collections.abc import Iterator
-from pathlib import Path
 from types import ModuleType
 
 import numpy as np
@@ -15,21 +14,14 @@ import pytest
 
 pytest.importorskip("llama_cpp")
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_llamacpp.py"
 TOKENS = 12
-
-
-def load_bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_llamacpp", BENCH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
 def bench() -> ModuleType:
-    return load_bench()
+    import bench_llamacpp
+
+    return bench_llamacpp
 
 
 @pytest.fixture(scope="module")

@@ -1,13 +1,7 @@
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-
 import bench_prefill  # noqa: E402
+import numpy as np
 
 from grains_edge.engine import Engine  # noqa: E402
 

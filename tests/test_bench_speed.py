@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 import importlib.util
-import sys
-from pathlib import Path
 
+import bench_speed  # noqa: E402
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-
-import bench_speed  # noqa: E402
 
 
 def test_export_weight_bytes_count_what_a_token_reads(tiny_export, tiny_model_dir) -> None:

@@ -190,17 +190,11 @@ def llama_cpp():
 def test_an_exported_file_moves_llama_cpp_like_it_moves_grains_edge(tmp_path, llama_cpp, default_export):
     """llama.cpp (through llama-cpp-python) takes an exported profile as llama.cpp's loader reads the file, and
     its next-token logits move the way the ONNX engine's do: the two changes correlate."""
-    import importlib.util
-    from pathlib import Path
+    import bench_llamacpp as bench
 
     from grains_edge.engine import Engine
     from grains_edge.profiles import load_profile
 
-    spec = importlib.util.spec_from_file_location(
-        "bench_llamacpp", Path(__file__).parents[1] / "bench/bench_llamacpp.py"
-    )
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
     profile = load_profile("truthful")
     export_gguf(profile, tmp_path / "truthful.gguf", "llama")
     n_embd, data = load_like_llama_cpp(tmp_path / "truthful.gguf", profile.alpha)
