@@ -88,8 +88,9 @@ def fitting(
     return kept, len(items) - len(kept)
 
 
-def mc_sequences(*items: MCItem) -> list[tuple[str, str]]:
-    """The (question, choice) sequences scored for MC items (e.g. a question's MC1 and MC2 items)."""
+def mc_sequences(items: Sequence[MCItem]) -> list[tuple[str, str]]:
+    """The (question, choice) sequences scored for one question's MC items (its MC1 and MC2 items): `fitting`
+    passes each question as one tuple."""
     return [(item.question, choice) for item in items for choice in item.choices]
 
 

@@ -93,3 +93,12 @@ def test_vectors_cli_builds_a_profile_for_a_model_without_a_chat_template(tmp_pa
     arguments = ["vectors", "--model", str(plain_model_dir), "--data", str(data), "--method", method]
     assert main([*arguments, "--out", str(out), "--layers", "1-2", "--ig-steps", "4"]) == 0
     assert load_profile(out).vectors.shape[0] == 4
+
+
+def test_truthfulqa_questions_fit_as_mc1_mc2_tuples_the_way_eval_and_tune_pass_them(plain_export):
+    from grains_edge.evaluation import MCItem, fitting, mc_sequences
+
+    mc1 = MCItem("Is Paris the capital?", ["Yes.", "No."], [1, 0])
+    mc2 = MCItem("Is Paris the capital?", ["Yes.", "It is.", "No."], [1, 1, 0])
+    assert fitting(Engine(plain_export), [(mc1, mc2)], mc_sequences) == ([(mc1, mc2)], 0)
+    assert len(mc_sequences((mc1, mc2))) == 5
