@@ -168,7 +168,11 @@ def bench_llama_cpp(clients: list[int], tokens: int, rounds: int) -> dict:
     port = free_port()
     command = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--port", str(port)]
     command += ["--n_ctx", "2048", "--n_threads", str(os.cpu_count())]
-    process = start_server(command, port)
+    try:
+        process = start_server(command, port)
+    except RuntimeError as error:  # e.g. llama-cpp-python without its [server] extra
+        reason = str(error).strip().splitlines()[-1]
+        return {"skipped": f"llama_cpp.server did not start ({reason}); fix: pip install 'llama-cpp-python[server]'"}
     try:
         return {"gguf": str(gguf), **run_load(f"http://127.0.0.1:{port}", clients, tokens, rounds, False)}
     finally:
