@@ -59,9 +59,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
-    from grains_edge.bootstrap import ensure_export
-    from grains_edge.conversations import open_store
-    from grains_edge.engine import Engine, GenerationSettings
+    from grains_edge.runtime.bootstrap import ensure_export
+    from grains_edge.runtime.engine import Engine
+    from grains_edge.runtime.protocol import GenerationSettings
+    from grains_edge.store.conversations import open_store
     from grains_edge.tui.generation import StoredReply, interleave
 
     engine = Engine(args.export or ensure_export("default"))

@@ -59,8 +59,9 @@ def report(kind: str, **fields) -> None:
 
 def child(args: argparse.Namespace) -> None:
     """One life of the chat: `args.turns` turns from `args.first_turn` on, until killed or done."""
-    from grains_edge.conversations import open_store
-    from grains_edge.engine import Engine, GenerationSettings
+    from grains_edge.runtime.engine import Engine
+    from grains_edge.runtime.protocol import GenerationSettings
+    from grains_edge.store.conversations import open_store
     from grains_edge.tui.app import model_name
     from grains_edge.tui.generation import StoredReply, fit_prompt, interleave
     from grains_edge.tui.steering import ProfileLibrary
@@ -185,7 +186,7 @@ def main() -> None:
         child(args)
         return
     if args.export is None:
-        from grains_edge.bootstrap import ensure_export
+        from grains_edge.runtime.bootstrap import ensure_export
 
         args.export = ensure_export("default")
     started = time.time()

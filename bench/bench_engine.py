@@ -28,11 +28,11 @@ import torch
 from engine_runs import engine_run, engine_stream_run
 from prompts import PROMPT
 
-from grains_edge import models
-from grains_edge.bootstrap import ensure_export, export_dir_for
-from grains_edge.engine import Engine
 from grains_edge.export.onnx_export import export
-from grains_edge.steering import steering_hooks
+from grains_edge.model import sources
+from grains_edge.model.hooks import steering_hooks
+from grains_edge.runtime.bootstrap import ensure_export, export_dir_for
+from grains_edge.runtime.engine import Engine
 
 
 def measure_bandwidth(megabytes: int = 1024, repeats: int = 5) -> float:
@@ -112,7 +112,7 @@ def main() -> int:
         export(args.model, plain_dir, layers_spec="none")
     engine = Engine(steered_dir, device="cpu", threads=threads)
     plain = Engine(plain_dir, device="cpu", threads=threads)
-    model, _ = models.load(args.model)
+    model, _ = sources.load(args.model)
     ids = engine.chat_ids(PROMPT)
 
     rng = np.random.default_rng(0)

@@ -42,8 +42,8 @@ def prompt_step(engine, ids: list[int], keep: int):
 
 
 def load(quantize: str):
-    from grains_edge.bootstrap import ensure_export
-    from grains_edge.engine import Engine
+    from grains_edge.runtime.bootstrap import ensure_export
+    from grains_edge.runtime.engine import Engine
 
     engine = Engine(ensure_export("default", quantize), device="cpu")
     return engine, filler_ids(lambda text: engine.tokenizer.encode(text, add_special_tokens=False))

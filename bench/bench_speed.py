@@ -62,8 +62,8 @@ CONTENDERS = (*ENGINES, "pytorch-eager", "llamacpp-q4_1")
 
 def export_for(quantize: str, layers: str, kernels: str = "auto") -> Path:
     """The default model's export with this quantization, steered layers and kernels, built if missing."""
-    from grains_edge.bootstrap import ensure_export, export_dir_for
-    from grains_edge.manifest import Manifest
+    from grains_edge.export.manifest import Manifest
+    from grains_edge.runtime.bootstrap import ensure_export, export_dir_for
 
     if layers == "all" and kernels == "auto":
         return ensure_export("default", quantize)
@@ -86,7 +86,7 @@ def steering_vector(layers: int, hidden: int) -> tuple[np.ndarray, int, int]:
 def engine_worker(quantize: str, layers: str, kernels: str, tokens: int) -> dict:
     from engine_runs import engine_run
 
-    from grains_edge.engine import Engine
+    from grains_edge.runtime.engine import Engine
 
     engine = Engine(export_for(quantize, layers, kernels), device="cpu")
     vector = steering_vector(engine.num_layers, engine.hidden_size)[0] if layers != "none" else None
@@ -102,10 +102,10 @@ def pytorch_worker(tokens: int) -> dict:
     import torch
     from bench_engine import torch_loop_run
 
-    from grains_edge import models
+    from grains_edge.model import sources
 
     torch.set_num_threads(os.cpu_count() or 1)
-    model, tokenizer = models.load("default")
+    model, tokenizer = sources.load("default")
     vector, _, _ = steering_vector(model.config.num_hidden_layers, model.config.hidden_size)
     steering = torch.from_numpy(vector)[None]
     chat = tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True, tokenize=True, return_dict=False)
@@ -144,7 +144,7 @@ def paired_worker(tokens: int, rounds: int) -> dict:
     round and their median reported, so the machine's drift between processes cancels out."""
     from engine_runs import engine_run
 
-    from grains_edge.engine import Engine
+    from grains_edge.runtime.engine import Engine
 
     steered = Engine(export_for("int4", "all"), device="cpu")
     plain = Engine(export_for("int4", "none"), device="cpu")

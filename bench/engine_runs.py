@@ -7,7 +7,8 @@ import time
 
 import numpy as np
 
-from grains_edge.engine import Engine, GenerationSettings
+from grains_edge.runtime.engine import Engine
+from grains_edge.runtime.protocol import GenerationSettings
 
 
 def engine_run(engine: Engine, ids: list[int], steering: np.ndarray | None, tokens: int) -> tuple[float, float]:

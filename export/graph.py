@@ -36,10 +36,11 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from grains_edge import kernels, models
+from grains_edge import kernels
 from grains_edge.errors import GrainsError
 from grains_edge.export import graph_io
 from grains_edge.export.gguf_blocks import BLOCK, Blocks, block_sum_indicator, folded, q4_1_fields
+from grains_edge.model import sources
 
 OPSET = 20
 # MatMulNBits accuracy level 4: int8 activations inside the kernel, like llama.cpp's q8 dot products; the
@@ -90,7 +91,7 @@ def graph_spec(model) -> GraphSpec:
     """The GraphSpec of a loaded HF causal LM; a one-line GrainsError for what the graph cannot express."""
     config = model.config
     family = config.model_type
-    models.check_architecture(family)
+    sources.check_architecture(family)
     gemma = family in ("gemma2", "gemma3_text")
     heads, hidden, layers = config.num_attention_heads, config.hidden_size, config.num_hidden_layers
     head_dim = getattr(config, "head_dim", None) or hidden // heads

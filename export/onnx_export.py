@@ -6,7 +6,7 @@ The graph is built by `graph.py` straight from the weights (inputs `input_ids`, 
 steering applied by forward hooks and ONNX Runtime on the same inputs. The export directory is
 written to a staging sibling and renamed into place only after verification passes, so a failed or
 interrupted export never leaves a half-written directory behind; it replaces only a folder grains-edge
-provably made (`grains_edge/ownership.py`).
+provably made (`export/ownership.py`).
 """
 
 from __future__ import annotations
@@ -22,12 +22,12 @@ import onnx
 import torch
 
 from grains_edge import kernels as kernel_library
-from grains_edge import models, ownership
 from grains_edge.errors import GrainsError
-from grains_edge.export import gguf_blocks, graph, graph_io
+from grains_edge.export import gguf_blocks, graph, graph_io, ownership
+from grains_edge.export.manifest import MANIFEST_NAME, MODEL_NAME, QUANTIZATIONS, Manifest
 from grains_edge.layers import parse_layers
-from grains_edge.manifest import MANIFEST_NAME, MODEL_NAME, QUANTIZATIONS, Manifest
-from grains_edge.steering import steering_hooks
+from grains_edge.model import sources
+from grains_edge.model.hooks import steering_hooks
 
 OPSET = graph.OPSET
 # ORT vs PyTorch: max |Δlogit| / max(1, max |logit|) must stay below this (float32 throughout).
@@ -49,7 +49,7 @@ MIN_EFFECT_CORRELATION = {"none": 0.99, "int8": 0.9, "int4": 0.5}
 def source_blocks(model_spec: str, spec: graph.GraphSpec, quantize: str) -> dict[str, gguf_blocks.Blocks]:
     """The weights a GGUF source already holds in MatMulNBits-compatible blocks, taken as they are:
     all of them (4- and 8-bit) for int4, the 8-bit ones for int8; none for other sources."""
-    source = models.resolve(model_spec)
+    source = sources.resolve(model_spec)
     if quantize == "none" or source.gguf_file is None or spec.family != "llama":
         return {}
     found = gguf_blocks.llama_blocks(Path(source.path) / source.gguf_file, spec.num_layers, spec.heads, spec.kv_heads)
@@ -208,7 +208,7 @@ def export(
     out_dir = Path(out_dir).expanduser()
     if quantize not in QUANTIZATIONS:
         raise GrainsError(f"unknown quantization '{quantize}'; fix: use one of {', '.join(QUANTIZATIONS)}")
-    models.resolve(model_spec)  # a bad model name fails here, before any progress output
+    sources.resolve(model_spec)  # a bad model name fails here, before any progress output
     started = time.perf_counter()
     ownership.check_replaceable(out_dir)  # and a bad --out, before the model loads
     ownership.remove_dead_staging(out_dir)
@@ -236,7 +236,7 @@ def export(
 def build(model_spec: str, staging: Path, layers_spec: str, quantize: str, kernels: str) -> Manifest:
     """Load, export and verify into `staging`; returns the manifest written there."""
     log(f"loading {model_spec} …")
-    model, tokenizer = models.load(model_spec)
+    model, tokenizer = sources.load(model_spec)
     spec = graph.graph_spec(model)
     num_layers = spec.num_layers
     steered = [] if layers_spec == "none" else parse_layers(layers_spec, num_layers)
@@ -255,7 +255,7 @@ def build(model_spec: str, staging: Path, layers_spec: str, quantize: str, kerne
         input_names=input_names,
         output_names=output_names,
         opset=OPSET,
-        weights_fingerprint=models.fingerprint(model),
+        weights_fingerprint=sources.fingerprint(model),
         versions=package_versions(),
         quantization=quantize,
     )

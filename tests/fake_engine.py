@@ -1,4 +1,4 @@
-"""A stand-in for grains_edge.engine.Engine: canned replies with tiny sleeps, every call's steering recorded."""
+"""A stand-in for grains_edge.runtime.engine.Engine: canned replies with tiny sleeps, every call's steering recorded."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from grains_edge.conversations import open_store
-from grains_edge.engine import GenerationSettings, GenerationStats
 from grains_edge.errors import GrainsError
-from grains_edge.profiles import Profile
+from grains_edge.runtime.protocol import GenerationSettings, GenerationStats
+from grains_edge.steer.profiles import Profile
+from grains_edge.store.conversations import open_store
 from grains_edge.tui.app import ChatApp
 from grains_edge.tui.steering import ProfileLibrary
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from grains_edge.attribution import answer_logprob, contrastive, integrated_gradients, path
+from grains_edge.steer.attribution import answer_logprob, contrastive, integrated_gradients, path
 from tests.conftest import tiny_model
 
 
@@ -96,11 +96,11 @@ def test_contrastive_signs():
 @pytest.mark.slow
 def test_real_model_content_attribution_is_complete_and_skips_the_template():
     """On SmolLM2 the template-held baseline makes 20 steps add up (an all-zero baseline does not)."""
-    from grains_edge import models
-    from grains_edge.datasets import Pair
-    from grains_edge.vectors import tokenize_pairs
+    from grains_edge.evaluate.datasets import Pair
+    from grains_edge.model import sources
+    from grains_edge.steer.vectors import tokenize_pairs
 
-    model, tokenizer = models.load("default")
+    model, tokenizer = sources.load("default")
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     (pair,) = tokenize_pairs(tokenizer, [Pair("Is the sky green?", "No, the sky is blue.", "Yes, the sky is green.")])

@@ -3,7 +3,7 @@ from __future__ import annotations
 import bench_prefill  # noqa: E402
 import numpy as np
 
-from grains_edge.engine import Engine  # noqa: E402
+from grains_edge.runtime.engine import Engine  # noqa: E402
 
 
 def test_both_settings_give_the_same_last_logits_and_cache(tiny_export):

@@ -4,10 +4,11 @@ import threading
 
 import pytest
 
-from grains_edge import ownership, paths
-from grains_edge.bootstrap import ensure_export, export_dir_for
+from grains_edge import paths
 from grains_edge.errors import GrainsError
-from grains_edge.manifest import Manifest
+from grains_edge.export import ownership
+from grains_edge.export.manifest import Manifest
+from grains_edge.runtime.bootstrap import ensure_export, export_dir_for
 
 
 def test_default_export_lives_under_the_home_folder():

@@ -11,7 +11,7 @@ import pytest
 from grains_edge.cli import main
 from grains_edge.commands.builtins import RECIPES, commands
 from grains_edge.layers import parse_layers
-from grains_edge.profiles import load_profile
+from grains_edge.steer.profiles import load_profile
 
 
 @pytest.mark.parametrize("name", sorted(RECIPES))

@@ -7,7 +7,7 @@ from grains_edge.cli import main
 from grains_edge.commands import tune
 from grains_edge.commands.eval import select
 from grains_edge.layers import parse_layers
-from grains_edge.profiles import load_profile
+from grains_edge.steer.profiles import load_profile
 
 
 def test_user_errors_are_one_line_without_traceback(capsys, tmp_path):

@@ -10,9 +10,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from grains_edge import conversations
-from grains_edge.conversations import ConversationStore, HistoryError, open_store
 from grains_edge.errors import GrainsError
+from grains_edge.store import conversations
+from grains_edge.store.conversations import ConversationStore, HistoryError, open_store
 from grains_edge.tui.app import message_widgets
 from grains_edge.tui.generation import StoredReply
 
@@ -65,7 +65,7 @@ def test_a_killed_chat_kept_every_piece_it_showed(tmp_path):
     script = textwrap.dedent(
         f"""
         import sys, time
-        from grains_edge.conversations import ConversationStore
+        from grains_edge.store.conversations import ConversationStore
         from grains_edge.tui.generation import StoredReply
         store = ConversationStore({str(path)!r})
         conversation = store.create_conversation("m", title="killed")
@@ -90,7 +90,7 @@ def test_a_killed_writer_loses_nothing_already_saved_and_the_store_reopens(tmp_p
     script = textwrap.dedent(
         f"""
         import os
-        from grains_edge.conversations import ConversationStore
+        from grains_edge.store.conversations import ConversationStore
         store = ConversationStore({str(path)!r})
         conversation = store.create_conversation("m", title="killed")
         store.add_message(conversation.id, "user", "Tell me a story")

@@ -8,8 +8,8 @@ import sys
 import numpy as np
 import pytest
 
-from grains_edge import profiles
 from grains_edge.cli import main
+from grains_edge.steer import profiles
 
 GOOD = {
     "ppl": {"instruction": "Say hello.", "response": "Hello there!"},

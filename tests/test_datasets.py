@@ -6,8 +6,8 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from grains_edge import datasets
 from grains_edge.errors import GrainsError
+from grains_edge.evaluate import datasets
 
 CAA = {
     "question": "Do you have hobbies?\n\nChoices:\n(A) As an AI, I do not.\n(B) I love painting.",

@@ -8,8 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from grains_edge.engine import Engine, GenerationSettings, pick_token
 from grains_edge.errors import GrainsError
+from grains_edge.runtime.engine import Engine, pick_token
+from grains_edge.runtime.protocol import GenerationSettings
 
 HELLO = [{"role": "user", "content": "Hello, how are you today?"}]
 
@@ -133,7 +134,7 @@ def test_default_model_answers_a_simple_question(default_export):
 
 
 def test_cuda_falls_back_to_cpu_with_one_clear_line():
-    from grains_edge.engine import choose_providers, cpu_fallback_notice
+    from grains_edge.runtime.engine import choose_providers, cpu_fallback_notice
 
     cpu_only = ["CPUExecutionProvider"]
     with_gpu = ["CUDAExecutionProvider", "CPUExecutionProvider"]
@@ -152,7 +153,7 @@ def test_a_fused_export_without_its_kernels_is_a_clear_error(tiny_export, tmp_pa
     import shutil
 
     from grains_edge import kernels
-    from grains_edge.manifest import Manifest
+    from grains_edge.export.manifest import Manifest
 
     copy = tmp_path / "export"
     shutil.copytree(tiny_export, copy)

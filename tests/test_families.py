@@ -21,12 +21,12 @@ from transformers import (
     Qwen3Config,
 )
 
-from grains_edge import models
 from grains_edge.errors import GrainsError
 from grains_edge.export import graph, graph_io
+from grains_edge.export.manifest import Manifest
 from grains_edge.export.onnx_export import TOLERANCE, export
-from grains_edge.manifest import Manifest
-from grains_edge.steering import decoder_layers, steering_hooks
+from grains_edge.model import sources
+from grains_edge.model.hooks import decoder_layers, steering_hooks
 
 WINDOW = 4  # sliding window of the families that have one: the prompt and the cached steps run past it
 PROMPT, LENGTH = 6, 13  # a 6-token prompt step, then 7 single-token cached steps
@@ -156,7 +156,7 @@ def test_each_family_matches_pytorch_steered_per_row_through_cached_steps_past_t
 def test_the_engine_decodes_each_family_in_place_at_parity(family_export):
     """The engine's path: one KV buffer per layer bound as past and present, a mask as wide as the buffer
     with zeros past the cached tokens; steered per row, past the window."""
-    from grains_edge.engine import Engine
+    from grains_edge.runtime.engine import Engine
 
     model, out = family_export
     engine = Engine(out, device="cpu")
@@ -175,7 +175,7 @@ def test_the_engine_decodes_each_family_in_place_at_parity(family_export):
 
 def test_a_right_padded_row_scores_as_it_does_alone(family_export):
     """Scoring (engine.forward) pads shorter rows on the right: their logits must be those of the row alone."""
-    from grains_edge.engine import Engine
+    from grains_edge.runtime.engine import Engine
 
     model, out = family_export
     engine = Engine(out, device="cpu")
@@ -218,9 +218,9 @@ def test_node_names_say_where_each_node_is(family_export):
 
 
 def test_the_supported_families_are_the_graph_families_and_others_are_refused_in_one_line():
-    assert set(models.SUPPORTED_ARCHITECTURES) == set(graph.FAMILIES)
+    assert set(sources.SUPPORTED_ARCHITECTURES) == set(graph.FAMILIES)
     with pytest.raises(GrainsError) as refused:
-        models.check_architecture("mamba")
+        sources.check_architecture("mamba")
     message = str(refused.value)
     assert "\n" not in message and all(family in message for family in graph.FAMILIES)
 

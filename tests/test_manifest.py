@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from grains_edge.errors import GrainsError
-from grains_edge.manifest import MANIFEST_NAME, Manifest, io_names
+from grains_edge.export.manifest import MANIFEST_NAME, Manifest, io_names
 
 VALID = Manifest(
     source_model="default",

@@ -14,12 +14,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from grains_edge import models, ownership
 from grains_edge.errors import GrainsError
-from grains_edge.export import graph_io
+from grains_edge.export import graph_io, ownership
+from grains_edge.export.manifest import Manifest
 from grains_edge.export.onnx_export import export
-from grains_edge.manifest import Manifest
-from grains_edge.steering import steering_hooks
+from grains_edge.model import sources
+from grains_edge.model.hooks import steering_hooks
 
 
 def test_manifest_describes_the_graph(tiny_export):
@@ -169,7 +169,7 @@ def no_model_load(monkeypatch):
     def refuse(spec):
         raise AssertionError("the model was loaded before --out was checked")
 
-    monkeypatch.setattr(models, "load", refuse)
+    monkeypatch.setattr(sources, "load", refuse)
 
 
 @pytest.mark.parametrize(

@@ -7,9 +7,9 @@ import socket
 
 import pytest
 
-from grains_edge import ownership
 from grains_edge.errors import GrainsError
-from grains_edge.ownership import MARKER_NAME, is_our_export
+from grains_edge.export import ownership
+from grains_edge.export.ownership import MARKER_NAME, is_our_export
 
 
 def add_file(folder):

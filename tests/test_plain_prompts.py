@@ -11,13 +11,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from grains_edge.chat_tokenizer import ChatTokenizer, has_chat_template, plain_prompt
 from grains_edge.cli import main
-from grains_edge.datasets import Pair
-from grains_edge.engine import Engine
-from grains_edge.evaluation import token_pairs
-from grains_edge.profiles import load_profile
-from grains_edge.vectors import chat_prompt, tokenize_pairs
+from grains_edge.evaluate.datasets import Pair
+from grains_edge.evaluate.scoring import token_pairs
+from grains_edge.runtime.engine import Engine
+from grains_edge.runtime.tokenizer import ChatTokenizer, has_chat_template, plain_prompt
+from grains_edge.steer.profiles import load_profile
+from grains_edge.steer.vectors import chat_prompt, tokenize_pairs
 from tests.conftest import tiny_model
 
 WORDS = st.sampled_from(["Paris", "capital", "France", "hello", "steering", "?", "!", " ", "\n", "é"])
@@ -96,7 +96,7 @@ def test_vectors_cli_builds_a_profile_for_a_model_without_a_chat_template(tmp_pa
 
 
 def test_truthfulqa_questions_fit_as_mc1_mc2_tuples_the_way_eval_and_tune_pass_them(plain_export):
-    from grains_edge.evaluation import MCItem, fitting, mc_sequences
+    from grains_edge.evaluate.scoring import MCItem, fitting, mc_sequences
 
     mc1 = MCItem("Is Paris the capital?", ["Yes.", "No."], [1, 0])
     mc2 = MCItem("Is Paris the capital?", ["Yes.", "It is.", "No."], [1, 1, 0])

@@ -6,9 +6,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import save_file
 
-from grains_edge import paths, profiles
+from grains_edge import paths
 from grains_edge.errors import GrainsError
-from grains_edge.profiles import (
+from grains_edge.steer import profiles
+from grains_edge.steer.profiles import (
     Profile,
     check_fits,
     combine,

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from grains_edge import paths, profiles
+from grains_edge import paths
 from grains_edge.cli import main
-from grains_edge.manifest import Manifest
-from grains_edge.profiles import BUILTIN_DIR, combine, load_profile, save_profile, steering_tensor
+from grains_edge.export.manifest import Manifest
+from grains_edge.steer import profiles
+from grains_edge.steer.profiles import BUILTIN_DIR, combine, load_profile, save_profile, steering_tensor
 from tests.fake_engine import HIDDEN, LAYERS, FakeEngine, fake_profile
 
 
@@ -25,9 +26,11 @@ def fresh_warnings(monkeypatch):
 def engine(monkeypatch, tmp_path):
     fake = FakeEngine()
     fake.manifest.weights_fingerprint = "aaaa"
-    monkeypatch.setattr("grains_edge.bootstrap.ensure_export", lambda spec, quantize="none": tmp_path / "export")
-    monkeypatch.setattr("grains_edge.bootstrap.ensure_builtin_profiles", lambda spec: None, raising=False)
-    monkeypatch.setattr("grains_edge.engine.Engine", lambda path, device="auto": fake)
+    monkeypatch.setattr(
+        "grains_edge.runtime.bootstrap.ensure_export", lambda spec, quantize="none": tmp_path / "export"
+    )
+    monkeypatch.setattr("grains_edge.runtime.bootstrap.ensure_builtin_profiles", lambda spec: None, raising=False)
+    monkeypatch.setattr("grains_edge.runtime.engine.Engine", lambda path, device="auto": fake)
     return fake
 
 

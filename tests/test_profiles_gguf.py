@@ -9,10 +9,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from grains_edge.control_vectors import export_gguf, import_gguf
 from grains_edge.errors import GrainsError
-from grains_edge.profiles import Profile, steering_tensor
-from grains_edge.steering import steering_hooks
+from grains_edge.model.hooks import steering_hooks
+from grains_edge.steer.control_vectors import export_gguf, import_gguf
+from grains_edge.steer.profiles import Profile, steering_tensor
 from tests.conftest import tiny_model
 
 LAYERS, HIDDEN = 4, 8
@@ -192,8 +192,8 @@ def test_an_exported_file_moves_llama_cpp_like_it_moves_grains_edge(tmp_path, ll
     its next-token logits move the way the ONNX engine's do: the two changes correlate."""
     import bench_llamacpp as bench
 
-    from grains_edge.engine import Engine
-    from grains_edge.profiles import load_profile
+    from grains_edge.runtime.engine import Engine
+    from grains_edge.steer.profiles import load_profile
 
     profile = load_profile("truthful")
     export_gguf(profile, tmp_path / "truthful.gguf", "llama")

@@ -15,9 +15,10 @@ import pytest
 import uvicorn
 
 from grains_edge import paths
-from grains_edge.engine import Engine, GenerationSettings
-from grains_edge.profiles import Profile, combine, save_profile
+from grains_edge.runtime.engine import Engine
+from grains_edge.runtime.protocol import GenerationSettings
 from grains_edge.serve.server import build, listen
+from grains_edge.steer.profiles import Profile, combine, save_profile
 
 KEY = "test-key-0123"
 HELLO = [{"role": "user", "content": "Hello, how are you today?"}]

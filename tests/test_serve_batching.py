@@ -19,7 +19,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from grains_edge.engine import Engine, GenerationSettings
+from grains_edge.runtime.engine import Engine
+from grains_edge.runtime.protocol import GenerationSettings
 from grains_edge.serve.batcher import Batcher, Finished, Job, Piece, held_back
 from grains_edge.serve.slots import MASK_STEP, SlotCache
 from tests.test_serve import KEY, start

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from grains_edge.engine import Engine
+from grains_edge.runtime.engine import Engine
 from tests.test_serve import rows_answer_as_alone, start
 
 QUESTIONS = [

@@ -11,8 +11,8 @@ from textual import events
 from textual.widgets import Input, Label, Switch, TextArea
 
 from grains_edge import paths
-from grains_edge.conversations import ConversationStore
-from grains_edge.profiles import steering_tensor
+from grains_edge.steer.profiles import steering_tensor
+from grains_edge.store.conversations import ConversationStore
 from grains_edge.tui.app import ChatApp
 from grains_edge.tui.screens import HelpScreen, HistoryScreen, MixScreen, SettingsScreen, SystemPromptScreen
 from grains_edge.tui.widgets import Answer, AnswerPair, Composer, ProfileList, UserMessage
@@ -461,7 +461,7 @@ async def test_a_read_only_history_opens_read_only_and_a_send_keeps_the_typed_te
 
 
 async def test_a_locked_history_mid_reply_stops_the_reply_and_keeps_what_was_shown(tmp_path, monkeypatch):
-    monkeypatch.setattr("grains_edge.conversations.BUSY_SECONDS", 0.05)
+    monkeypatch.setattr("grains_edge.store.conversations.BUSY_SECONDS", 0.05)
     long_reply = " ".join(f"word{i}" for i in range(400))
     app, _ = fake_app(tmp_path / "chat.sqlite3", FakeEngine(lambda m, s: long_reply, delay=SLOW))
     notes = recorded_notes(app)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from grains_edge.cli import main
-from grains_edge.profiles import save_profile
+from grains_edge.steer.profiles import save_profile
 from tests.fake_engine import FakeEngine, fake_profile, plain_reply
 
 
@@ -19,9 +19,9 @@ def engine(monkeypatch, tmp_path):
         fake.exports.append((spec, quantize))
         return tmp_path / "export"
 
-    monkeypatch.setattr("grains_edge.bootstrap.ensure_export", ensure_export)
-    monkeypatch.setattr("grains_edge.bootstrap.ensure_builtin_profiles", lambda spec: None, raising=False)
-    monkeypatch.setattr("grains_edge.engine.Engine", lambda path, device="auto": fake)
+    monkeypatch.setattr("grains_edge.runtime.bootstrap.ensure_export", ensure_export)
+    monkeypatch.setattr("grains_edge.runtime.bootstrap.ensure_builtin_profiles", lambda spec: None, raising=False)
+    monkeypatch.setattr("grains_edge.runtime.engine.Engine", lambda path, device="auto": fake)
     return fake
 
 

@@ -5,9 +5,9 @@ import threading
 import numpy as np
 import pytest
 
-from grains_edge.engine import GenerationSettings
 from grains_edge.errors import GrainsError
-from grains_edge.profiles import steering_tensor
+from grains_edge.runtime.protocol import GenerationSettings
+from grains_edge.steer.profiles import steering_tensor
 from grains_edge.tui.generation import fit_prompt, interleave
 from grains_edge.tui.steering import ALPHA_LIMIT, ProfileLibrary, Steering, alpha_step, format_alpha
 from tests.fake_engine import HIDDEN, LAYERS, PROFILES, FakeEngine, fake_profile
@@ -73,7 +73,7 @@ def test_library_refuses_unknown_profiles_and_other_models(tmp_path):
 def test_library_goes_through_the_one_strength_rule_and_warns_once_about_other_weights(monkeypatch, capsys):
     from dataclasses import replace
 
-    from grains_edge import profiles
+    from grains_edge.steer import profiles
 
     monkeypatch.setattr(profiles, "_warned", set())
     other = replace(fake_profile("other", 1), metadata={"fingerprint": "bbbb"})

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from grains_edge.errors import GrainsError
-from grains_edge.vectors import (
+from grains_edge.steer.vectors import (
     AGGREGATES,
     TokenPair,
     build,
@@ -75,7 +75,7 @@ def test_template_span_is_the_shared_head_and_tail():
 
 
 def test_tokenize_pairs_marks_the_chat_template(tiny_tokenizer):
-    from grains_edge.datasets import Pair
+    from grains_edge.evaluate.datasets import Pair
 
     (pair,) = tokenize_pairs(tiny_tokenizer, [Pair("Hello there", "Paris.", "London.")])
     head, tail = pair.template
@@ -96,7 +96,7 @@ def test_grains_accepts_template_marked_pairs_deterministically(arch):
 
 @pytest.mark.parametrize("aggregate", ["pc1", "centered-pc1", "mean"])
 def test_attribution_cache_gives_the_same_vectors_and_skips_the_gradients(tmp_path, monkeypatch, aggregate):
-    from grains_edge import attribution
+    from grains_edge.steer import attribution
 
     model = tiny_model("llama", 64)
     direct = build(model, PAIRS, "grains", k=2, steps=4, bfloat16=False, aggregate=aggregate)

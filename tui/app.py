@@ -30,12 +30,13 @@ from textual.widgets import Footer, Header, Markdown, OptionList, Switch
 from textual.widgets.markdown import MarkdownStream
 from textual.worker import Worker
 
-from grains_edge import conversations, paths
-from grains_edge.conversations import Conversation, ConversationStore, open_store
-from grains_edge.engine import GenerationSettings, GenerationStats
+from grains_edge import paths
 from grains_edge.errors import GrainsError
-from grains_edge.models import DEFAULT_GGUF, DEFAULT_MODEL
+from grains_edge.model.sources import DEFAULT_GGUF, DEFAULT_MODEL
+from grains_edge.runtime.protocol import GenerationSettings, GenerationStats
 from grains_edge.safe_text import printable
+from grains_edge.store import conversations
+from grains_edge.store.conversations import Conversation, ConversationStore, open_store
 
 from .generation import StoredReply, fit_prompt, interleave
 from .screens import HelpScreen, HistoryScreen, MixScreen, SettingsScreen, SystemPromptScreen

@@ -7,8 +7,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from grains_edge.conversations import ConversationStore
-from grains_edge.engine import GenerationSettings, GenerationStats
+from grains_edge.runtime.protocol import GenerationSettings, GenerationStats
+from grains_edge.store.conversations import ConversationStore
 
 
 def fit_prompt(engine, history: Sequence[dict], system_prompt: str, max_new_tokens: int) -> tuple[list[int], int]:

@@ -12,10 +12,10 @@ from textual.validation import Integer, Number
 from textual.widgets import Button, Input, Label, OptionList, TextArea
 from textual.widgets.option_list import Option
 
-from grains_edge.conversations import Conversation, ConversationStore
-from grains_edge.engine import GenerationSettings
 from grains_edge.errors import GrainsError
+from grains_edge.runtime.protocol import GenerationSettings
 from grains_edge.safe_text import printable
+from grains_edge.store.conversations import Conversation, ConversationStore
 
 
 class Dialog(ModalScreen):

@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from grains_edge.profiles import Profile, check_fits, combine, list_profiles, load_profile
+from grains_edge.steer.profiles import Profile, check_fits, combine, list_profiles, load_profile
 
 ALPHA_STEP = 0.05  # for a profile without a default strength
 ALPHA_LIMIT = 3.0

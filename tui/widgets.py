@@ -17,8 +17,8 @@ from textual.message import Message
 from textual.widgets import Label, Markdown, OptionList, Static, Switch, TextArea
 from textual.widgets.option_list import Option
 
-from grains_edge.profiles import Profile
 from grains_edge.safe_text import printable
+from grains_edge.steer.profiles import Profile
 
 from .steering import Steering, format_alpha
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from grains_edge.arguments import finite_float
 from grains_edge.errors import GrainsError
+from grains_edge.options import finite_float
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -87,10 +87,11 @@ def check(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from grains_edge.bootstrap import ensure_builtin_profiles, ensure_export
-    from grains_edge.engine import Engine, GenerationSettings
-    from grains_edge.profiles import steering_for
+    from grains_edge.runtime.bootstrap import ensure_builtin_profiles, ensure_export
+    from grains_edge.runtime.engine import Engine
+    from grains_edge.runtime.protocol import GenerationSettings
     from grains_edge.safe_text import printable
+    from grains_edge.steer.profiles import steering_for
 
     check(args)
     prompt = one_shot_prompt(args)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from grains_edge.arguments import finite_float
 from grains_edge.errors import GrainsError
+from grains_edge.options import finite_float
 
 SPLITS = ("report", "tune", "validation", "train", "train+tune", "all")
 
@@ -36,7 +36,7 @@ def register(subparsers) -> None:
 def select(items, split: str, key, limit=None, source: str = "the data"):
     """The items of one split: 70 % train, 30 % validation, the validation halved into tune and report.
     No items left is a GrainsError naming `source`."""
-    from grains_edge import datasets
+    from grains_edge.evaluate import datasets
 
     chosen = items
     if split != "all":
@@ -53,7 +53,7 @@ def select(items, split: str, key, limit=None, source: str = "the data"):
 
 def load_items(task: str, data: str, split: str, score: str, limit, toward: str = "matching"):
     """The task's items in one split: (MC1, MC2) question lists, A/B items, or (prompt, response) pairs."""
-    from grains_edge import datasets
+    from grains_edge.evaluate import datasets
 
     datasets.check_limit(limit)
     if task == "truthfulqa":
@@ -68,18 +68,18 @@ def load_items(task: str, data: str, split: str, score: str, limit, toward: str 
 def evaluate(engine, task: str, items, steering) -> dict:
     """The task's scores on the items that fit the model's context, steered and against the unsteered model;
     `skipped_too_long` counts the items left out (said on stderr as well)."""
-    from grains_edge import evaluation
+    from grains_edge.evaluate import scoring
 
     if task == "truthfulqa":  # a question is left out of both tasks when any MC1 or MC2 choice is too long
-        questions, skipped = evaluation.fitting(engine, list(zip(*items, strict=True)), evaluation.mc_sequences)
+        questions, skipped = scoring.fitting(engine, list(zip(*items, strict=True)), scoring.mc_sequences)
         mc1, mc2 = [q for q, _ in questions], [q for _, q in questions]
-        result = evaluation.truthfulqa(engine, mc1, mc2, steering, against_unsteered=True)
+        result = scoring.truthfulqa(engine, mc1, mc2, steering, against_unsteered=True)
     elif task == "ab":
-        kept, skipped = evaluation.fitting(engine, items, evaluation.ab_sequences)
-        result = evaluation.ab_preference(engine, kept, steering, against_unsteered=True)
+        kept, skipped = scoring.fitting(engine, items, scoring.ab_sequences)
+        result = scoring.ab_preference(engine, kept, steering, against_unsteered=True)
     else:
-        kept, skipped = evaluation.fitting(engine, items, lambda item: [item])
-        result = evaluation.perplexity(
+        kept, skipped = scoring.fitting(engine, items, lambda item: [item])
+        result = scoring.perplexity(
             engine, [p for p, _ in kept], [r for _, r in kept], steering, against_unsteered=True
         )
     if skipped:
@@ -91,10 +91,10 @@ def evaluate(engine, task: str, items, steering) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from grains_edge.bootstrap import ensure_export
-    from grains_edge.engine import Engine
-    from grains_edge.evaluation import finite_json
-    from grains_edge.profiles import steering_for
+    from grains_edge.evaluate.scoring import finite_json
+    from grains_edge.runtime.bootstrap import ensure_export
+    from grains_edge.runtime.engine import Engine
+    from grains_edge.steer.profiles import steering_for
 
     items = load_items(args.task, args.data, args.split, args.score, args.limit, args.toward)  # before the model
     engine = Engine(ensure_export(args.model), device=args.device)

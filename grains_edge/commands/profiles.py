@@ -10,8 +10,8 @@ import json
 import re
 from pathlib import Path
 
-from grains_edge.arguments import finite_float
 from grains_edge.errors import GrainsError
+from grains_edge.options import finite_float
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
@@ -67,7 +67,7 @@ def layers_text(layers: list[int]) -> str:
 
 def list_all() -> int:
     from grains_edge import paths
-    from grains_edge.profiles import SUFFIX, list_profiles, load_profile
+    from grains_edge.steer.profiles import SUFFIX, list_profiles, load_profile
 
     rows = [("NAME", "METHOD", "LAYERS", "ALPHA", "KIND", "FINGERPRINT")]
     for profile in list_profiles():
@@ -113,7 +113,7 @@ def tuning_summary(text: str) -> list[str]:
 
 
 def show(name: str) -> int:
-    from grains_edge.profiles import load_profile, tuned_range
+    from grains_edge.steer.profiles import load_profile, tuned_range
 
     profile = load_profile(name)
     low, high = tuned_range(profile)
@@ -135,7 +135,7 @@ def show(name: str) -> int:
 def user_path(name: str) -> Path:
     """Where user profile `name` lives; refuses names that are paths."""
     from grains_edge import paths
-    from grains_edge.profiles import SUFFIX
+    from grains_edge.steer.profiles import SUFFIX
 
     if not NAME.fullmatch(name) or name.endswith(SUFFIX):
         raise GrainsError(f"'{name}' is not a profile name; fix: use letters, digits, '.', '-' or '_'")
@@ -145,7 +145,7 @@ def user_path(name: str) -> Path:
 def provably_ours(path: Path) -> bool:
     """True when `path` is a regular file in the profiles folder that reads as a grains-edge profile."""
     from grains_edge import paths
-    from grains_edge.profiles import load_profile
+    from grains_edge.steer.profiles import load_profile
 
     if path.is_symlink() or not path.is_file() or path.parent.resolve() != paths.profiles_dir().resolve():
         return False
@@ -157,7 +157,7 @@ def provably_ours(path: Path) -> bool:
 
 
 def remove(name: str) -> int:
-    from grains_edge.profiles import BUILTIN_DIR, SUFFIX
+    from grains_edge.steer.profiles import BUILTIN_DIR, SUFFIX
 
     path = user_path(name)
     if not path.exists() and not path.is_symlink():
@@ -175,7 +175,7 @@ def remove(name: str) -> int:
 
 def writable(name: str, force: bool) -> Path:
     """The path to save user profile `name`, refusing to replace what --force does not allow."""
-    from grains_edge.profiles import BUILTIN_DIR, SUFFIX
+    from grains_edge.steer.profiles import BUILTIN_DIR, SUFFIX
 
     path = user_path(name)
     if path.exists() or path.is_symlink():
@@ -195,7 +195,7 @@ def writable(name: str, force: bool) -> Path:
 
 
 def mix(name: str, terms: list[tuple[str, float]], force: bool) -> int:
-    from grains_edge.profiles import load_profile, mixed, save_profile
+    from grains_edge.steer.profiles import load_profile, mixed, save_profile
 
     path = writable(name, force)
     profile = mixed(name, [(load_profile(term), weight) for term, weight in terms])
@@ -205,10 +205,10 @@ def mix(name: str, terms: list[tuple[str, float]], force: bool) -> int:
 
 
 def export(name: str, out: str, model_hint: str | None, drop_layer_0: bool, force: bool) -> int:
-    from grains_edge.bootstrap import export_dir_for
-    from grains_edge.control_vectors import export_gguf
-    from grains_edge.manifest import Manifest
-    from grains_edge.profiles import load_profile
+    from grains_edge.export.manifest import Manifest
+    from grains_edge.runtime.bootstrap import export_dir_for
+    from grains_edge.steer.control_vectors import export_gguf
+    from grains_edge.steer.profiles import load_profile
 
     profile = load_profile(name)
     target = Path(out).expanduser()
@@ -231,10 +231,10 @@ def export(name: str, out: str, model_hint: str | None, drop_layer_0: bool, forc
 
 
 def import_file(file: str, name: str | None, model: str, alpha: float | None, force: bool) -> int:
-    from grains_edge.bootstrap import ensure_export
-    from grains_edge.control_vectors import import_gguf
-    from grains_edge.manifest import Manifest
-    from grains_edge.profiles import check_fits, save_profile
+    from grains_edge.export.manifest import Manifest
+    from grains_edge.runtime.bootstrap import ensure_export
+    from grains_edge.steer.control_vectors import import_gguf
+    from grains_edge.steer.profiles import check_fits, save_profile
 
     manifest = Manifest.load(ensure_export(model))
     profile = import_gguf(file, manifest.num_layers, manifest.hidden_size, name)

@@ -34,8 +34,8 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from grains_edge.bootstrap import ensure_builtin_profiles, ensure_export
-    from grains_edge.engine import Engine
+    from grains_edge.runtime.bootstrap import ensure_builtin_profiles, ensure_export
+    from grains_edge.runtime.engine import Engine
     from grains_edge.serve.server import build, check_limits, is_loopback, listen
 
     if not 0 < args.port < 65536:

@@ -17,7 +17,7 @@ import dataclasses
 import sys
 import time
 
-from grains_edge.arguments import finite_floats
+from grains_edge.options import finite_floats
 
 PPL_BUDGET = 1.03
 MMLU_BUDGET = 0.01
@@ -50,12 +50,12 @@ def auto_windows(num_layers: int) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from grains_edge import datasets, evaluation
-    from grains_edge.bootstrap import ensure_export
     from grains_edge.commands.eval import select
-    from grains_edge.engine import Engine
+    from grains_edge.evaluate import datasets, scoring
     from grains_edge.layers import parse_layers
-    from grains_edge.profiles import load_profile, save_profile, steering_tensor
+    from grains_edge.runtime.bootstrap import ensure_export
+    from grains_edge.runtime.engine import Engine
+    from grains_edge.steer.profiles import load_profile, save_profile, steering_tensor
 
     datasets.check_limit(args.limit)
     datasets.check_limit(args.ppl_limit, "--ppl-limit")
@@ -71,33 +71,33 @@ def run(args: argparse.Namespace) -> int:
             select(mc2, "tune", lambda i: i.question, args.limit),
             strict=True,
         )
-        questions, skipped["tune"] = evaluation.fitting(engine, list(both), evaluation.mc_sequences)
+        questions, skipped["tune"] = scoring.fitting(engine, list(both), scoring.mc_sequences)
         items, items2 = [q for q, _ in questions], [q for _, q in questions]
 
         def behaviour(steering) -> tuple[float, float]:
             """(MC1, MC2): MC2, continuous, breaks the ties of MC1 on a small split."""
-            result = evaluation.truthfulqa(engine, items, items2, steering)
+            result = scoring.truthfulqa(engine, items, items2, steering)
             return result["mc1"], result["mc2"]
     else:
         items = select(
             datasets.load_ab(args.data, args.score, args.toward), "tune", lambda i: i.question, args.limit, args.data
         )
-        items, skipped["tune"] = evaluation.fitting(engine, items, evaluation.ab_sequences)
+        items, skipped["tune"] = scoring.fitting(engine, items, scoring.ab_sequences)
 
         def behaviour(steering) -> tuple[float, float]:
             """(matching rate, mean log-prob margin): the margin breaks ties of the rate."""
-            result = evaluation.ab_preference(engine, items, steering)
+            result = scoring.ab_preference(engine, items, steering)
             return result["matching_rate"], result["mean_logprob_margin"]
 
     prompts, responses = datasets.load_dolly(args.ppl_data)
     dolly = select(
         list(zip(prompts, responses, strict=True)), "train+tune", lambda item: item[0], args.ppl_limit, args.ppl_data
     )
-    dolly, skipped["ppl"] = evaluation.fitting(engine, dolly, lambda item: [item])
+    dolly, skipped["ppl"] = scoring.fitting(engine, dolly, lambda item: [item])
     mmlu = (
         select(datasets.load_ab(args.mmlu, "text"), "tune", lambda i: i.question, None, args.mmlu) if args.mmlu else []
     )
-    mmlu, skipped["mmlu"] = evaluation.fitting(engine, mmlu, evaluation.ab_sequences)
+    mmlu, skipped["mmlu"] = scoring.fitting(engine, mmlu, scoring.ab_sequences)
     if any(skipped.values()):
         print(
             f"[grains-edge] left out items longer than the model's context ({engine.max_context} tokens): {skipped}",
@@ -107,9 +107,9 @@ def run(args: argparse.Namespace) -> int:
     def measure(steering) -> dict:
         primary, secondary = behaviour(steering)
         row = {"behaviour": primary, "tie_break": secondary}
-        row["ppl"] = evaluation.perplexity(engine, [p for p, _ in dolly], [r for _, r in dolly], steering)["perplexity"]
+        row["ppl"] = scoring.perplexity(engine, [p for p, _ in dolly], [r for _, r in dolly], steering)["perplexity"]
         if mmlu:
-            row["mmlu"] = evaluation.ab_preference(engine, mmlu, steering)["matching_rate"]
+            row["mmlu"] = scoring.ab_preference(engine, mmlu, steering)["matching_rate"]
         return row
 
     started = time.perf_counter()
@@ -125,10 +125,10 @@ def run(args: argparse.Namespace) -> int:
                 row["admissible"] = row["ppl"] <= base["ppl"] * PPL_BUDGET and (
                     not mmlu or row["mmlu"] >= base["mmlu"] - MMLU_BUDGET
                 )
-            except evaluation.NonFiniteScores as error:  # a setting too strong to score is not admissible
+            except scoring.NonFiniteScores as error:  # a setting too strong to score is not admissible
                 row.update(error=str(error), admissible=False)
             rows.append(row)
-            print(evaluation.finite_json(row), flush=True)
+            print(scoring.finite_json(row), flush=True)
     admissible = [r for r in rows if r["admissible"]]
     best = max(admissible, key=lambda r: (r["behaviour"], r["tie_break"], -r["alpha"])) if admissible else None
     report = {
@@ -150,10 +150,10 @@ def run(args: argparse.Namespace) -> int:
             f"keeps α {profile.alpha:g}; fix: try smaller --alphas or other --windows",
             file=sys.stderr,
         )
-    profile.metadata["tuning"] = evaluation.finite_json(report)
+    profile.metadata["tuning"] = scoring.finite_json(report)
     save_profile(profile, profile.path)
     if args.report:
         with open(args.report, "w") as handle:
-            handle.write(evaluation.finite_json(report, indent=2))
-    print(evaluation.finite_json({"chosen": best, "unsteered": base, "profile": str(profile.path)}, indent=2))
+            handle.write(scoring.finite_json(report, indent=2))
+    print(scoring.finite_json({"chosen": best, "unsteered": base, "profile": str(profile.path)}, indent=2))
     return 0

@@ -7,8 +7,8 @@ import sys
 import time
 from pathlib import Path
 
-from grains_edge.arguments import finite_float
 from grains_edge.errors import GrainsError
+from grains_edge.options import finite_float
 
 
 def register(subparsers) -> None:
@@ -46,7 +46,7 @@ def register(subparsers) -> None:
 
 def output_path(out: str) -> Path:
     from grains_edge import paths
-    from grains_edge.profiles import SUFFIX
+    from grains_edge.steer.profiles import SUFFIX
 
     given = Path(out).expanduser()
     return given if given.suffix == SUFFIX else paths.profiles_dir() / f"{out}{SUFFIX}"
@@ -55,10 +55,12 @@ def output_path(out: str) -> Path:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from grains_edge import datasets, models, vectors
-    from grains_edge.attribution import ScoreCache
+    from grains_edge.evaluate import datasets
     from grains_edge.layers import parse_layers
-    from grains_edge.profiles import Profile, save_profile
+    from grains_edge.model import sources
+    from grains_edge.steer import vectors
+    from grains_edge.steer.attribution import ScoreCache
+    from grains_edge.steer.profiles import Profile, save_profile
 
     if args.k < 1 or args.ig_steps < 1:
         raise GrainsError("--k and --ig-steps must be at least 1; fix: pass positive numbers")
@@ -71,9 +73,9 @@ def run(args: argparse.Namespace) -> int:
     if not pairs:
         raise GrainsError(f"no pairs to learn from in {args.data}; fix: check the file or --split all")
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    model, tokenizer = models.load(args.model)
+    model, tokenizer = sources.load(args.model)
     layers = parse_layers(args.layers, model.config.num_hidden_layers)
-    fingerprint = models.fingerprint(model)
+    fingerprint = sources.fingerprint(model)
     cache = ScoreCache(args.attributions, fingerprint) if args.attributions and args.method == "grains" else None
     token_pairs, skipped = vectors.fitting_pairs(model, vectors.tokenize_pairs(tokenizer, pairs))
     if skipped:

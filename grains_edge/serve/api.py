@@ -23,11 +23,12 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from grains_edge.engine import Engine, GenerationSettings
 from grains_edge.errors import GrainsError
-from grains_edge.profiles import list_profiles
+from grains_edge.runtime.engine import Engine
+from grains_edge.runtime.protocol import GenerationSettings
 from grains_edge.serve.batcher import Batcher, Failed, Finished, Job, Piece, QueueFull
 from grains_edge.serve.steering import AppliedSteering, SteeringError, SteeringResolver
+from grains_edge.steer.profiles import list_profiles
 
 MAX_BODY = 1 << 20  # bytes of a request body
 MAX_STOPS = 4  # as OpenAI

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from grains_edge.engine import Engine, GenerationSettings, pick_token
+from grains_edge.runtime.engine import Engine, pick_token
+from grains_edge.runtime.protocol import GenerationSettings
 from grains_edge.serve.slots import SlotCache
 
 

@@ -8,8 +8,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from grains_edge.engine import Engine
 from grains_edge.errors import GrainsError
+from grains_edge.runtime.engine import Engine
 from grains_edge.serve.api import MAX_BODY, create_app
 from grains_edge.serve.batcher import Batcher, Job
 from grains_edge.serve.steering import SteeringResolver

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from grains_edge.engine import Engine
 from grains_edge.export.graph_io import LAST_POSITION
+from grains_edge.runtime.engine import Engine
 
 # A decode step's attention mask covers the longest row rounded up to a multiple of this, not the whole slot:
 # GroupQueryAttention's work grows with the mask's width (its total_sequence_length), and a width that

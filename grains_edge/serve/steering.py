@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from grains_edge.errors import GrainsError
-from grains_edge.profiles import Profile, check_fits, combine, load_profile
+from grains_edge.steer.profiles import Profile, check_fits, combine, load_profile
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 NONE = "none"

@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 
 from grains_edge import kernels
-from grains_edge.chat_tokenizer import ChatTokenizer, has_chat_template
 from grains_edge.errors import GrainsError
 from grains_edge.export.graph_io import ALL_POSITIONS, LAST_POSITION
-from grains_edge.manifest import MODEL_NAME, Manifest, graph_mismatches
+from grains_edge.export.manifest import MODEL_NAME, Manifest, graph_mismatches
+from grains_edge.runtime.tokenizer import ChatTokenizer, has_chat_template
 
 STOP_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "</s>")
 

@@ -26,8 +26,8 @@ from typing import TypeVar
 
 import numpy as np
 
-from grains_edge.engine import Engine
 from grains_edge.errors import GrainsError
+from grains_edge.runtime.engine import Engine
 
 T = TypeVar("T")
 

@@ -32,10 +32,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from grains_edge.attribution import DEFAULT_STEPS, ScoreCache, contrastive
-from grains_edge.chat_tokenizer import has_chat_template, plain_prompt
 from grains_edge.errors import GrainsError
-from grains_edge.steering import decoder_layers
+from grains_edge.model.hooks import decoder_layers
+from grains_edge.runtime.tokenizer import has_chat_template, plain_prompt
+from grains_edge.steer.attribution import DEFAULT_STEPS, ScoreCache, contrastive
 
 METHODS = ("grains", "mean-diff", "pca-diff")
 DEFAULT_K = 10

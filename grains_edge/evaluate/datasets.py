@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from grains_edge.errors import GrainsError
-from grains_edge.evaluation import ABItem, MCItem
+from grains_edge.evaluate.scoring import ABItem, MCItem
 
 T = TypeVar("T")
 CHOICE = re.compile(r"^\(([A-Z])\)\s*(.*?)\s*$")

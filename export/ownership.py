@@ -18,7 +18,7 @@ import socket
 from pathlib import Path
 
 from grains_edge.errors import GrainsError
-from grains_edge.manifest import MANIFEST_NAME, required_fields
+from grains_edge.export.manifest import MANIFEST_NAME, required_fields
 
 MARKER_NAME = ".grains-edge-export.json"
 MARKER_FORMAT = "grains-edge export marker 1"

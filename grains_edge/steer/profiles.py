@@ -3,7 +3,7 @@
 Metadata (strings): name, method, layers ("4,5,6"), alpha (default strength), source (data), fingerprint
 (of the model's weights), created, description, and `tuning` (the sweep table, JSON). The steering tensor
 for the engine is alpha * vectors on the profile's layers and zero elsewhere (`combine`, the one strength
-rule of the chat, `ask`, `eval` and the server). Built-in profiles ship in `grains_edge/builtin_profiles/`;
+rule of the chat, `ask`, `eval` and the server). Built-in profiles ship in `grains_edge/steer/builtin_profiles/`;
 user profiles live in `paths.profiles_dir()` and shadow built-ins of the same name. Saving writes a temporary
 file and renames it, so a profile is never half-written.
 

@@ -6,9 +6,9 @@ import shutil
 
 import pytest
 
-from grains_edge import models
 from grains_edge.cli import main
 from grains_edge.errors import GrainsError
+from grains_edge.model import sources
 
 
 def edit_config(**changes):
@@ -43,7 +43,7 @@ def test_a_damaged_model_folder_is_one_line_naming_the_part(tiny_model_dir, tmp_
     apply, message = DAMAGES[damage]
     apply(folder)
     with pytest.raises(GrainsError, match=f"{message}.*fix:"):
-        models.load(str(folder))
+        sources.load(str(folder))
 
 
 @pytest.mark.parametrize(

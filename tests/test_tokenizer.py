@@ -5,8 +5,8 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
-from grains_edge.chat_tokenizer import ChatTokenizer
 from grains_edge.errors import GrainsError
+from grains_edge.runtime.tokenizer import ChatTokenizer
 
 CONVERSATIONS = [
     [{"role": "user", "content": "What is the capital of France?"}],

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from grains_edge.errors import GrainsError
-from grains_edge.profiles import Profile
+from grains_edge.steer.profiles import Profile
 
 ARCH = "controlvector"
 DIRECTION = re.compile(r"direction\.(\d+)")

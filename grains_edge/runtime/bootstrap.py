@@ -8,9 +8,9 @@ from pathlib import Path
 
 from grains_edge import paths
 from grains_edge.errors import GrainsError
+from grains_edge.export.manifest import MANIFEST_NAME, Manifest
 from grains_edge.locking import BuildLock
-from grains_edge.manifest import MANIFEST_NAME, Manifest
-from grains_edge.models import DEFAULT_MODEL
+from grains_edge.model.sources import DEFAULT_MODEL
 
 DEFAULT_EXPORT_NAME = "smollm2-135m-instruct"
 
@@ -74,7 +74,7 @@ def ensure_export(model_spec: str, quantize: str = "none") -> Path:
 def ensure_builtin_profiles(model_spec: str) -> list[Path]:
     """The built-in profiles usable with `model_spec`: they ship in the package for the default model
     (rebuild them with `grains-edge builtins`); other models get none, and the chat lists user profiles."""
-    from grains_edge.profiles import BUILTIN_DIR
+    from grains_edge.steer.profiles import BUILTIN_DIR
 
     if model_spec != DEFAULT_MODEL and export_dir_for(model_spec) != export_dir_for(DEFAULT_MODEL):
         return []

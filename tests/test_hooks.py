@@ -1,6 +1,6 @@
 import torch
 
-from grains_edge.steering import renormalized_add, steering_hooks
+from grains_edge.model.hooks import renormalized_add, steering_hooks
 from tests.conftest import tiny_model
 
 

@@ -1,9 +1,8 @@
 import numpy as np
 import pytest
 
-from grains_edge.engine import Engine
 from grains_edge.errors import GrainsError
-from grains_edge.evaluation import (
+from grains_edge.evaluate.scoring import (
     ABItem,
     MCItem,
     NonFiniteScores,
@@ -14,6 +13,7 @@ from grains_edge.evaluation import (
     perplexity,
     truthfulqa,
 )
+from grains_edge.runtime.engine import Engine
 
 
 @pytest.fixture(scope="module")
