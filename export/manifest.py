@@ -10,6 +10,7 @@ from pathlib import Path
 
 from grains_edge.errors import GrainsError
 from grains_edge.export.graph_io import io_names, past_names, present_names
+from grains_edge.options import QUANTIZATIONS
 
 MANIFEST_NAME = "manifest.json"
 MODEL_NAME = "model.onnx"
@@ -20,7 +21,6 @@ FORMAT_VERSION = 7  # 2: graph built by export/graph.py (GroupQueryAttention, in
 # linears in grains-edge's own kernel (grains_edge/kernels) when it builds
 
 
-QUANTIZATIONS = ("none", "int8", "int4")
 KERNELS = ("stock", "fused")
 
 

@@ -1,9 +1,19 @@
-"""Argument types shared by the commands (light: no numpy, no torch, so `--help` stays fast)."""
+"""The choices and argument types the commands share, in one light module (no numpy, no torch: `--help` stays
+fast); the modules that act on a choice check it against the same tuple."""
 
 from __future__ import annotations
 
 import argparse
 import math
+
+QUANTIZATIONS = ("none", "int8", "int4")  # weight-only, MatMulNBits
+KERNELS = ("auto", "fused", "stock")  # whether an int4 export from a GGUF runs grains-edge's own kernels
+DEVICES = ("auto", "cpu", "cuda")
+METHODS = ("grains", "mean-diff", "pca-diff")  # how steering vectors are built
+AGGREGATES = ("pc1", "centered-pc1", "mean")  # GRAINS: per-pair hidden-state changes -> v+ and v-
+SPLITS = ("report", "tune", "validation", "train", "train+tune", "all")  # evaluate.datasets.select
+SCORES = ("text", "letter")  # an A/B answer scored by its text or by its letter
+TOWARD = ("matching", "not-matching")  # the side of an A/B item a profile steers toward
 
 
 def finite_float(text: str) -> float:

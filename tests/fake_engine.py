@@ -45,6 +45,7 @@ class FakeEngine:
     """Same API as Engine: words are tokens, a steady 40 tokens/s in the stats, no model."""
 
     provider = "CPUExecutionProvider"
+    has_chat_template = True
 
     def __init__(
         self,
@@ -52,7 +53,9 @@ class FakeEngine:
         delay: float = 0.001,
         max_context: int = 2048,
     ):
-        self.manifest = SimpleNamespace(source_model="fake/SmolLM2-135M-Instruct", quantization="none")
+        self.manifest = SimpleNamespace(
+            source_model="fake/SmolLM2-135M-Instruct", quantization="none", weights_fingerprint="fake"
+        )
         self.num_layers, self.hidden_size, self.max_context = LAYERS, HIDDEN, max_context
         self.reply = reply
         self.delay = delay

@@ -14,8 +14,9 @@ from hypothesis import strategies as st
 from grains_edge.cli import main
 from grains_edge.evaluate.datasets import Pair
 from grains_edge.evaluate.scoring import token_pairs
+from grains_edge.prompts import has_chat_template, plain_prompt
 from grains_edge.runtime.engine import Engine
-from grains_edge.runtime.tokenizer import ChatTokenizer, has_chat_template, plain_prompt
+from grains_edge.runtime.tokenizer import ChatTokenizer
 from grains_edge.steer.profiles import load_profile
 from grains_edge.steer.vectors import chat_prompt, tokenize_pairs
 from tests.conftest import tiny_model

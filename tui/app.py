@@ -33,15 +33,23 @@ from textual.worker import Worker
 from grains_edge import paths
 from grains_edge.errors import GrainsError
 from grains_edge.model.sources import DEFAULT_GGUF, DEFAULT_MODEL
-from grains_edge.runtime.protocol import GenerationSettings, GenerationStats
+from grains_edge.runtime.protocol import ChatEngine, GenerationSettings, GenerationStats
 from grains_edge.safe_text import printable
 from grains_edge.store import conversations
 from grains_edge.store.conversations import Conversation, ConversationStore, open_store
-
-from .generation import StoredReply, fit_prompt, interleave
-from .screens import HelpScreen, HistoryScreen, MixScreen, SettingsScreen, SystemPromptScreen
-from .steering import ProfileLibrary, Steering, alpha_step
-from .widgets import Answer, AnswerPair, Composer, ProfileList, ProfilePanel, StatusBar, UserMessage, Welcome
+from grains_edge.tui.generation import StoredReply, fit_prompt, interleave
+from grains_edge.tui.screens import HelpScreen, HistoryScreen, MixScreen, SettingsScreen, SystemPromptScreen
+from grains_edge.tui.steering import ProfileLibrary, Steering, alpha_step
+from grains_edge.tui.widgets import (
+    Answer,
+    AnswerPair,
+    Composer,
+    ProfileList,
+    ProfilePanel,
+    StatusBar,
+    UserMessage,
+    Welcome,
+)
 
 ALPHA = Binding.Group("α strength", compact=True)
 EXTRA_KEYS = [
@@ -97,7 +105,7 @@ class TurnEnded(Message):
         self.turn = turn
 
 
-def model_name(engine) -> str:
+def model_name(engine: ChatEngine) -> str:
     manifest = engine.manifest
     source = manifest.source_model
     name = DEFAULT_GGUF.split(".")[0] if source == DEFAULT_MODEL else Path(source).name or source
@@ -134,7 +142,7 @@ class ChatApp(App):
 
     def __init__(
         self,
-        engine,
+        engine: ChatEngine,
         store: ConversationStore,
         library: ProfileLibrary,
         steering: Steering | None = None,
@@ -144,6 +152,7 @@ class ChatApp(App):
         notice: str = "",
     ):
         super().__init__()
+        self.warned: set[str] = set()  # keys of the profile warnings already shown
         self.engine = engine
         self.store = store
         self.library = library
@@ -171,6 +180,7 @@ class ChatApp(App):
         yield Footer()
 
     async def on_mount(self) -> None:
+        self.library.warn = self.warn_once
         self.chat.anchor()
         self.refresh_panel()
         self.refresh_status()
@@ -191,6 +201,12 @@ class ChatApp(App):
         options["markup"] = False
         super().notify(printable(message), **options)
 
+    def warn_once(self, key: str, message: str) -> None:
+        """A profile's warning (built from other weights, α far outside its tuning) as a notification, once."""
+        if key not in self.warned:
+            self.warned.add(key)
+            self.notify(message, title="Profile", severity="warning", timeout=10)
+
     def history_failed(self, error: GrainsError) -> None:
         """A read or write of the history failed: one line, and the chat goes on."""
         self.notify(str(error), title="Chat history", severity="error", timeout=15)
@@ -208,7 +224,8 @@ class ChatApp(App):
 
     def refresh_status(self) -> None:
         bar = self.query_one(StatusBar)
-        bar.show("model", model_name(self.engine))
+        plain = "" if self.engine.has_chat_template else " · plain prompt (no chat template)"
+        bar.show("model", model_name(self.engine) + plain)
         bar.show("provider", self.engine.provider.removesuffix("ExecutionProvider"))
         bar.show("steering", f"profile {self.steering.label}", highlight=self.steering.profile is not None)
         bar.show("speed", "– tok/s" if self.speed is None else f"{self.speed:.1f} tok/s")
@@ -598,7 +615,7 @@ def message_widgets(messages: list[conversations.Message]) -> Iterable[UserMessa
 
 
 def run_chat(
-    engine,
+    engine: ChatEngine,
     profile: str | None = None,
     alpha: float | None = None,
     resume: bool = False,
@@ -610,7 +627,7 @@ def run_chat(
 
     Returns the exit code: non-zero when the app ended on an unhandled error (Textual printed it).
     """
-    library = ProfileLibrary((engine.num_layers, engine.hidden_size))
+    library = ProfileLibrary((engine.num_layers, engine.hidden_size), fingerprint=engine.manifest.weights_fingerprint)
     library.refresh()
     steering = library.chosen(profile, alpha)
     store, notice = (store, "") if store is not None else open_store(paths.db_path())

@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from grains_edge.steer.profiles import Profile, check_fits, combine, list_profiles, load_profile
+from grains_edge.steer.profiles import Profile, check_fits, combine, list_profiles, load_profile, warn_once
 
 ALPHA_STEP = 0.05  # for a profile without a default strength
 ALPHA_LIMIT = 3.0
@@ -76,11 +76,13 @@ class ProfileLibrary:
         source: Callable[[], list[Profile]] = list_profiles,
         loader: Callable[[str], Profile] = load_profile,
         fingerprint: str | None = None,
+        warn: Callable[[str, str], None] = warn_once,
     ):
         self.shape = shape  # [num_layers, hidden] of the loaded model
         self.source = source
         self.loader = loader
         self.fingerprint = fingerprint  # of the loaded model's weights: a profile built from others warns once
+        self.warn = warn  # where a profile's warnings go: stderr until the chat shows them itself
         self.profiles: dict[str, Profile] = {}
 
     def refresh(self) -> list[Profile]:
@@ -92,7 +94,7 @@ class ProfileLibrary:
 
     def get(self, name: str) -> Profile:
         """A listed profile by name, else one loaded by name or path (then listed too)."""
-        profile = check_fits(self.profiles.get(name) or self.loader(name), *self.shape, self.fingerprint)
+        profile = check_fits(self.profiles.get(name) or self.loader(name), *self.shape, self.fingerprint, self.warn)
         self.profiles[profile.name] = profile
         return profile
 
@@ -103,7 +105,7 @@ class ProfileLibrary:
         terms = [(self.get(steering.profile), steering.alpha)]
         if steering.mix is not None:
             terms.append((self.get(steering.mix), steering.mix_alpha))
-        return combine(terms)
+        return combine(terms, self.warn)
 
     def chosen(self, name: str | None, alpha: float | None = None) -> Steering:
         """The steering of picking profile `name` (None: unsteered) at `alpha`, by default its own."""

@@ -19,8 +19,7 @@ from textual.widgets.option_list import Option
 
 from grains_edge.safe_text import printable
 from grains_edge.steer.profiles import Profile
-
-from .steering import Steering, format_alpha
+from grains_edge.tui.steering import Steering, format_alpha
 
 WELCOME = """\
 ### Steer the model while you talk

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from grains_edge.errors import GrainsError
-from grains_edge.options import finite_float
+from grains_edge.options import DEVICES, QUANTIZATIONS, finite_float
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -15,11 +15,11 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--alpha", type=finite_float, default=None, help="profile strength (default: the profile's own)"
     )
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--device", default="auto", choices=DEVICES)
     parser.add_argument(
         "--quantize",
         default="none",
-        choices=("none", "int8", "int4"),
+        choices=QUANTIZATIONS,
         help="weights of the export to run, built on first use (int4: about 2x faster decoding; default none)",
     )
     parser.add_argument("--system", default="", help="system prompt (default: the model's own)")

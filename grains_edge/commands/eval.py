@@ -5,10 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from grains_edge.errors import GrainsError
-from grains_edge.options import finite_float
-
-SPLITS = ("report", "tune", "validation", "train", "train+tune", "all")
+from grains_edge.options import DEVICES, SCORES, SPLITS, TOWARD, finite_float
 
 
 def register(subparsers) -> None:
@@ -26,29 +23,11 @@ def register(subparsers) -> None:
         help="train: vectors; tune: layer/alpha choice; report: held out from both; validation = tune + report; "
         "train+tune = all but report",
     )
-    parser.add_argument("--score", default="text", choices=("text", "letter"), help="ab: score the letter or the text")
-    parser.add_argument("--toward", default="matching", choices=("matching", "not-matching"), help="ab: preferred side")
+    parser.add_argument("--score", default="text", choices=SCORES, help="ab: score the letter or the text")
+    parser.add_argument("--toward", default="matching", choices=TOWARD, help="ab: preferred side")
     parser.add_argument("--limit", type=int, default=None, help="at most N items of the split (N ≥ 1)")
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--device", default="auto", choices=DEVICES)
     parser.set_defaults(run=run)
-
-
-def select(items, split: str, key, limit=None, source: str = "the data"):
-    """The items of one split: 70 % train, 30 % validation, the validation halved into tune and report.
-    No items left is a GrainsError naming `source`."""
-    from grains_edge.evaluate import datasets
-
-    chosen = items
-    if split != "all":
-        train, validation = datasets.split(items, key)
-        report, tune = datasets.split(validation, lambda item: "tune/" + key(item), validation_fraction=0.5)
-        parts = {"train": train, "validation": validation, "tune": tune, "report": report, "train+tune": train + tune}
-        chosen = parts[split]
-    if not chosen:
-        raise GrainsError(
-            f"the '{split}' split of {source} has no items ({len(items)} in all); fix: add items or pass --split all"
-        )
-    return chosen[:limit] if limit is not None else chosen
 
 
 def load_items(task: str, data: str, split: str, score: str, limit, toward: str = "matching"):
@@ -58,11 +37,13 @@ def load_items(task: str, data: str, split: str, score: str, limit, toward: str 
     datasets.check_limit(limit)
     if task == "truthfulqa":
         mc1, mc2 = datasets.load_truthfulqa(data)
-        return select(mc1, split, lambda i: i.question, limit, data), select(mc2, split, lambda i: i.question, limit)
+        return datasets.select(mc1, split, lambda i: i.question, limit, data), datasets.select(
+            mc2, split, lambda i: i.question, limit
+        )
     if task == "ab":
-        return select(datasets.load_ab(data, score, toward), split, lambda i: i.question, limit, data)
+        return datasets.select(datasets.load_ab(data, score, toward), split, lambda i: i.question, limit, data)
     prompts, responses = datasets.load_dolly(data)
-    return select(list(zip(prompts, responses, strict=True)), split, lambda item: item[0], limit, data)
+    return datasets.select(list(zip(prompts, responses, strict=True)), split, lambda item: item[0], limit, data)
 
 
 def evaluate(engine, task: str, items, steering) -> dict:

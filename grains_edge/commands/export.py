@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from grains_edge.options import KERNELS, QUANTIZATIONS
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("export", help="export a model to a steered ONNX graph")
@@ -11,12 +13,12 @@ def register(subparsers) -> None:
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--layers", default="all", help="steered layers: all | A-B | i,j,k | none (default all)")
     parser.add_argument(
-        "--quantize", default="none", choices=("none", "int8", "int4"), help="weight-only quantization of the MatMuls"
+        "--quantize", default="none", choices=QUANTIZATIONS, help="weight-only quantization of the MatMuls"
     )
     parser.add_argument(
         "--kernels",
         default="auto",
-        choices=("auto", "fused", "stock"),
+        choices=KERNELS,
         help="a GGUF's Q4_1 linears in grains-edge's own kernel (auto: when it builds here) or stock ONNX Runtime's",
     )
     parser.set_defaults(run=run)

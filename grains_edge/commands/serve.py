@@ -7,6 +7,7 @@ import os
 import sys
 
 from grains_edge.errors import GrainsError
+from grains_edge.options import DEVICES, QUANTIZATIONS
 
 API_KEY_VARIABLE = "GRAINS_EDGE_API_KEY"
 
@@ -16,8 +17,8 @@ def register(subparsers) -> None:
         "serve", help="an OpenAI-compatible HTTP server: continuous batching, steering per request"
     )
     parser.add_argument("--model", default="default", help="'default', an export folder, a model folder, .gguf or id")
-    parser.add_argument("--quantize", default="none", choices=("none", "int8", "int4"), help="weights of the export")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--quantize", default="none", choices=QUANTIZATIONS, help="weights of the export")
+    parser.add_argument("--device", default="auto", choices=DEVICES)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback only)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument(

@@ -17,7 +17,7 @@ import dataclasses
 import sys
 import time
 
-from grains_edge.options import finite_floats
+from grains_edge.options import SCORES, TOWARD, finite_floats
 
 PPL_BUDGET = 1.03
 MMLU_BUDGET = 0.01
@@ -35,8 +35,8 @@ def register(subparsers) -> None:
         "--alphas", type=finite_floats, default="0.005,0.01,0.02,0.03", help="strengths, in hidden-state norms"
     )
     parser.add_argument("--windows", default="auto", help="auto, or layer specs separated by ';' (e.g. 0-9;10-19;all)")
-    parser.add_argument("--score", default="text", choices=("text", "letter"))
-    parser.add_argument("--toward", default="matching", choices=("matching", "not-matching"))
+    parser.add_argument("--score", default="text", choices=SCORES)
+    parser.add_argument("--toward", default="matching", choices=TOWARD)
     parser.add_argument("--limit", type=int, default=None, help="at most N tune items")
     parser.add_argument("--ppl-limit", type=int, default=None, help="at most N Dolly responses")
     parser.add_argument("--report", default=None, help="also write the sweep as JSON here")
@@ -50,7 +50,6 @@ def auto_windows(num_layers: int) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from grains_edge.commands.eval import select
     from grains_edge.evaluate import datasets, scoring
     from grains_edge.layers import parse_layers
     from grains_edge.runtime.bootstrap import ensure_export
@@ -67,8 +66,8 @@ def run(args: argparse.Namespace) -> int:
     if args.task == "truthfulqa":
         mc1, mc2 = datasets.load_truthfulqa(args.data)
         both = zip(
-            select(mc1, "tune", lambda i: i.question, args.limit, args.data),
-            select(mc2, "tune", lambda i: i.question, args.limit),
+            datasets.select(mc1, "tune", lambda i: i.question, args.limit, args.data),
+            datasets.select(mc2, "tune", lambda i: i.question, args.limit),
             strict=True,
         )
         questions, skipped["tune"] = scoring.fitting(engine, list(both), scoring.mc_sequences)
@@ -79,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
             result = scoring.truthfulqa(engine, items, items2, steering)
             return result["mc1"], result["mc2"]
     else:
-        items = select(
+        items = datasets.select(
             datasets.load_ab(args.data, args.score, args.toward), "tune", lambda i: i.question, args.limit, args.data
         )
         items, skipped["tune"] = scoring.fitting(engine, items, scoring.ab_sequences)
@@ -90,12 +89,14 @@ def run(args: argparse.Namespace) -> int:
             return result["matching_rate"], result["mean_logprob_margin"]
 
     prompts, responses = datasets.load_dolly(args.ppl_data)
-    dolly = select(
+    dolly = datasets.select(
         list(zip(prompts, responses, strict=True)), "train+tune", lambda item: item[0], args.ppl_limit, args.ppl_data
     )
     dolly, skipped["ppl"] = scoring.fitting(engine, dolly, lambda item: [item])
     mmlu = (
-        select(datasets.load_ab(args.mmlu, "text"), "tune", lambda i: i.question, None, args.mmlu) if args.mmlu else []
+        datasets.select(datasets.load_ab(args.mmlu, "text"), "tune", lambda i: i.question, None, args.mmlu)
+        if args.mmlu
+        else []
     )
     mmlu, skipped["mmlu"] = scoring.fitting(engine, mmlu, scoring.ab_sequences)
     if any(skipped.values()):

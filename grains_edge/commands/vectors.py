@@ -8,13 +8,13 @@ import time
 from pathlib import Path
 
 from grains_edge.errors import GrainsError
-from grains_edge.options import finite_float
+from grains_edge.options import AGGREGATES, METHODS, SCORES, TOWARD, finite_float
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("vectors", help="build a steering profile (GRAINS or a baseline)")
     parser.add_argument("--data", required=True, help="TruthfulQA MC JSON, CAA A/B JSON, or JSONL of pairs")
-    parser.add_argument("--method", default="grains", choices=("grains", "mean-diff", "pca-diff"))
+    parser.add_argument("--method", default="grains", choices=METHODS)
     parser.add_argument(
         "--out", required=True, help="a profile name (saved in the profiles folder) or a .safetensors path"
     )
@@ -25,9 +25,7 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--k", type=int, default=10, help="GRAINS: tokens masked on each side")
     parser.add_argument("--ig-steps", type=int, default=20, help="GRAINS: Integrated Gradients steps")
-    parser.add_argument(
-        "--aggregate", default="pc1", choices=("pc1", "centered-pc1", "mean"), help="GRAINS: deltas -> v+ and v-"
-    )
+    parser.add_argument("--aggregate", default="pc1", choices=AGGREGATES, help="GRAINS: deltas -> v+ and v-")
     parser.add_argument(
         "--attributions",
         default=None,
@@ -36,10 +34,8 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--limit", type=int, default=None, help="use at most N pairs")
     parser.add_argument("--split", default="train", choices=("train", "all"), help="train: hold out validation")
-    parser.add_argument("--score", default="text", choices=("text", "letter"), help="CAA answers as text or letter")
-    parser.add_argument(
-        "--toward", default="matching", choices=("matching", "not-matching"), help="CAA: the answer to steer toward"
-    )
+    parser.add_argument("--score", default="text", choices=SCORES, help="CAA answers as text or letter")
+    parser.add_argument("--toward", default="matching", choices=TOWARD, help="CAA: the answer to steer toward")
     parser.add_argument("--description", default="", help="one line shown in the chat's profile list")
     parser.set_defaults(run=run)
 

@@ -22,10 +22,23 @@ from pathlib import Path
 from typing import TypeVar
 
 from grains_edge.errors import GrainsError
-from grains_edge.evaluate.scoring import ABItem, MCItem
 
 T = TypeVar("T")
 CHOICE = re.compile(r"^\(([A-Z])\)\s*(.*?)\s*$")
+
+
+@dataclass
+class MCItem:
+    question: str
+    choices: list[str]
+    labels: list[int]  # 1 = true
+
+
+@dataclass
+class ABItem:
+    question: str  # includes "Choices: (A) … (B) …"
+    matching: str  # the preferred answer: "(A)" or its text
+    other: str
 
 
 @dataclass
@@ -295,3 +308,21 @@ def split(items: Sequence[T], key: Callable[[T], str], validation_fraction: floa
         digest = int(hashlib.sha256(key(item).encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
         (validation if digest < validation_fraction else train).append(item)
     return train, validation
+
+
+def select(
+    items: Sequence[T], part: str, key: Callable[[T], str], limit: int | None = None, source: str = "the data"
+) -> list[T]:
+    """The items of one split: 70 % train, 30 % validation, the validation halved into tune and report.
+    No items left is a GrainsError naming `source`."""
+    chosen = items
+    if part != "all":
+        train, validation = split(items, key)
+        report, tune = split(validation, lambda item: "tune/" + key(item), validation_fraction=0.5)
+        parts = {"train": train, "validation": validation, "tune": tune, "report": report, "train+tune": train + tune}
+        chosen = parts[part]
+    if not chosen:
+        raise GrainsError(
+            f"the '{part}' split of {source} has no items ({len(items)} in all); fix: add items or pass --split all"
+        )
+    return list(chosen[:limit] if limit is not None else chosen)

@@ -1,7 +1,7 @@
 """Behaviour and capability measured through the ONNX engine, with the steering applied while scoring.
 
 Every score is a summed answer log-probability under the chat template (a model without one gets the
-runtime's plain prompt, `chat_tokenizer.plain_prompt`): the prompt is the user turn, the answer is the
+runtime's plain prompt, `grains_edge.prompts.plain_prompt`): the prompt is the user turn, the answer is the
 assistant turn. Sequences are scored in right-padded batches sorted by length.
 
   * TruthfulQA MC1: the top-scoring choice is the true one; MC2: probability mass on the true choices
@@ -21,31 +21,17 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from typing import TypeVar
 
 import numpy as np
 
 from grains_edge.errors import GrainsError
+from grains_edge.evaluate.datasets import ABItem, MCItem
 from grains_edge.runtime.engine import Engine
 
 T = TypeVar("T")
 
 BATCH_TOKENS = 2048  # padded tokens per forward pass
-
-
-@dataclass
-class MCItem:
-    question: str
-    choices: list[str]
-    labels: list[int]  # 1 = true
-
-
-@dataclass
-class ABItem:
-    question: str  # includes "Choices: (A) … (B) …"
-    matching: str  # the preferred answer: "(A)" or its text
-    other: str
 
 
 class NonFiniteScores(GrainsError):

@@ -23,34 +23,12 @@ from grains_edge import kernels
 from grains_edge.errors import GrainsError
 from grains_edge.export.graph_io import ALL_POSITIONS, LAST_POSITION
 from grains_edge.export.manifest import MODEL_NAME, Manifest, graph_mismatches
-from grains_edge.runtime.tokenizer import ChatTokenizer, has_chat_template
+from grains_edge.options import DEVICES
+from grains_edge.prompts import has_chat_template
+from grains_edge.runtime.protocol import GenerationSettings, GenerationStats
+from grains_edge.runtime.tokenizer import ChatTokenizer
 
 STOP_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "</s>")
-
-
-@dataclass
-class GenerationSettings:
-    max_new_tokens: int = 256
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0
-    seed: int | None = None
-    repetition_penalty: float = 1.0  # > 1 discourages tokens already in the context (1 = off)
-
-
-@dataclass
-class GenerationStats:
-    prompt_tokens: int = 0
-    new_tokens: int = 0
-    first_token_seconds: float = 0.0
-    decode_seconds: float = 0.0
-    stopped_by: str = ""  # eos | length | user
-
-    @property
-    def tokens_per_second(self) -> float:
-        return (self.new_tokens - 1) / self.decode_seconds if self.new_tokens > 1 and self.decode_seconds else 0.0
-
-
-DEVICES = ("auto", "cpu", "cuda")
 
 
 def choose_providers(device: str, available: list[str]) -> list[str]:

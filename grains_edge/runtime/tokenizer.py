@@ -9,9 +9,7 @@ the special tokens as variables; the text is then encoded without adding special
 writes them). Importing transformers pulls in torch, about 220 MB of resident memory that an engine
 which only runs ONNX Runtime does not need.
 
-A model without a chat template (a base model, such as Gemma-3-270M's GGUF) gets one plain-completion
-prompt everywhere a prompt is formatted, here and in `vectors`: `has_chat_template` decides and
-`plain_prompt` writes it, so a profile is built, tuned, evaluated and used on the same token ids.
+A model without a chat template gets the plain-completion prompt of `grains_edge.prompts`.
 
 Sources: transformers `utils/chat_template_utils.py` (`_compile_jinja_template`, `render_jinja_template`);
 tokenizers' `Tokenizer.from_file`.
@@ -25,6 +23,7 @@ from datetime import datetime
 from pathlib import Path
 
 from grains_edge.errors import GrainsError
+from grains_edge.prompts import has_chat_template, plain_prompt
 
 SPECIAL_TOKENS = ("bos_token", "eos_token", "pad_token", "unk_token")
 FIX_TEMPLATE = "fix the model's chat_template.jinja, or re-export the model"
@@ -41,17 +40,6 @@ def raise_exception(message: str):
 
 def tojson(value, ensure_ascii: bool = False, indent=None, separators=None, sort_keys: bool = False) -> str:
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-
-def has_chat_template(tokenizer) -> bool:
-    """Whether a tokenizer (ours or a transformers one) carries a chat template of its own."""
-    return bool(getattr(tokenizer, "chat_template", None))
-
-
-def plain_prompt(messages: Sequence[dict]) -> str:
-    """The conversation as plain `role: content` lines ending with `assistant:`, for models without a chat
-    template; encoded with the tokenizer's own special tokens (a base model expects its BOS)."""
-    return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
 
 
 def damaged(path: Path, error: Exception) -> GrainsError:

@@ -95,7 +95,7 @@ def warn_if_far(profile: Profile, alpha: float, warn: Callable[[str, str], None]
         )
 
 
-def combine(terms: Sequence[tuple[Profile, float | None]]) -> np.ndarray:
+def combine(terms: Sequence[tuple[Profile, float | None]], warn: Callable[[str, str], None] = warn_once) -> np.ndarray:
     """The one strength rule: sum over terms of α * vectors on that profile's layers ([num_layers, hidden]
     float32); α None is the profile's own default. A mix weight w means α = w * profile.alpha."""
     if not terms:
@@ -110,7 +110,7 @@ def combine(terms: Sequence[tuple[Profile, float | None]]) -> np.ndarray:
             )
         strength = profile.alpha if alpha is None else finite_alpha(alpha, f"the strength of '{profile.name}'")
         if alpha is not None:
-            warn_if_far(profile, strength)
+            warn_if_far(profile, strength, warn)
         with np.errstate(over="ignore", invalid="ignore"):  # an overflow (inf, or inf - inf) is refused below
             steering[profile.layers] += strength * profile.vectors[profile.layers]
     if not np.isfinite(steering).all():

@@ -34,10 +34,10 @@ from tqdm import tqdm
 
 from grains_edge.errors import GrainsError
 from grains_edge.model.hooks import decoder_layers
-from grains_edge.runtime.tokenizer import has_chat_template, plain_prompt
+from grains_edge.options import METHODS
+from grains_edge.prompts import has_chat_template, plain_prompt
 from grains_edge.steer.attribution import DEFAULT_STEPS, ScoreCache, contrastive
 
-METHODS = ("grains", "mean-diff", "pca-diff")
 DEFAULT_K = 10
 
 
