@@ -1,38 +1,6 @@
-"""A GGUF model's own quantized blocks, repacked for ONNX Runtime's MatMulNBits without requantizing.
-
-Requantizing already-quantized weights adds a second rounding on top of the first (on SmolLM2-135M
-Q4_1, round-to-nearest symmetric int4 of the dequantized weights kept the argmax token only 30 % of the
-time). When the source is a GGUF, the blocks are carried over exactly instead:
-
-    Q8_0  w = d * q               q int8          -> 8 bits, q + 128
-    Q4_0  w = d * (q - 8)         q in 0..15      -> 4 bits, q
-    Q4_1  w = d * q + m           q in 0..15      -> 4 bits, q, plus the block offset m + 8d
-
-all with MatMulNBits' default zero point (2^(bits-1): 128, 8), given as no zero_points input at all:
-its kernels without zero points are faster (about 5 % of an int4 decode step on SmolLM2-135M). A
-float zero point (-m/d) would be exact but ONNX Runtime 1.32 then falls back to a kernel ~40x slower
-(measured on a 576x1536 weight: 1.7 ms vs 45 us), and refitting Q4_1 blocks to integer zero points
-(least squares per block) raised Dolly perplexity by 14 %. Q4_1's offsets are therefore kept apart:
-
-    x @ w[n]^T = sum_b d[n,b] * (x_b . (q[n,b] - 8)) + sum_b o[n,b] * S_b        S_b = sum(x_b), o = m + 8d
-
-and the second sum rides in the same MatMulNBits as extra K columns (`folded`): x is extended with its
-block sums S (computed by a tiny MatMulNBits whose weight is the 0/1 block indicator, exact in 4 bits,
-`block_sum_indicator`), and each row gets extra 4-bit blocks holding its offsets as OFFSET_DIGITS base-16
-digits, digit i with scale u * 16^(digits-1-i). Two digits give the offsets to 8 bits: at most 1/224 of
-the largest offset of their group of 32, about d/30, against Q4_1's own rounding of d/2. Per linear that
-is 3 kernels (indicator, Concat, MatMulNBits) where the float path (Reshape, ReduceSum, MatMul, Add and
-the MatMulNBits) was 5: -0.6 to -0.95 ms of a 10.1-10.7 ms int4 decode step on SmolLM2-135M (two
-A/B runs), with the same logit error against float32 (relative 0.012 vs 0.014).
-
-When grains-edge's own kernel can be built here (grains_edge/kernels), a Q4_1 linear is instead one
-`grains_edge.Q4_1MatMul` on the GGUF's own fields (`q4_1_fields`): exact offsets, one kernel.
-
-Layouts. GGUF stores a weight [N, K] row-major as blocks of 32 along K; a Q4 block keeps element j in
-the low nibble of byte j and element j + 16 in the high nibble; MatMulNBits wants B [N, K/32, 16]
-with elements 2j and 2j + 1 in the low and high nibbles of byte j, and scales [N * K/32]. llama.cpp
-stores q and k rows permuted for its RoPE layout; they are permuted back as transformers does
-(`_reverse_permute_weights`).
+"""A GGUF model's own quantized blocks (Q4_0, Q4_1, Q8_0), repacked for ONNX Runtime's MatMulNBits without
+requantizing: a second rounding of already-quantized weights costs more than it saves (the derivation, the
+layouts and the measurements: docs/design-notes.md, "GGUF blocks in MatMulNBits").
 
 Sources: ggml's block formats (ggml-common.h, `block_q4_0`, `block_q4_1`, `block_q8_0`); ONNX Runtime
 contrib op docs (`com.microsoft.MatMulNBits`).

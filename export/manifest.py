@@ -14,11 +14,7 @@ from grains_edge.options import QUANTIZATIONS
 
 MANIFEST_NAME = "manifest.json"
 MODEL_NAME = "model.onnx"
-FORMAT_VERSION = 7  # 2: graph built by export/graph.py (GroupQueryAttention, in-place KV cache); 3: default
-# MatMulNBits zero points (Q4_1 offsets m + 8d), the renormalization in 4 kernels; 4: Q4_1 offsets folded
-# into the MatMulNBits as extra K blocks; 5: a tied embedding from the GGUF head's blocks (GatherBlockQuantized);
-# 6: input logits_to_keep (a prompt step computes the last position's logits only); 7: field `kernels`, Q4_1
-# linears in grains-edge's own kernel (grains_edge/kernels) when it builds
+FORMAT_VERSION = 7  # what each version changed: docs/design-notes.md, "Export format versions"
 
 
 KERNELS = ("stock", "fused")

@@ -28,7 +28,7 @@ from grains_edge.export.manifest import MANIFEST_NAME, MODEL_NAME, Manifest
 from grains_edge.layers import parse_layers
 from grains_edge.model import sources
 from grains_edge.model.hooks import steering_hooks
-from grains_edge.options import KERNELS, QUANTIZATIONS
+from grains_edge.options import KERNEL_CHOICES, QUANTIZATIONS
 
 OPSET = graph.OPSET
 # ORT vs PyTorch: max |Δlogit| / max(1, max |logit|) must stay below this (float32 throughout).
@@ -60,8 +60,8 @@ def source_blocks(model_spec: str, spec: graph.GraphSpec, quantize: str) -> dict
 def use_custom_kernels(choice: str, blocks: dict[str, gguf_blocks.Blocks]) -> bool:
     """Whether the Q4_1 linears among `blocks` go to grains-edge's own kernel: `choice` auto (when it can
     be built here), fused (must be) or stock (never)."""
-    if choice not in KERNELS:
-        raise GrainsError(f"unknown kernels '{choice}'; fix: use one of {', '.join(KERNELS)}")
+    if choice not in KERNEL_CHOICES:
+        raise GrainsError(f"unknown kernels '{choice}'; fix: use one of {', '.join(KERNEL_CHOICES)}")
     if choice == "stock" or not any(b.offsets is not None for b in blocks.values()):
         return False
     reason = kernel_library.unavailable_reason()

@@ -7,7 +7,7 @@ import argparse
 import math
 
 QUANTIZATIONS = ("none", "int8", "int4")  # weight-only, MatMulNBits
-KERNELS = ("auto", "fused", "stock")  # whether an int4 export from a GGUF runs grains-edge's own kernels
+KERNEL_CHOICES = ("auto", "fused", "stock")  # whether an int4 export from a GGUF runs grains-edge's own kernels
 DEVICES = ("auto", "cpu", "cuda")
 METHODS = ("grains", "mean-diff", "pca-diff")  # how steering vectors are built
 AGGREGATES = ("pc1", "centered-pc1", "mean")  # GRAINS: per-pair hidden-state changes -> v+ and v-

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from grains_edge.errors import GrainsError
 from grains_edge.runtime.engine import Engine, pick_token
 from grains_edge.runtime.protocol import GenerationSettings
+from grains_edge.steer.profiles import Profile, steering_tensor
 
 HELLO = [{"role": "user", "content": "Hello, how are you today?"}]
 
@@ -43,10 +44,21 @@ def test_steering_changes_the_answer_and_switching_back_restores_it(engine):
     assert tokens(engine, None) == plain
 
 
-def test_scaled_steering_matches_steering_scaled(engine):
-    vector = engine.zero_steering()
-    vector[2] = np.random.default_rng(1).normal(0, 5, engine.hidden_size)
-    assert tokens(engine, 2 * vector) == tokens(engine, vector * 2.0)
+def test_a_profile_at_twice_its_alpha_is_a_hand_built_batch_row(engine):
+    """profiles.steering_tensor at 2α, run alone, gives the logits of a batch row steered by 2·α·v written by
+    hand, beside an unsteered row that stays unsteered."""
+    vectors = np.random.default_rng(1).normal(0, 5, (engine.num_layers, engine.hidden_size)).astype(np.float32)
+    profile = Profile("push", vectors, layers=[1, 2], alpha=0.5, method="test")
+    ids = np.array([[5, 6, 7, 8, 9]] * 2)
+    mask = np.ones_like(ids)
+    by_hand = np.zeros((2, engine.num_layers, engine.hidden_size), np.float32)  # [batch, layers, hidden]
+    by_hand[0, 1:3] = 2 * 0.5 * vectors[1:3]
+    batched = engine.forward(ids, mask, by_hand)
+    alone = engine.forward(ids[:1], mask[:1], steering_tensor(profile, 2 * profile.alpha))[0]
+    plain = engine.forward(ids[:1], mask[:1])[0]
+    np.testing.assert_allclose(batched[0], alone, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(batched[1], plain, rtol=1e-4, atol=1e-4)
+    assert np.abs(alone - plain).max() > 1e-2  # the steering matters
 
 
 def test_seeded_sampling_is_reproducible(engine):
@@ -118,9 +130,12 @@ def test_context_overflow_is_a_clear_error(engine):
         list(engine.generate(list(range(5, 200)), None))
 
 
-def test_generation_stops_at_the_context_limit(engine):
-    list(engine.generate(list(range(5, 125)), None, GenerationSettings(max_new_tokens=50)))
-    assert engine.last_stats.new_tokens <= 8
+def test_generation_stops_at_the_context_limit(engine, monkeypatch):
+    prompt = list(range(5, 125))
+    monkeypatch.setattr(engine, "stop_ids", set())  # no end-of-sequence token can end it first
+    list(engine.generate(prompt, None, GenerationSettings(max_new_tokens=50)))
+    assert engine.last_stats.stopped_by == "length"
+    assert engine.last_stats.new_tokens == engine.fit_context(prompt, 50) == engine.max_context - len(prompt)
 
 
 @pytest.mark.slow

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from grains_edge.options import KERNELS, QUANTIZATIONS
+from grains_edge.options import KERNEL_CHOICES, QUANTIZATIONS
 
 
 def register(subparsers) -> None:
@@ -18,7 +18,7 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--kernels",
         default="auto",
-        choices=KERNELS,
+        choices=KERNEL_CHOICES,
         help="a GGUF's Q4_1 linears in grains-edge's own kernel (auto: when it builds here) or stock ONNX Runtime's",
     )
     parser.set_defaults(run=run)
