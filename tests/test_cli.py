@@ -5,7 +5,7 @@ from pathlib import Path
 from grains_edge import paths
 from grains_edge.cli import main
 from grains_edge.commands import tune
-from grains_edge.commands.eval import select
+from grains_edge.evaluate.datasets import select
 from grains_edge.layers import parse_layers
 from grains_edge.steer.profiles import load_profile
 
@@ -143,15 +143,6 @@ def test_tune_with_no_admissible_setting_says_so_and_keeps_the_profile_as_built(
     assert json.loads(tuned.metadata["tuning"])["chosen"] is None
     assert tuned.alpha == built.alpha and tuned.layers == built.layers
     assert "no setting passed the capability check" in capsys.readouterr().err
-
-
-def test_splits_partition_the_items_and_train_plus_tune_is_all_but_report():
-    items = [f"item {i}" for i in range(400)]
-    parts = {split: select(items, split, str) for split in ("train", "tune", "report", "validation", "train+tune")}
-    assert sorted(parts["train"] + parts["tune"] + parts["report"]) == sorted(items)
-    assert sorted(parts["validation"]) == sorted(parts["tune"] + parts["report"])
-    assert sorted(parts["train+tune"]) == sorted(parts["train"] + parts["tune"])
-    assert min(len(parts[s]) for s in ("train", "tune", "report")) > 40
 
 
 def crash_in_export(monkeypatch, error: BaseException) -> None:

@@ -270,3 +270,14 @@ def test_a_directory_or_missing_file_is_one_error(tmp_path):
         datasets.load_dolly(tmp_path)
     with pytest.raises(GrainsError, match="data file not found"):
         datasets.load_dolly(tmp_path / "missing.jsonl")
+
+
+def test_splits_partition_the_items_and_train_plus_tune_is_all_but_report():
+    items = [f"item {i}" for i in range(400)]
+    parts = {
+        split: datasets.select(items, split, str) for split in ("train", "tune", "report", "validation", "train+tune")
+    }
+    assert sorted(parts["train"] + parts["tune"] + parts["report"]) == sorted(items)
+    assert sorted(parts["validation"]) == sorted(parts["tune"] + parts["report"])
+    assert sorted(parts["train+tune"]) == sorted(parts["train"] + parts["tune"])
+    assert min(len(parts[s]) for s in ("train", "tune", "report")) > 40
