@@ -16,14 +16,13 @@ the per-round ratios to `none`, and the mean time of one commit.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import tempfile
 import threading
 import time
 from pathlib import Path
+
+from report import machine, publish
 
 MODES = ("none", "commit", "commit-fsync")
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
@@ -93,7 +92,7 @@ def main() -> None:
     ratios = {mode: [rate / base for rate, base in zip(rates[mode], rates["none"], strict=True)] for mode in MODES[1:]}
     result = {
         "bench": "chat_commit",
-        "machine": f"{platform.machine()} {os.cpu_count()} cores",
+        "machine": machine(),
         "date": time.strftime("%Y-%m-%d"),
         "rounds": args.rounds,
         "tokens": args.tokens,
@@ -103,11 +102,7 @@ def main() -> None:
         "commit_ms_mean": {mode: 1000 * statistics.mean(values) for mode, values in commits.items()},
         "tokens_per_second": rates,
     }
-    text = json.dumps(result, indent=2)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    print(text)
+    publish(result, args.out)
 
 
 if __name__ == "__main__":

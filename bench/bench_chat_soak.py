@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import signal
 import sqlite3
 import subprocess
@@ -32,6 +31,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+from report import machine, publish
 
 PROFILES = ("truthful", "refuse-harmful", "no-sycophancy", "no-hallucination", "none")
 PROMPTS = (
@@ -212,7 +213,7 @@ def main() -> None:
     seconds = sum(lived["seconds"] for lived in lives)
     result = {
         "bench": "chat_soak",
-        "machine": f"{platform.machine()} {os.cpu_count()} cores",
+        "machine": machine(),
         "date": time.strftime("%Y-%m-%d"),
         "path": "without the screen: open_store, fit_prompt, interleave, StoredReply (the chat's store-then-show)",
         "export": str(args.export),
@@ -237,11 +238,7 @@ def main() -> None:
     }
     checks = [result["rss_growth_in_life_max"], result["rss_growth_across_lives_warm"]]
     result["rss_growth_under_5_percent"] = all(value is not None and value < 0.05 for value in checks)
-    text = json.dumps(result, indent=2)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    print(text)
+    publish(result, args.out)
 
 
 if __name__ == "__main__":

@@ -15,18 +15,16 @@ Repetitions are interleaved (A, B, A, B, …) and medians reported, so machine n
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 from engine_runs import engine_run, engine_stream_run
 from prompts import PROMPT
+from report import machine, publish
 
 from grains_edge.export.onnx_export import export
 from grains_edge.model import sources
@@ -148,7 +146,7 @@ def main() -> int:
         "decode_tokens": args.tokens,
         "repeats": args.repeats,
         "threads": threads,
-        "machine": {"cpu_count": os.cpu_count(), "processor": platform.processor() or platform.machine()},
+        "machine": machine(),
         "engine_fp32_steered": summary("engine"),
         "engine_fp32_steered_streaming_api": {"decode_tokens_per_second": median([r[1] for r in runs["stream"]])},
         "pytorch_eager_generate_hooks": summary("torch_generate"),
@@ -173,11 +171,7 @@ def main() -> int:
         / result["engine_zero_steering"]["decode_tokens_per_second"]
         - 1.0,
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+    publish(result, args.out)
     return 0
 
 

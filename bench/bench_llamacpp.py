@@ -29,7 +29,6 @@ import ctypes
 import importlib.util
 import json
 import os
-import platform
 import resource
 import statistics
 import sys
@@ -40,6 +39,7 @@ from typing import Any
 
 import numpy as np
 from prompts import LONG_PROMPT_TOKENS, PROMPT, filler_ids
+from report import machine, publish
 
 try:
     import llama_cpp
@@ -251,8 +251,7 @@ def main() -> int:
         "repeats": args.repeats,
         "threads": threads,
         "machine": {
-            "cpu_count": os.cpu_count(),
-            "processor": platform.processor() or platform.machine(),
+            **machine(),
             "load_average_1min": {"start": load_at_start, "end": os.getloadavg()[0]},
         },
         "control_vector": {
@@ -276,11 +275,7 @@ def main() -> int:
     result["peak_rss_mb"] = {"one_context": rss_one_context, "two_contexts": peak_rss_mb()}
     runner.close()
 
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+    publish(result, args.out)
     return 0
 
 

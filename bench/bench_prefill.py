@@ -15,19 +15,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from bench_speed import peak_rss_mb  # noqa: E402
-from prompts import LONG_PROMPT_TOKENS, filler_ids  # noqa: E402
+from bench_speed import peak_rss_mb
+from prompts import LONG_PROMPT_TOKENS, filler_ids
+from report import machine, publish
 
 SETTINGS = {"last_only": 1, "all_positions": 0}
 
@@ -94,13 +90,10 @@ def main() -> int:
     report = {
         "prompt_tokens": LONG_PROMPT_TOKENS,
         "rounds": args.rounds,
-        "machine": {"processor": platform.processor() or platform.machine(), "python": platform.python_version()},
+        "machine": machine(),
         "results": results,
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    publish(report, args.out)
     return 0
 
 

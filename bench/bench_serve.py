@@ -25,7 +25,6 @@ import asyncio
 import importlib.util
 import json
 import os
-import platform
 import socket
 import statistics
 import subprocess
@@ -35,6 +34,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+from report import machine, publish
 
 PROFILES = [None, "truthful", "no-sycophancy", "refuse-harmful", "no-hallucination"]
 QUESTIONS = [
@@ -197,7 +197,7 @@ def main() -> None:
     args = parser.parse_args()
     clients = [int(c) for c in args.clients.split(",")]
     result = {
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load_before": os.getloadavg()},
+        "machine": {**machine(), "load_before": os.getloadavg()},
         "note": args.note,
         "tokens": args.tokens,
         "clients": clients,
@@ -209,11 +209,7 @@ def main() -> None:
     print("llama-cpp-python server:", file=sys.stderr, flush=True)
     result["llama_cpp_server"] = bench_llama_cpp(clients, args.tokens, args.rounds)
     result["machine"]["load_after"] = os.getloadavg()
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    publish(result, args.out)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
 import sys
 import time
@@ -28,9 +27,8 @@ from collections import Counter
 from pathlib import Path
 
 import httpx
-
-sys.path.insert(0, str(Path(__file__).parent))
-from bench_serve import QUESTIONS, free_port, start_server  # noqa: E402
+from bench_serve import QUESTIONS, free_port, start_server
+from report import machine, publish
 
 BUILTINS = ["truthful", "no-sycophancy", "refuse-harmful", "no-hallucination"]
 
@@ -157,15 +155,10 @@ def main() -> None:
         "rss_mb_end": round(rss_end, 1),
         "rss_growth_percent": round(growth, 2),
         "health_at_end": health,
-        "cpus": os.cpu_count(),
-        "load_average_end": os.getloadavg(),
+        "machine": machine(),
         "passed": outcomes["unexpected"] == 0 and growth < 5 and health["active"] == 0,
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    publish(result, args.out)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -43,11 +42,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-
-from prompts import LONG_PROMPT_TOKENS, PROMPT, filler_ids  # noqa: E402
+from prompts import LONG_PROMPT_TOKENS, PROMPT, filler_ids
+from report import machine, publish
 
 # engine contenders: (quantization, steered layers, kernels of the export)
 ENGINES = {
@@ -364,8 +360,7 @@ def main() -> int:
         "long_prompt_tokens": LONG_PROMPT_TOKENS,
         "repeats": args.repeats,
         "machine": {
-            "cpu_count": os.cpu_count(),
-            "processor": platform.processor() or platform.machine(),
+            **machine(),
             "load_average_1min": {"start": load_start, "end": os.getloadavg()[0]},
         },
         "roofline": bound,
@@ -374,11 +369,7 @@ def main() -> int:
     }
     if args.paired_rounds and "engine-int4" in contenders:
         report["paired"] = run_worker("paired", args.tokens, rounds=args.paired_rounds)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+    publish(report, args.out)
     return 0
 
 

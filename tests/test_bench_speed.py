@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 
-import bench_speed  # noqa: E402
+import bench_speed
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
