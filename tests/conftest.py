@@ -39,6 +39,16 @@ def session_cache(tmp_path_factory):
         os.environ["GRAINS_EDGE_CACHE"] = previous
 
 
+@pytest.fixture
+def needs_kernels():
+    """Skips a test of grains-edge's own kernels where they cannot be built, decided in the run's own cache."""
+    from grains_edge import kernels
+
+    reason = kernels.unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     from tokenizers import ByteLevelBPETokenizer

@@ -142,7 +142,7 @@ def test_exported_blocks_match_pytorch(tmp_path, monkeypatch, q4_1_llama, level,
     assert checks["steering_effect_correlation"] > correlation
 
 
-@pytest.mark.skipif(kernels.unavailable_reason() is not None, reason="kernels cannot build here")
+@pytest.mark.usefixtures("needs_kernels")
 def test_fused_export_runs_each_q4_1_linear_and_each_steering_in_one_kernel(tmp_path, monkeypatch, q4_1_llama):
     folder, blocks = q4_1_llama
     monkeypatch.setattr(onnx_export, "source_blocks", lambda spec, model, quantize: blocks)

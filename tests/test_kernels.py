@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 from grains_edge import kernels, paths
 from grains_edge.errors import GrainsError
 
-needs_kernels = pytest.mark.skipif(kernels.unavailable_reason() is not None, reason="kernels cannot build here")
+needs_kernels = pytest.mark.usefixtures("needs_kernels")
 
 
 def q4_1_weight(rows: int, cols: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
