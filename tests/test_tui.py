@@ -4,6 +4,7 @@ import os
 import sqlite3
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -496,3 +497,30 @@ async def test_a_paste_and_a_stored_system_prompt_are_drawn_with_stand_ins(tmp_p
         await pilot.press("f2")
         assert app.screen.query_one(TextArea).text == SHOWN
         assert not any(character in screen_text(app) for character in RAW)
+
+
+async def test_a_model_without_a_chat_template_says_so_in_the_status_bar(tmp_path):
+    plain = FakeEngine()
+    plain.has_chat_template = False
+    for engine, shown in ((FakeEngine(), False), (plain, True)):
+        app, _ = fake_app(tmp_path / "chat.sqlite3", engine)
+        async with app.run_test(size=SIZE):
+            assert ("plain prompt" in status(app, "model")) is shown
+
+
+async def test_profile_warnings_are_notifications_shown_once(tmp_path):
+    app, _ = fake_app(tmp_path / "chat.sqlite3")
+    app.library.fingerprint = "these-weights"
+    TRUTHFUL.metadata["fingerprint"] = "other-weights"
+    try:
+        async with app.run_test(size=SIZE) as pilot:
+            notes = recorded_notes(app)
+            app.library.warn = app.warn_once  # as on_mount sets it, now that notify is recorded
+            await pick_profile(pilot, "truthful")
+            await pick_profile(pilot, "truthful")
+            for _ in range(2):  # α 100: far outside the [0, 6] the profile's default 0.6 implies
+                app.library.tensor(replace(app.steering, alpha=100.0))
+    finally:
+        del TRUTHFUL.metadata["fingerprint"]
+    assert [note for note in notes if "other weights" in note] == [notes[0]]
+    assert sum("far outside" in note for note in notes) == 1
