@@ -51,7 +51,7 @@ def test_slots_decode_rows_of_different_lengths_and_steerings_as_each_alone(engi
     steerings = [s.astype(np.float32) for s in steerings]
     expected = [single_row_logits(engine, p, s, 8) for p, s in zip(prompts, steerings, strict=True)]
     slots = SlotCache(engine, max_batch=4, capacity=100)
-    got = [[slots.prompt(i, p, s)] for i, (p, s) in enumerate(zip(prompts, steerings, strict=True))]
+    got = [[slots.prompts(i, [p], s[None])[0]] for i, (p, s) in enumerate(zip(prompts, steerings, strict=True))]
     for _ in range(4):
         step = slots.decode(np.array([int(rows[-1].argmax()) for rows in got]))
         for rows, logits in zip(got, step, strict=True):
@@ -66,8 +66,81 @@ def test_slots_decode_rows_of_different_lengths_and_steerings_as_each_alone(engi
     for rows, reference in zip(got, [expected[2], expected[1]], strict=True):
         np.testing.assert_allclose(np.stack(rows), np.stack(reference), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="does not fit"):
-        slots.prompt(3, list(range(3, 110)), steerings[0])
+        slots.prompts(3, [list(range(3, 110))], steerings[0][None])
     assert slots.window.shape == (2, 100)  # the long row's 69 tokens: the mask grew to the slot's capacity
+
+
+@settings(max_examples=8, deadline=None)
+@given(lengths=st.lists(st.integers(1, 40), min_size=1, max_size=4), seed=st.integers(0, 2**16))
+def test_newcomers_prompted_in_one_step_decode_as_each_prompted_alone(engine, lengths, seed):
+    """Prompts of different lengths and steerings, right-padded into one prompt step on slots 1.. (slot 0 is
+    busy with an older row), give every row the logits and greedy tokens of its own batch-1 prompt step."""
+    rng = np.random.default_rng(seed)
+    prompts = [[int(t) for t in rng.integers(3, 200, n)] for n in lengths]
+    steerings = rng.normal(0, 5, (len(prompts), engine.num_layers, engine.hidden_size)).astype(np.float32)
+    steerings[0] = engine.zero_steering()
+    alone, together = SlotCache(engine, 5, 64), SlotCache(engine, 5, 64)
+    for slots in (alone, together):
+        slots.prompts(0, [[5, 6, 7]], steerings[:1])
+    expected = [[alone.prompts(0, [p], s[None])[0]] for p, s in zip(prompts, steerings, strict=True)]
+    for rows, (p, s) in zip(expected, zip(prompts, steerings, strict=True), strict=True):
+        alone.prompts(0, [p], s[None])  # each row decoded alone on slot 0
+        for _ in range(3):
+            rows.append(alone.decode(np.array([int(rows[-1].argmax())]))[0])
+    got = [[logits] for logits in together.prompts(1, prompts, steerings)]
+    older = 7
+    for _ in range(3):
+        step = together.decode(np.array([older, *(int(rows[-1].argmax()) for rows in got)]))
+        older = int(step[0].argmax())
+        for rows, logits in zip(got, step[1:], strict=True):
+            rows.append(logits)
+    for rows, reference in zip(got, expected, strict=True):
+        np.testing.assert_allclose(np.stack(rows), np.stack(reference), rtol=1e-4, atol=1e-5)
+        assert [int(r.argmax()) for r in rows] == [int(r.argmax()) for r in reference]
+
+
+def greedy_texts(
+    engine: Engine, jobs: list[tuple[list[int], np.ndarray | None]], max_batch: int
+) -> tuple[list[str], list[int]]:
+    """Run jobs through a Batcher, all queued before its loop starts; their texts, and the prompt steps' rows."""
+    batcher = Batcher(engine, max_batch=max_batch, capacity=64, max_queue=len(jobs))
+    prompt_rows: list[int] = []  # the rows of each prompt step
+    prompts = batcher.slots.prompts
+
+    def counted_prompts(first: int, rows: list[list[int]], steerings: np.ndarray) -> np.ndarray:
+        prompt_rows.append(len(rows))
+        return prompts(first, rows, steerings)
+
+    batcher.slots.prompts = counted_prompts
+    texts, done = [""] * len(jobs), threading.Semaphore(0)
+
+    def emit(index: int, event) -> None:
+        if isinstance(event, Piece):
+            texts[index] += event.text
+        else:
+            done.release()
+
+    for index, (ids, steering) in enumerate(jobs):
+        job_settings = GenerationSettings(max_new_tokens=6, temperature=0.0)
+        batcher.submit(Job(ids, steering, job_settings, lambda event, i=index: emit(i, event), ignore_eos=True))
+    batcher.start()
+    for _ in jobs:
+        assert done.acquire(timeout=30)
+    batcher.close()
+    return texts, prompt_rows
+
+
+def test_waiting_requests_share_one_prompt_step_and_answer_as_each_alone(engine):
+    """Four requests (prompts of 2 to 30 tokens, three steerings and none) waiting at the same turn are prompted
+    in one step of four rows; each greedy text equals the one it gets alone on a one-slot batcher."""
+    rng = np.random.default_rng(1)
+    steerings = [None, *rng.normal(0, 5, (3, engine.num_layers, engine.hidden_size)).astype(np.float32)]
+    jobs = [([int(t) for t in rng.integers(3, 200, n)], s) for n, s in zip((2, 30, 9, 17), steerings, strict=True)]
+    together, rows = greedy_texts(engine, jobs, max_batch=4)
+    alone, lone_rows = greedy_texts(engine, jobs, max_batch=1)
+    assert rows == [4] and lone_rows == [1, 1, 1, 1]
+    assert together == alone
+    assert all(together)
 
 
 def test_held_back_keeps_a_possible_stop_prefix_unshown():

@@ -1,11 +1,11 @@
 """Continuous batching: one thread runs the engine's session for every request at once.
 
-Each loop turn: drop cancelled rows, admit waiting requests into free slots (each newcomer's prompt is one
-batch-1 step on its own slot, and yields its first token), then one decode step for all active rows
-together, each with its own steering row, KV slot and position. A row leaves when it ends (stop token,
-stop string, max_tokens) or is cancelled, and its slot goes to the next request at once. Decoding is
-bandwidth-bound on a CPU, so a step of k rows costs little more than a step of one: the weights are read
-once per step, not once per row.
+Each loop turn: drop cancelled rows, admit waiting requests into free slots (the newcomers' prompts run
+together as one right-padded step, each row on its own slot, and each yields its first token), then one
+decode step for all active rows together, each with its own steering row, KV slot and position. A row
+leaves when it ends (stop token, stop string, max_tokens) or is cancelled, and its slot goes to the next
+request at once. Decoding is bandwidth-bound on a CPU, so a step of k rows costs little more than a step of
+one: the weights are read once per step, not once per row; the same holds for the newcomers' prompt step.
 
 Requests wait in a bounded queue; `submit` refuses one when it is full (the HTTP layer answers 429).
 Events reach a request through its `emit` callback, called on the batcher thread.
@@ -150,31 +150,38 @@ class Batcher:
     def turn(self) -> None:
         for job in [job for job in self.active if job.cancelled.is_set()]:
             self.release(job)
-        while len(self.active) < self.slots.max_batch:
-            with self.condition:
-                job = self.pending.popleft() if self.pending else None
-            if job is None:
-                break
-            if not job.cancelled.is_set():
-                self.admit(job)
+        newcomers: list[Job] = []
+        with self.condition:
+            while self.pending and len(self.active) + len(newcomers) < self.slots.max_batch:
+                job = self.pending.popleft()
+                if not job.cancelled.is_set():
+                    newcomers.append(job)
+        if newcomers:
+            self.admit(newcomers)
         if self.active:
             steps = self.slots.decode(np.array([job.generated[-1] for job in self.active], np.int64))
             for job, logits in zip(list(self.active), steps, strict=True):
                 self.advance(job, logits)
 
-    def admit(self, job: Job) -> None:
-        slot = len(self.active)
-        steering = job.steering if job.steering is not None else self.engine.zero_steering()
+    def admit(self, jobs: list[Job]) -> None:
+        """Run the newcomers' prompts as one step on the next free slots; each yields its first token."""
+        first = len(self.active)
+        steerings = np.stack(  # [n, layers, hidden]
+            [job.steering if job.steering is not None else self.engine.zero_steering() for job in jobs]
+        )
         try:
-            logits = self.slots.prompt(slot, job.prompt_ids, steering)
-        except Exception as error:  # this request fails alone: its slot was not taken yet
-            job.emit(Failed(f"the prompt step failed ({error}); fix: retry the request"))
+            rows = self.slots.prompts(first, [job.prompt_ids for job in jobs], steerings)
+        except Exception as error:  # these requests fail alone: their slots were not taken yet
+            for job in jobs:
+                job.emit(Failed(f"the prompt step failed ({error}); fix: retry the request"))
             return
-        self.active.append(job)
-        seen = np.zeros(self.engine.manifest.vocab_size, bool)
-        seen[[i for i in job.prompt_ids if i < len(seen)]] = True
-        self.state[job] = (np.random.default_rng(job.settings.seed), seen)
-        self.advance(job, logits)
+        self.active.extend(jobs)
+        for job in jobs:
+            seen = np.zeros(self.engine.manifest.vocab_size, bool)
+            seen[[i for i in job.prompt_ids if i < len(seen)]] = True
+            self.state[job] = (np.random.default_rng(job.settings.seed), seen)
+        for job, logits in zip(jobs, rows, strict=True):
+            self.advance(job, logits)
 
     def advance(self, job: Job, logits: np.ndarray) -> None:
         """Pick the row's next token from its logits [vocab] and emit what it adds to the text."""

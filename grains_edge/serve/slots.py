@@ -9,9 +9,9 @@ contiguous [k, kv_heads, capacity, head_dim] block, and a row that leaves is rep
 Rows have different lengths. A decode step's attention mask is [k, width] (width: the longest row, rounded
 up) with row i's ones covering its own tokens plus the new one (right padding); the graph turns it into
 seqlens_k = sum - 1 per row, which GroupQueryAttention uses as that row's past length: where it writes the
-new key and value, its rotary position, and how far it attends. A newcomer's prompt runs as its own batch-1
-step on its slot's row, a first prompt for GroupQueryAttention (mask width = prompt length), so it never
-sees other rows.
+new key and value, its rotary position, and how far it attends. Newcomers' prompts run together as one step on
+their slots' rows, right-padded to the longest: each row is a first prompt for GroupQueryAttention whose
+length is its mask's sum, so it never sees other rows or its own padding.
 """
 
 from __future__ import annotations
@@ -62,26 +62,41 @@ class SlotCache:
             self.bind(binding, past, buffer, rows)
             self.bind(binding, present, buffer, rows, output=True)
 
-    def prompt(self, slot: int, ids: list[int], steering: np.ndarray) -> np.ndarray:
-        """Run a new row's prompt on slot `slot` with steering [layers, hidden]; returns its last logits [vocab]."""
-        if not 0 < len(ids) <= self.capacity:
-            raise ValueError(f"a prompt of {len(ids)} tokens does not fit a slot of {self.capacity}")
-        self.steering[slot] = steering
+    def prompts(self, first: int, rows: list[list[int]], steerings: np.ndarray) -> np.ndarray:
+        """Run newcomers' prompts as one step on slots first.., steerings [n, layers, hidden]; last logits [n, vocab].
+
+        The prompts are right-padded to the longest: each row is a first prompt for GroupQueryAttention with
+        its own length (its mask's sum), so it attends to its own tokens only; the padding's keys land past
+        the row's length, where its first decode steps overwrite them.
+        """
+        lengths = np.array([len(ids) for ids in rows], np.int64)
+        for length in lengths:
+            if not 0 < length <= self.capacity:
+                raise ValueError(f"a prompt of {length} tokens does not fit a slot of {self.capacity}")
+        count, width = len(rows), int(lengths.max())
+        block = slice(first, first + count)
+        self.steering[block] = steerings
+        input_ids = np.full((count, width), self.engine.pad_id, np.int64)  # [n, width]
+        attention_mask = np.zeros((count, width), np.int64)
+        for row, ids in enumerate(rows):
+            input_ids[row, : len(ids)] = ids
+            attention_mask[row, : len(ids)] = 1
+        # logits of the last `keep` positions cover every row's last token: the shortest row's is the earliest
+        keep = width - int(lengths.min()) + 1
         binding = self.engine.session.io_binding()
-        rows = slice(slot, slot + 1)
-        input_ids = np.asarray([ids], np.int64)  # [1, seq]
         binding.bind_cpu_input("input_ids", input_ids)
-        binding.bind_cpu_input("position_ids", np.arange(len(ids), dtype=np.int64)[None])
-        binding.bind_cpu_input("attention_mask", np.ones((1, len(ids)), np.int64))
-        binding.bind_cpu_input("logits_to_keep", LAST_POSITION)
-        self.bind(binding, "steering", self.steering, rows)
+        binding.bind_cpu_input("position_ids", np.arange(width, dtype=np.int64)[None].repeat(count, 0))
+        binding.bind_cpu_input("attention_mask", attention_mask)
+        binding.bind_cpu_input("logits_to_keep", np.array([keep], np.int64))
+        self.bind(binding, "steering", self.steering, block)
         binding.bind_output("logits", "cpu")
-        self.bind_kv(binding, rows)
+        self.bind_kv(binding, block)
         self.engine.session.run_with_iobinding(binding)
-        self.lengths[slot] = len(ids)
-        self.mask[slot] = 0
-        self.mask[slot, : len(ids)] = 1
-        return binding.get_outputs()[0].numpy()[0, -1]
+        logits = binding.get_outputs()[0].numpy()  # [n, keep, vocab]
+        self.lengths[block] = lengths
+        self.mask[block] = 0
+        self.mask[block, :width] = attention_mask
+        return logits[np.arange(count), lengths - 1 - (width - keep)]
 
     def decode(self, tokens: np.ndarray) -> np.ndarray:
         """One token per active row (tokens [k], slots 0..k-1) after each row's cached tokens; logits [k, vocab]."""
