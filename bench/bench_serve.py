@@ -29,6 +29,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -56,22 +57,22 @@ def free_port() -> int:
 
 
 def start_server(command: list[str], port: int, timeout: float = 300) -> subprocess.Popen:
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited: {process.stderr.read()}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return process
-        except httpx.TransportError:
-            pass
-        try:  # llama_cpp.server has no /health: its model list answers once it is up
-            if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=1).status_code == 200:
-                return process
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
+    # stderr to a file, not a pipe: nobody reads a pipe while the server runs, and llama.cpp's loading log
+    # alone fills one, which blocks the server before it listens (the child keeps its own copy of the file)
+    with tempfile.TemporaryFile("w+") as log:
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, text=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                log.seek(0)
+                raise RuntimeError(f"server exited: {log.read()}")
+            for path in ("/health", "/v1/models"):  # llama_cpp.server has no /health: its model list answers
+                try:
+                    if httpx.get(f"http://127.0.0.1:{port}{path}", timeout=1).status_code == 200:
+                        return process
+                except httpx.TransportError:
+                    pass
+            time.sleep(0.5)
     process.kill()
     raise RuntimeError("server did not start")
 
@@ -92,6 +93,7 @@ async def one_client(http: httpx.AsyncClient, url: str, index: int, tokens: int,
     sent = time.perf_counter()
     first = None
     count = None
+    pieces = 0  # content chunks: llama_cpp.server streams one token per chunk and sends no usage
     async with http.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
         response.raise_for_status()
         async for line in response.aiter_lines():
@@ -101,10 +103,12 @@ async def one_client(http: httpx.AsyncClient, url: str, index: int, tokens: int,
             if chunk.get("usage"):
                 count = chunk["usage"]["completion_tokens"]
             for choice in chunk.get("choices", []):
-                if first is None and (choice.get("delta") or {}).get("content"):
-                    first = time.perf_counter()
+                if (choice.get("delta") or {}).get("content"):
+                    pieces += 1
+                    first = first or time.perf_counter()
     end = time.perf_counter()
-    return {"profile": profile or "none", "sent": sent, "first": first, "end": end, "tokens": count}
+    tokens = count if count is not None else pieces
+    return {"profile": profile or "none", "sent": sent, "first": first, "end": end, "tokens": tokens}
 
 
 async def one_round(url: str, clients: int, tokens: int, steer: bool) -> list[dict]:
