@@ -1,6 +1,7 @@
 """How a conversation becomes a prompt for a model without a chat template (a base model, such as
 Gemma-3-270M's GGUF): one plain-completion rule wherever a prompt is formatted (the runtime's tokenizer,
-`vectors`, evaluation), so a profile is built, tuned, evaluated and used on the same token ids."""
+`vectors`, evaluation), so a profile is built, tuned, evaluated and used on the same token ids; and the
+stop strings that end an answer where such a model would start the next turn itself."""
 
 from __future__ import annotations
 
@@ -16,3 +17,18 @@ def plain_prompt(messages: Sequence[dict]) -> str:
     """The conversation as plain `role: content` lines ending with `assistant:`, for models without a chat
     template; encoded with the tokenizer's own special tokens (a base model expects its BOS)."""
     return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+
+
+# a base model continues a plain prompt with the next turn: the answer ends where that turn starts
+PLAIN_TURN_STOPS = ("\nuser:",)
+
+
+def held_back(text: str, stops: Sequence[str]) -> int:
+    """Characters at the end of `text` that may be the start of a stop string, so not shown yet."""
+    return max((k for stop in stops for k in range(1, len(stop)) if text.endswith(stop[:k])), default=0)
+
+
+def stop_at(text: str, stops: Sequence[str]) -> int | None:
+    """Where the first stop string in `text` begins, None when there is none."""
+    hits = [index for index in (text.find(stop) for stop in stops) if index >= 0]
+    return min(hits) if hits else None

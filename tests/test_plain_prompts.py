@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from grains_edge.cli import main
 from grains_edge.evaluate.datasets import Pair
 from grains_edge.evaluate.scoring import token_pairs
-from grains_edge.prompts import has_chat_template, plain_prompt
+from grains_edge.prompts import PLAIN_TURN_STOPS, has_chat_template, held_back, plain_prompt, stop_at
 from grains_edge.runtime.engine import Engine
 from grains_edge.runtime.tokenizer import ChatTokenizer
 from grains_edge.steer.profiles import load_profile
@@ -103,3 +103,23 @@ def test_truthfulqa_questions_fit_as_mc1_mc2_tuples_the_way_eval_and_tune_pass_t
     mc2 = MCItem("Is Paris the capital?", ["Yes.", "It is.", "No."], [1, 1, 0])
     assert fitting(Engine(plain_export), [(mc1, mc2)], mc_sequences) == ([(mc1, mc2)], 0)
     assert len(mc_sequences((mc1, mc2))) == 5
+
+
+def test_held_back_keeps_a_possible_stop_prefix_unshown():
+    assert held_back("hello wor", ("world",)) == 3
+    assert held_back("hello", ("world",)) == 0
+    assert held_back("a\n", ("\n\n", "xyz")) == 1
+    assert held_back("anything", ()) == 0
+
+
+def test_a_plain_prompt_answer_ends_where_the_model_starts_the_next_turn(plain_export, monkeypatch):
+    """The engine streams the answer, never the next turn a base model writes itself, nor a piece of its marker,
+    and the pieces add up to what the stop rule cuts from the whole text."""
+    engine = Engine(plain_export, device="cpu")
+    whole = "Paris is the capital.\nuser: and Rome?"
+    monkeypatch.setattr(engine.tokenizer, "decode", lambda ids, skip_special_tokens=True: whole[: 3 * len(ids)])
+    monkeypatch.setattr(engine, "stop_ids", set())
+    pieces = list(engine.generate(engine.chat_ids([{"role": "user", "content": "Capital of France?"}])))
+    assert "".join(pieces) == whole[: stop_at(whole, PLAIN_TURN_STOPS)] == "Paris is the capital."
+    assert not any("\n" in piece for piece in pieces)
+    assert engine.last_stats.stopped_by == "eos"

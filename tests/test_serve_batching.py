@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from grains_edge.runtime.engine import Engine
 from grains_edge.runtime.protocol import GenerationSettings
-from grains_edge.serve.batcher import Batcher, Finished, Job, Piece, held_back
+from grains_edge.serve.batcher import Batcher, Finished, Job, Piece
 from grains_edge.serve.slots import MASK_STEP, SlotCache
 from tests.test_serve import KEY, start
 
@@ -141,13 +141,6 @@ def test_waiting_requests_share_one_prompt_step_and_answer_as_each_alone(engine)
     assert rows == [4] and lone_rows == [1, 1, 1, 1]
     assert together == alone
     assert all(together)
-
-
-def test_held_back_keeps_a_possible_stop_prefix_unshown():
-    assert held_back("hello wor", ("world",)) == 3
-    assert held_back("hello", ("world",)) == 0
-    assert held_back("a\n", ("\n\n", "xyz")) == 1
-    assert held_back("anything", ()) == 0
 
 
 def first_stop(engine: Engine, tokens: list[int], stops: tuple[str, ...]) -> tuple[str, str]:

@@ -24,7 +24,7 @@ from grains_edge.errors import GrainsError
 from grains_edge.export.graph_io import ALL_POSITIONS, LAST_POSITION
 from grains_edge.export.manifest import MODEL_NAME, Manifest, graph_mismatches
 from grains_edge.options import DEVICES
-from grains_edge.prompts import has_chat_template
+from grains_edge.prompts import PLAIN_TURN_STOPS, has_chat_template, held_back, stop_at
 from grains_edge.runtime.protocol import GenerationSettings, GenerationStats
 from grains_edge.runtime.tokenizer import ChatTokenizer
 
@@ -296,6 +296,7 @@ class Engine:
         seen = np.zeros(self.manifest.vocab_size, bool)  # [vocab] tokens already in the context
         seen[[i for i in prompt_ids if i < len(seen)]] = True
         shown = ""
+        stops = () if self.has_chat_template else PLAIN_TURN_STOPS
         started = time.perf_counter()
         ids = np.asarray([prompt_ids], np.int64)
         stats.stopped_by = "length"
@@ -311,6 +312,12 @@ class Engine:
             seen[token] = True
             stats.new_tokens = len(generated)
             text = self.tokenizer.decode(generated, skip_special_tokens=True)
+            end = stop_at(text, stops)
+            if end is not None:
+                yield text[len(shown) : end]
+                stats.stopped_by = "eos"
+                break
+            text = text[: len(text) - held_back(text, stops)]
             if not text.endswith("\ufffd") and len(text) > len(shown):
                 yield text[len(shown) :]
                 shown = text

@@ -16,7 +16,7 @@ import math
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -24,6 +24,7 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from grains_edge.errors import GrainsError
+from grains_edge.prompts import PLAIN_TURN_STOPS
 from grains_edge.runtime.engine import Engine
 from grains_edge.runtime.protocol import GenerationSettings
 from grains_edge.serve.batcher import Batcher, Failed, Finished, Job, Piece, QueueFull
@@ -363,7 +364,10 @@ def create_app(
             prompt_ids = engine.chat_ids(messages)
         except GrainsError as error:
             raise invalid(str(error), "messages") from None
-        return await run(request, generation(body, prompt_ids, "messages"), chat=True)
+        spec = generation(body, prompt_ids, "messages")
+        if not engine.has_chat_template:  # a plain prompt: the answer ends where the model starts the next turn
+            spec = replace(spec, stop=spec.stop + PLAIN_TURN_STOPS)
+        return await run(request, spec, chat=True)
 
     @app.post("/v1/completions", dependencies=[Depends(authorized)])
     async def completions(request: Request):

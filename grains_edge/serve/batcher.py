@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from grains_edge.prompts import held_back
 from grains_edge.runtime.engine import Engine, pick_token
 from grains_edge.runtime.protocol import GenerationSettings
 from grains_edge.serve.slots import SlotCache
@@ -68,11 +69,6 @@ class Job:
 
     def cancel(self) -> None:
         self.cancelled.set()
-
-
-def held_back(text: str, stops: tuple[str, ...]) -> int:
-    """Characters at the end of `text` that may be the start of a stop string, so not shown yet."""
-    return max((k for stop in stops for k in range(1, len(stop)) if text.endswith(stop[:k])), default=0)
 
 
 class Batcher:
