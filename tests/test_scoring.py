@@ -182,3 +182,20 @@ def test_too_long_items_are_refused_before_allocation_and_fitting_leaves_them_ou
         perplexity(engine, prompts, responses)
     monkeypatch.undo()
     assert perplexity(engine, [p for p, _ in kept], [r for _, r in kept]) == short
+
+
+def test_a_larger_vocabulary_gets_fewer_tokens_per_pass_and_the_same_scores(engine, monkeypatch):
+    from grains_edge.evaluate import scoring
+
+    prompts = [f"Question {i}: what is {i} plus {i}?" for i in range(6)]
+    answers = [f"It is {2 * i}." for i in range(6)]
+    whole, _ = scoring.answer_logprobs(engine, prompts, answers)
+    widths = []
+    forward = engine.forward
+    monkeypatch.setattr(
+        engine, "forward", lambda ids, mask, steering=None: widths.append(ids.size) or forward(ids, mask, steering)
+    )
+    monkeypatch.setattr(scoring, "BATCH_LOGITS", 100 * engine.manifest.vocab_size)  # 100 tokens: two rows
+    bounded, _ = scoring.answer_logprobs(engine, prompts, answers)
+    assert len(widths) > 1 and max(widths) <= 100
+    np.testing.assert_allclose(bounded, whole, rtol=1e-4)

@@ -31,7 +31,9 @@ from grains_edge.runtime.engine import Engine
 
 T = TypeVar("T")
 
-BATCH_TOKENS = 2048  # padded tokens per forward pass
+# logits per forward pass: 2048 padded tokens of a 49,152-token vocabulary (the default model), 400 MB in float32;
+# a larger vocabulary gets fewer tokens per pass (Gemma-3's 262,144: 384), so memory stays bounded
+BATCH_LOGITS = 2048 * 49_152
 
 
 class NonFiniteScores(GrainsError):
@@ -123,13 +125,14 @@ def answer_logprobs(
     totals = np.zeros(len(pairs))
     counts = np.array([len(a) for _, a in pairs])
     order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
+    batch_tokens = max(1, BATCH_LOGITS // engine.manifest.vocab_size)  # padded tokens per forward pass
     start = 0
     while start < len(order):
         width = len(pairs[order[start]][0]) + len(pairs[order[start]][1])
         end = start + 1
         while end < len(order):
             longest = len(pairs[order[end]][0]) + len(pairs[order[end]][1])
-            if longest * (end - start + 1) > BATCH_TOKENS:
+            if longest * (end - start + 1) > batch_tokens:
                 break
             width, end = longest, end + 1
         batch = order[start:end]
