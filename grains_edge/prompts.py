@@ -28,7 +28,8 @@ def held_back(text: str, stops: Sequence[str]) -> int:
     return max((k for stop in stops for k in range(1, len(stop)) if text.endswith(stop[:k])), default=0)
 
 
-def stop_at(text: str, stops: Sequence[str]) -> int | None:
-    """Where the first stop string in `text` begins, None when there is none."""
-    hits = [index for index in (text.find(stop) for stop in stops) if index >= 0]
+def stop_at(text: str, stops: Sequence[str], shown: int = 0) -> int | None:
+    """Where the first stop string in `text` begins, None when there is none; the first `shown` characters
+    were checked before, so only a stop string reaching past them is looked for."""
+    hits = [index for index in (text.find(stop, max(0, shown - len(stop))) for stop in stops) if index >= 0]
     return min(hits) if hits else None

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from grains_edge.prompts import held_back
+from grains_edge.prompts import held_back, stop_at
 from grains_edge.runtime.engine import Engine, pick_token
 from grains_edge.runtime.protocol import GenerationSettings
 from grains_edge.serve.slots import SlotCache
@@ -191,9 +191,9 @@ class Batcher:
         job.generated.append(token)
         seen[token] = True
         text = self.engine.tokenizer.decode(job.generated, skip_special_tokens=True)
-        hits = [index for index in (text.find(stop, max(0, job.shown - len(stop))) for stop in job.stop) if index >= 0]
-        if hits:
-            self.show(job, text[: min(hits)])
+        end = stop_at(text, job.stop, job.shown)
+        if end is not None:
+            self.show(job, text[:end])
             self.finish(job, self.finished(job, "stop"))
             return
         slot_full = self.slots.lengths[self.active.index(job)] >= self.capacity  # no room to feed this token

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from grains_edge.errors import GrainsError
-from grains_edge.steer.profiles import Profile, check_fits, combine, load_profile
+from grains_edge.steer.profiles import Profile, check_fits, combine, load_profile, weighted_terms
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 NONE = "none"
@@ -87,17 +87,21 @@ class SteeringResolver:
             profile = self.profile(spec["profile"])
             alpha = profile.alpha if spec.get("alpha") is None else finite_number(spec["alpha"], "steering.alpha")
             return self.checked({"profile": profile.name, "alpha": alpha}, [(profile, alpha)])
-        terms, applied = [], []
+        weighted = []
         mix = spec["mix"]
         if not isinstance(mix, list) or not mix or not all(isinstance(t, dict) for t in mix):
             raise SteeringError('steering.mix must be a non-empty list; fix: [{"profile": "truthful", "weight": 1}]')
         for term in mix:
             if set(term) - {"profile", "weight"} or "profile" not in term:
                 raise SteeringError('each steering.mix entry is {"profile": NAME, "weight": W}; fix: drop other keys')
-            profile = self.profile(term["profile"])
-            weight = finite_number(term.get("weight", 1.0), "steering.mix weight")
-            terms.append((profile, weight * profile.alpha))
-            applied.append({"profile": profile.name, "weight": weight, "alpha": weight * profile.alpha})
+            weighted.append(
+                (self.profile(term["profile"]), finite_number(term.get("weight", 1.0), "steering.mix weight"))
+            )
+        terms = weighted_terms(weighted)
+        applied = [
+            {"profile": profile.name, "weight": weight, "alpha": alpha}
+            for (profile, weight), (_, alpha) in zip(weighted, terms, strict=True)
+        ]
         return self.checked({"mix": applied}, terms)
 
     def server_default(self, name_or_path: str | None, alpha: float | None = None) -> AppliedSteering:

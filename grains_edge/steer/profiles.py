@@ -171,10 +171,15 @@ def steering_for(
     return combine([(profile, strength)]), info
 
 
+def weighted_terms(weighted: Sequence[tuple[Profile, float]]) -> list[tuple[Profile, float]]:
+    """Mix weights as strengths for `combine`: weight w on profile P steers at α = w × P's own α."""
+    return [(profile, finite_alpha(weight, "a mix weight") * profile.alpha) for profile, weight in weighted]
+
+
 def mixed(name: str, weighted: Sequence[tuple[Profile, float]]) -> Profile:
     """A new profile a·P + b·Q: vectors = the combined steering (each at weight × its own α), α 1, layers the
     union; the recipe is kept as JSON."""
-    vectors = combine([(profile, finite_alpha(weight, "a mix weight") * profile.alpha) for profile, weight in weighted])
+    vectors = combine(weighted_terms(weighted))
     fingerprints = {profile.metadata["fingerprint"] for profile, _ in weighted if profile.metadata.get("fingerprint")}
     if len(fingerprints) > 1:
         raise GrainsError(
