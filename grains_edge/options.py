@@ -14,6 +14,7 @@ AGGREGATES = ("pc1", "centered-pc1", "mean")  # GRAINS: per-pair hidden-state ch
 SPLITS = ("report", "tune", "validation", "train", "train+tune", "all")  # evaluate.datasets.select
 SCORES = ("text", "letter")  # an A/B answer scored by its text or by its letter
 TOWARD = ("matching", "not-matching")  # the side of an A/B item a profile steers toward
+PREFIX_CACHE_MB = 256  # serve's default: finished rows' KV kept for reuse, ~5,600 tokens of the default model
 
 
 def finite_float(text: str) -> float:

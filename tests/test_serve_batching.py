@@ -107,9 +107,9 @@ def greedy_texts(
     prompt_rows: list[int] = []  # the rows of each prompt step
     prompts = batcher.slots.prompts
 
-    def counted_prompts(first: int, rows: list[list[int]], steerings: np.ndarray) -> np.ndarray:
+    def counted_prompts(first: int, rows: list[list[int]], steerings: np.ndarray, past: int = 0) -> np.ndarray:
         prompt_rows.append(len(rows))
-        return prompts(first, rows, steerings)
+        return prompts(first, rows, steerings, past)
 
     batcher.slots.prompts = counted_prompts
     texts, done = [""] * len(jobs), threading.Semaphore(0)
@@ -246,7 +246,12 @@ def test_a_dropped_stream_frees_its_slot_for_the_next_request_and_the_queue_is_b
         assert finished["waiter"].usage.completion_tokens == 10
         assert finished["stayer"].usage.completion_tokens == 30
         assert len(log.rows[dropped_key]) < 100  # the dropped row stopped decoding
-        wait_for(lambda: health(server.url) == {"status": "ok", "active": 0, "queued": 0, "max_batch": 2})
+        wait_for(
+            lambda: (
+                health(server.url) | {"prefix_cache": None}
+                == {"status": "ok", "active": 0, "queued": 0, "max_batch": 2, "prefix_cache": None}
+            )
+        )
     finally:
         server.stop()
 
@@ -315,6 +320,7 @@ def test_a_request_for_a_free_slot_is_not_refused_by_an_empty_queue(engine):
         (["--max-batch", "0"], "--max-batch must be at least 1"),
         (["--context", "1"], "--context must be at least 2"),
         (["--max-queue", "-1"], "--max-queue must be 0 or more"),
+        (["--prefix-cache", "-1"], "--prefix-cache must be 0 (off) or more MiB"),
         (["--port", "70000"], "--port must be in 1-65535"),
         (["--alpha", "0.5"], "--alpha sets the default profile's strength"),
     ],

@@ -7,7 +7,7 @@ import os
 import sys
 
 from grains_edge.errors import GrainsError
-from grains_edge.options import DEVICES, QUANTIZATIONS
+from grains_edge.options import DEVICES, PREFIX_CACHE_MB, QUANTIZATIONS, finite_float
 
 API_KEY_VARIABLE = "GRAINS_EDGE_API_KEY"
 
@@ -27,6 +27,13 @@ def register(subparsers) -> None:
     parser.add_argument("--max-batch", type=int, default=8, help="requests decoded together (default 8)")
     parser.add_argument("--max-queue", type=int, default=None, help="requests waiting for a slot (default 4 x batch)")
     parser.add_argument("--context", type=int, default=None, help="tokens per request, prompt + answer (default 2048)")
+    parser.add_argument(
+        "--prefix-cache",
+        type=finite_float,
+        default=PREFIX_CACHE_MB,
+        metavar="MB",
+        help=f"MiB of finished requests' KV reused by prompts that start alike (default {PREFIX_CACHE_MB}; 0: off)",
+    )
     parser.add_argument("--profile", default=None, help="steering when a request names none (default: none)")
     parser.add_argument("--alpha", type=float, default=None, help="--profile's strength (default: the profile's own)")
     parser.set_defaults(run=run)
@@ -43,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
         raise GrainsError(f"--port must be in 1-65535, got {args.port}; fix: pass e.g. 8000")
     if args.alpha is not None and args.profile in (None, "none"):
         raise GrainsError("--alpha sets the default profile's strength; fix: add --profile NAME")
-    check_limits(args.max_batch, args.context, args.max_queue)
+    check_limits(args.max_batch, args.context, args.max_queue, args.prefix_cache)
     api_key = args.api_key or os.environ.get(API_KEY_VARIABLE) or None
     sock = listen(args.host, args.port)
     if not is_loopback(args.host) and api_key is None:
@@ -55,7 +62,16 @@ def run(args: argparse.Namespace) -> int:
     export_dir = ensure_export(args.model, args.quantize)
     ensure_builtin_profiles(args.model)
     engine = Engine(export_dir, device=args.device)
-    app, batcher = build(engine, args.max_batch, args.context, args.max_queue, args.profile, args.alpha, api_key)
+    app, batcher = build(
+        engine,
+        args.max_batch,
+        args.context,
+        args.max_queue,
+        args.profile,
+        args.alpha,
+        api_key,
+        prefix_cache_mb=args.prefix_cache,
+    )
     batcher.start()
     print(
         f"[grains-edge] serving {export_dir.name} on http://{args.host}:{args.port}/v1 "

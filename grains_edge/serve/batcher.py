@@ -1,11 +1,11 @@
 """Continuous batching: one thread runs the engine's session for every request at once.
 
 Each loop turn: drop cancelled rows, admit waiting requests into free slots (the newcomers' prompts run
-together as one right-padded step, each row on its own slot, and each yields its first token), then one
-decode step for all active rows together, each with its own steering row, KV slot and position. A row
-leaves when it ends (stop token, stop string, max_tokens) or is cancelled, and its slot goes to the next
-request at once. Decoding is bandwidth-bound on a CPU, so a step of k rows costs little more than a step of
-one: the weights are read once per step, not once per row; the same holds for the newcomers' prompt step.
+together, each row on its own slot, after whatever start of it the prefix cache holds; each yields its
+first token), then one decode step for all active rows together, each with its own steering row, KV slot
+and position. A row leaves when it ends (stop token, stop string, max_tokens) or is cancelled, its KV goes
+to the prefix cache, and its slot to the next request at once. A step of k rows reads the weights once, not
+k times, which is what batching saves (most for float32 weights, whose steps are bandwidth-bound).
 
 Requests wait in a bounded queue; `submit` refuses one when it is full (the HTTP layer answers 429).
 Events reach a request through its `emit` callback, called on the batcher thread.
@@ -18,13 +18,15 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
 from grains_edge.prompts import held_back, stop_at
 from grains_edge.runtime.engine import Engine, pick_token
 from grains_edge.runtime.protocol import GenerationSettings
-from grains_edge.serve.slots import SlotCache
+from grains_edge.serve.prefix_cache import PrefixCache, steering_key
+from grains_edge.serve.slots import SlotCache, prompt_groups
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,10 @@ class Job:
     def cancel(self) -> None:
         self.cancelled.set()
 
+    @cached_property
+    def steering_key(self) -> bytes:
+        return steering_key(self.steering)
+
 
 class Batcher:
     """The scheduler over one engine: `submit` jobs from any thread, `start` the loop, `close` it."""
@@ -81,9 +87,11 @@ class Batcher:
         capacity: int,
         max_queue: int,
         on_logits: Callable[[Job, int, np.ndarray], None] | None = None,
+        prefix_cache: int = 0,
     ):
         self.engine = engine
         self.slots = SlotCache(engine, max_batch, capacity)
+        self.prefixes = PrefixCache(prefix_cache)  # bytes of finished rows' KV kept for reuse; 0: none
         self.max_queue = max_queue
         self.on_logits = on_logits  # a debug hook: (job, step, logits [vocab]) before each token is picked
         self.pending: deque[Job] = deque()
@@ -124,7 +132,12 @@ class Batcher:
             self.condition.notify()
 
     def counts(self) -> dict[str, int]:
-        return {"active": len(self.active), "queued": len(self.pending), "max_batch": self.slots.max_batch}
+        return {
+            "active": len(self.active),
+            "queued": len(self.pending),
+            "max_batch": self.slots.max_batch,
+            "prefix_cache": self.prefixes.counts(),
+        }
 
     # ---- the loop (batcher thread only) ------------------------------------------------------
 
@@ -160,24 +173,32 @@ class Batcher:
                 self.advance(job, logits)
 
     def admit(self, jobs: list[Job]) -> None:
-        """Run the newcomers' prompts as one step on the next free slots; each yields its first token."""
-        first = len(self.active)
-        steerings = np.stack(  # [n, layers, hidden]
-            [job.steering if job.steering is not None else self.engine.zero_steering() for job in jobs]
-        )
-        try:
-            rows = self.slots.prompts(first, [job.prompt_ids for job in jobs], steerings)
-        except Exception as error:  # these requests fail alone: their slots were not taken yet
-            for job in jobs:
-                job.emit(Failed(f"the prompt step failed ({error}); fix: retry the request"))
-            return
-        self.active.extend(jobs)
-        for job in jobs:
-            seen = np.zeros(self.engine.manifest.vocab_size, bool)
-            seen[[i for i in job.prompt_ids if i < len(seen)]] = True
-            self.state[job] = (np.random.default_rng(job.settings.seed), seen)
-        for job, logits in zip(jobs, rows, strict=True):
-            self.advance(job, logits)
+        """Run the newcomers' prompts on the next free slots: one that continues a cached prefix alone, the rest
+        together (`prompt_groups`); each yields its first token."""
+        found = [self.prefixes.longest(job.steering_key, job.prompt_ids) for job in jobs]
+        lengths = [len(job.prompt_ids) for job in jobs]
+        for rows, past in prompt_groups(lengths, [count for _, count in found]):
+            group = [jobs[row] for row in rows]
+            first = len(self.active)
+            if past:
+                self.slots.restore(first, found[rows[0]][0].kv, past)
+            steerings = np.stack(  # [n, layers, hidden]
+                [job.steering if job.steering is not None else self.engine.zero_steering() for job in group]
+            )
+            try:
+                logits = self.slots.prompts(first, [job.prompt_ids for job in group], steerings, past)
+            except Exception as error:  # these requests fail alone: their slots were not taken yet
+                for job in group:
+                    job.emit(Failed(f"the prompt step failed ({error}); fix: retry the request"))
+                continue
+            self.prefixes.reused_tokens += past
+            self.active.extend(group)
+            for job in group:
+                seen = np.zeros(self.engine.manifest.vocab_size, bool)
+                seen[[i for i in job.prompt_ids if i < len(seen)]] = True
+                self.state[job] = (np.random.default_rng(job.settings.seed), seen)
+            for job, row_logits in zip(group, logits, strict=True):
+                self.advance(job, row_logits)
 
     def advance(self, job: Job, logits: np.ndarray) -> None:
         """Pick the row's next token from its logits [vocab] and emit what it adds to the text."""
@@ -214,11 +235,15 @@ class Batcher:
     def finish(self, job: Job, event: Event) -> None:
         job.done = True
         job.emit(event)
-        self.release(job)
+        self.release(job, keep=not isinstance(event, Failed))
 
-    def release(self, job: Job) -> None:
-        """Take the row out of the batch: the last row moves into its slot, so slots 0..k-1 stay packed."""
+    def release(self, job: Job, keep: bool = True) -> None:
+        """Take the row out of the batch: the last row moves into its slot, so slots 0..k-1 stay packed; with
+        `keep`, its KV goes to the prefix cache first."""
         slot = self.active.index(job)
+        if keep and self.prefixes.budget:
+            kept = int(self.slots.lengths[slot])  # prompt + answer tokens fed so far
+            self.prefixes.store(job.steering_key, (job.prompt_ids + job.generated)[:kept], self.slots.saved(slot))
         last = len(self.active) - 1
         if slot != last:
             self.slots.move(last, slot)

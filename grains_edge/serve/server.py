@@ -9,6 +9,7 @@ from collections.abc import Callable
 import numpy as np
 
 from grains_edge.errors import GrainsError
+from grains_edge.options import PREFIX_CACHE_MB
 from grains_edge.runtime.engine import Engine
 from grains_edge.serve.api import MAX_BODY, create_app
 from grains_edge.serve.batcher import Batcher, Job
@@ -27,19 +28,22 @@ def build(
     api_key: str | None = None,
     max_body: int = MAX_BODY,
     on_logits: Callable[[Job, int, np.ndarray], None] | None = None,
+    prefix_cache_mb: float = PREFIX_CACHE_MB,
 ):
     """(FastAPI app, Batcher) over `engine`; the batcher is not started yet."""
-    check_limits(max_batch, context, max_queue)
+    check_limits(max_batch, context, max_queue, prefix_cache_mb)
     capacity = min(context or DEFAULT_CONTEXT, engine.max_context)
     resolver = SteeringResolver((engine.num_layers, engine.hidden_size), engine.manifest.weights_fingerprint)
     resolver.default = resolver.server_default(profile, alpha)
     queue = 4 * max_batch if max_queue is None else max_queue
-    batcher = Batcher(engine, max_batch, capacity, queue, on_logits)
+    batcher = Batcher(engine, max_batch, capacity, queue, on_logits, int(prefix_cache_mb * 2**20))
     app = create_app(engine, batcher, resolver, engine.export_dir.name, api_key, max_body)
     return app, batcher
 
 
-def check_limits(max_batch: int, context: int | None, max_queue: int | None) -> None:
+def check_limits(
+    max_batch: int, context: int | None, max_queue: int | None, prefix_cache_mb: float = PREFIX_CACHE_MB
+) -> None:
     """One-line errors for limits that cannot work (checked before the model loads)."""
     if max_batch < 1:
         raise GrainsError(f"--max-batch must be at least 1, got {max_batch}; fix: pass e.g. 8")
@@ -47,6 +51,8 @@ def check_limits(max_batch: int, context: int | None, max_queue: int | None) -> 
         raise GrainsError(f"--context must be at least 2 tokens, got {context}; fix: pass e.g. 2048")
     if max_queue is not None and max_queue < 0:
         raise GrainsError(f"--max-queue must be 0 or more, got {max_queue}; fix: pass e.g. 32")
+    if not prefix_cache_mb >= 0:
+        raise GrainsError(f"--prefix-cache must be 0 (off) or more MiB, got {prefix_cache_mb}; fix: pass e.g. 256")
 
 
 def listen(host: str, port: int) -> socket.socket:

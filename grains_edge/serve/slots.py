@@ -62,30 +62,37 @@ class SlotCache:
             self.bind(binding, past, buffer, rows)
             self.bind(binding, present, buffer, rows, output=True)
 
-    def prompts(self, first: int, rows: list[list[int]], steerings: np.ndarray) -> np.ndarray:
+    def prompts(self, first: int, rows: list[list[int]], steerings: np.ndarray, past: int = 0) -> np.ndarray:
         """Run newcomers' prompts as one step on slots first.., steerings [n, layers, hidden]; last logits [n, vocab].
 
-        The prompts are right-padded to the longest: each row is a first prompt for GroupQueryAttention with
-        its own length (its mask's sum), so it attends to its own tokens only; the padding's keys land past
-        the row's length, where its first decode steps overwrite them.
+        Rows are right-padded to the longest: each is a first prompt for GroupQueryAttention with its own
+        length (its mask's sum), so it attends to its own tokens only, and the padding's keys land past the
+        row's length, where its first decode steps overwrite them. Or one row continues: its first `past`
+        tokens are already in its slot (`restore`) and the step runs the rest (GroupQueryAttention continues a
+        cache for a batch of one only).
         """
         lengths = np.array([len(ids) for ids in rows], np.int64)
         for length in lengths:
-            if not 0 < length <= self.capacity:
-                raise ValueError(f"a prompt of {length} tokens does not fit a slot of {self.capacity}")
-        count, width = len(rows), int(lengths.max())
+            if not past < length <= self.capacity:
+                raise ValueError(
+                    f"a prompt of {length} tokens after {past} cached does not fit a slot of {self.capacity}"
+                )
+        if past and len(rows) > 1:
+            raise ValueError("only a single row can continue a cached prefix")
+        past_lengths = np.full(len(rows), past, np.int64)
+        fresh = lengths - past_lengths  # tokens this step runs, per row
+        count, width = len(rows), int(fresh.max())
         block = slice(first, first + count)
         self.steering[block] = steerings
         input_ids = np.full((count, width), self.engine.pad_id, np.int64)  # [n, width]
-        attention_mask = np.zeros((count, width), np.int64)
-        for row, ids in enumerate(rows):
-            input_ids[row, : len(ids)] = ids
-            attention_mask[row, : len(ids)] = 1
+        for row, (ids, start) in enumerate(zip(rows, past_lengths, strict=True)):
+            input_ids[row, : len(ids) - start] = ids[start:]
+        attention_mask = (np.arange(int(lengths.max())) < lengths[:, None]).astype(np.int64)  # [n, longest]
         # logits of the last `keep` positions cover every row's last token: the shortest row's is the earliest
-        keep = width - int(lengths.min()) + 1
+        keep = width - int(fresh.min()) + 1
         binding = self.engine.session.io_binding()
         binding.bind_cpu_input("input_ids", input_ids)
-        binding.bind_cpu_input("position_ids", np.arange(width, dtype=np.int64)[None].repeat(count, 0))
+        binding.bind_cpu_input("position_ids", past_lengths[:, None] + np.arange(width, dtype=np.int64))
         binding.bind_cpu_input("attention_mask", attention_mask)
         binding.bind_cpu_input("logits_to_keep", np.array([keep], np.int64))
         self.bind(binding, "steering", self.steering, block)
@@ -95,8 +102,18 @@ class SlotCache:
         logits = binding.get_outputs()[0].numpy()  # [n, keep, vocab]
         self.lengths[block] = lengths
         self.mask[block] = 0
-        self.mask[block, :width] = attention_mask
-        return logits[np.arange(count), lengths - 1 - (width - keep)]
+        self.mask[block, : attention_mask.shape[1]] = attention_mask
+        return logits[np.arange(count), fresh - 1 - (width - keep)]
+
+    def restore(self, slot: int, kv: list[np.ndarray], count: int) -> None:
+        """Put the first `count` positions of saved KV (per past input [kv_heads, n, head_dim]) into `slot`."""
+        for buffer, part in zip(self.kv, kv, strict=True):
+            buffer[slot, :, :count] = part[:, :count]
+
+    def saved(self, slot: int) -> list[np.ndarray]:
+        """Copies of the KV of `slot`'s cached tokens, per past input [kv_heads, length, head_dim]."""
+        length = int(self.lengths[slot])
+        return [buffer[slot, :, :length].copy() for buffer in self.kv]
 
     def decode(self, tokens: np.ndarray) -> np.ndarray:
         """One token per active row (tokens [k], slots 0..k-1) after each row's cached tokens; logits [k, vocab]."""
@@ -138,3 +155,16 @@ class SlotCache:
     def clear(self, slot: int) -> None:
         self.lengths[slot] = 0
         self.mask[slot] = 0
+
+
+def prompt_groups(lengths: list[int], cached: list[int]) -> list[tuple[list[int], int]]:
+    """Split newcomers into prompt steps, (rows, the cached tokens they continue) each. A row whose cached
+    start is at least half its prompt continues it in a step of its own (GroupQueryAttention continues a
+    cache one row at a time); the rest run together from their first token, right-padded, where one pass
+    over the weights serves them all."""
+    alone = [row for row, count in enumerate(cached) if count > 0 and 2 * count >= lengths[row]]
+    together = [row for row in range(len(lengths)) if row not in alone]
+    groups = [([row], cached[row]) for row in alone]
+    if together:
+        groups.append((together, 0))
+    return groups
