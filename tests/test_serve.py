@@ -34,14 +34,29 @@ PROMPTS = [
 ]
 
 
-class LiveServer:
+class Endpoint:
+    """A running server's base URL, reached through the openai client or raw HTTP (also a Ray Serve app's)."""
+
+    def __init__(self, url: str):
+        self.url = url
+
+    def client(self, key: str = KEY, max_retries: int = 0) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=max_retries, timeout=60)
+
+    def post(self, path: str, body, key: str | None = KEY, timeout: float = 60) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        content = body if isinstance(body, str | bytes) else json.dumps(body)
+        return httpx.post(f"{self.url}{path}", content=content, headers=headers, timeout=timeout)
+
+
+class LiveServer(Endpoint):
     """uvicorn serving `app` on a free loopback port, in a background thread."""
 
     def __init__(self, app, batcher):
         self.batcher = batcher
         self.sock = listen("127.0.0.1", 0)
         self.port = self.sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
+        super().__init__(f"http://127.0.0.1:{self.port}")
         self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
         batcher.start()
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
@@ -50,14 +65,6 @@ class LiveServer:
         while not self.server.started:
             assert time.monotonic() < deadline, "the server did not start"
             time.sleep(0.02)
-
-    def client(self, key: str = KEY) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0, timeout=60)
-
-    def post(self, path: str, body, key: str | None = KEY, timeout: float = 60) -> httpx.Response:
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
-        content = body if isinstance(body, str | bytes) else json.dumps(body)
-        return httpx.post(f"{self.url}{path}", content=content, headers=headers, timeout=timeout)
 
     def stop(self) -> None:
         self.server.should_exit = True
