@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import socket
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -17,9 +18,10 @@ ray = pytest.importorskip("ray", reason="Ray Serve is not installed; fix: pip in
 serve = pytest.importorskip("ray.serve")
 
 from grains_edge import paths  # noqa: E402
-from grains_edge.errors import GrainsError  # noqa: E402
+from grains_edge.cli import main  # noqa: E402
 from grains_edge.export.manifest import Manifest  # noqa: E402
 from grains_edge.serve import ray_app  # noqa: E402
+from grains_edge.serve.server import listen  # noqa: E402
 from grains_edge.steer.profiles import Profile, save_profile  # noqa: E402
 from tests.test_serve import (  # noqa: E402, F401  (fixtures and tests of the plain server, run here through Ray)
     HELLO,
@@ -219,15 +221,42 @@ def test_a_replica_killed_mid_load_is_replaced_and_nothing_hangs(default_app):
 
 
 @pytest.mark.parametrize(
-    ("replicas", "autoscale", "problem"),
-    [(2, "1:3", "exclude each other"), (0, None, "at least 1"), (None, "3:1", "MIN:MAX"), (None, "x", "MIN:MAX")],
+    ("flags", "problem"),
+    [
+        (["--replicas", "2"], "are Ray's; fix: add --ray"),
+        (["--ray", "--replicas", "2", "--autoscale", "1:3"], "exclude each other"),
+        (["--ray", "--replicas", "0"], "at least 1"),
+        (["--ray", "--autoscale", "3:1"], "MIN:MAX"),
+        (["--ray", "--autoscale", "x"], "MIN:MAX"),
+        (["--ray", "--replica-cpus", "0"], "above 0"),
+        (["--ray", "--profile", "nope"], "unknown profile 'nope'"),
+    ],
 )
-def test_bad_scales_are_one_line_errors(replicas, autoscale, problem):
-    with pytest.raises(GrainsError, match=problem):
-        ray_app.parse_scale(replicas, autoscale)
+def test_bad_ray_flags_are_one_line_errors_before_ray_starts(capsys, monkeypatch, tiny_export, flags, problem):
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")  # were Ray reached, this would fail otherwise
+    assert main(["serve", "--model", str(tiny_export), "--port", "1", *flags]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and problem in error[0] and "fix:" in error[0]
+
+
+def test_a_busy_port_is_said_before_a_local_ray_starts(capsys, monkeypatch, tiny_export):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    taken = listen("127.0.0.1", 0)
+    try:
+        port = str(taken.getsockname()[1])
+        assert main(["serve", "--ray", "--model", str(tiny_export), "--port", port]) == 2
+    finally:
+        taken.close()
+    assert "cannot listen" in capsys.readouterr().err
+
+
+def test_without_ray_the_flag_names_the_extra(capsys, monkeypatch, tiny_export):
+    monkeypatch.setitem(sys.modules, "ray", None)  # Python now finds no ray, as where it is not installed
+    assert main(["serve", "--ray", "--model", str(tiny_export)]) == 2
+    assert "pip install 'grains-edge[cluster]'" in capsys.readouterr().err
 
 
 def test_scales():
     assert ray_app.parse_scale(None, None) == ray_app.Scale(1, 1)
-    assert ray_app.parse_scale(3, None).fixed
-    assert ray_app.parse_scale(None, "0:4") == ray_app.Scale(0, 4)
+    assert ray_app.parse_scale(3, None) == ray_app.Scale(3, 3) and ray_app.parse_scale(3, None).fixed
+    assert ray_app.parse_scale(None, "0:4") == ray_app.Scale(0, 4) and not ray_app.parse_scale(None, "0:4").fixed

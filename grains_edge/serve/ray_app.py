@@ -191,7 +191,8 @@ def serve_until_stopped(
 
     ray.init(address=address, logging_level="WARNING")
     try:
-        check_room(scale, settings.cpus, gpus)
+        if address is None:  # a cluster may add nodes for what it lacks; a local Ray cannot
+            check_room(scale, settings.cpus, gpus)
         deploy(application(settings, scale, gpus), host, port)
         replicas = f"{scale.minimum}" if scale.fixed else f"{scale.minimum}-{scale.maximum} (autoscaling)"
         print(
