@@ -123,3 +123,25 @@ def test_a_plain_prompt_answer_ends_where_the_model_starts_the_next_turn(plain_e
     assert "".join(pieces) == whole[: stop_at(whole, PLAIN_TURN_STOPS)] == "Paris is the capital."
     assert not any("\n" in piece for piece in pieces)
     assert engine.last_stats.stopped_by == "eos"
+
+
+def test_the_server_ends_a_plain_prompt_answer_where_the_model_starts_the_next_turn(plain_export, monkeypatch):
+    """Through HTTP and the official client, streaming and not: the same cut as the engine's, finish 'stop'."""
+    from tests.test_serve import start
+
+    engine = Engine(plain_export, device="cpu")
+    whole = "Paris is the capital.\nuser: and Rome?"
+    monkeypatch.setattr(engine.tokenizer, "decode", lambda ids, skip_special_tokens=True: whole[: 3 * len(ids)])
+    monkeypatch.setattr(engine, "stop_ids", set())
+    server, _ = start(engine, max_batch=2)
+    try:
+        client = server.client()
+        request = {"model": "m", "messages": [{"role": "user", "content": "Capital of France?"}], "max_tokens": 30}
+        answer = client.chat.completions.create(**request)
+        assert answer.choices[0].message.content == "Paris is the capital."
+        assert answer.choices[0].finish_reason == "stop"
+        chunks = list(client.chat.completions.create(**request, stream=True))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Paris is the capital."
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    finally:
+        server.stop()

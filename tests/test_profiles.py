@@ -30,7 +30,7 @@ def sample(name="calm", alpha=0.5, layers=(1, 2), **metadata) -> Profile:
 @pytest.fixture(autouse=True)
 def fresh_warnings(monkeypatch):
     """Each test sees its own once-only warnings."""
-    monkeypatch.setattr(profiles, "_warned", set())
+    monkeypatch.setattr(profiles.warn_once, "shown", set())
 
 
 def write(path, tensors: dict, metadata: dict) -> str:

@@ -19,7 +19,7 @@ from tests.fake_engine import HIDDEN, LAYERS, FakeEngine, fake_profile
 
 @pytest.fixture(autouse=True)
 def fresh_warnings(monkeypatch):
-    monkeypatch.setattr(profiles, "_warned", set())
+    monkeypatch.setattr(profiles.warn_once, "shown", set())
 
 
 @pytest.fixture

@@ -75,7 +75,7 @@ def test_library_goes_through_the_one_strength_rule_and_warns_once_about_other_w
 
     from grains_edge.steer import profiles
 
-    monkeypatch.setattr(profiles, "_warned", set())
+    monkeypatch.setattr(profiles.warn_once, "shown", set())
     other = replace(fake_profile("other", 1), metadata={"fingerprint": "bbbb"})
     shelf = ProfileLibrary((LAYERS, HIDDEN), source=lambda: [*PROFILES, other], fingerprint="aaaa")
     shelf.refresh()

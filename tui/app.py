@@ -35,6 +35,7 @@ from grains_edge.errors import GrainsError
 from grains_edge.model.sources import DEFAULT_GGUF, DEFAULT_MODEL
 from grains_edge.runtime.protocol import ChatEngine, GenerationSettings, GenerationStats
 from grains_edge.safe_text import printable
+from grains_edge.steer.profiles import OnceWarnings
 from grains_edge.store import conversations
 from grains_edge.store.conversations import Conversation, ConversationStore, open_store
 from grains_edge.tui.generation import StoredReply, fit_prompt, interleave
@@ -152,7 +153,9 @@ class ChatApp(App):
         notice: str = "",
     ):
         super().__init__()
-        self.warned: set[str] = set()  # keys of the profile warnings already shown
+        self.warn_once = OnceWarnings(  # a profile's warning (other weights, α far outside its tuning), once
+            lambda message: self.notify(message, title="Profile", severity="warning", timeout=10)
+        )
         self.engine = engine
         self.store = store
         self.library = library
@@ -200,12 +203,6 @@ class ChatApp(App):
         """Every notification as plain text: messages quote model output, file names and profile metadata."""
         options["markup"] = False
         super().notify(printable(message), **options)
-
-    def warn_once(self, key: str, message: str) -> None:
-        """A profile's warning (built from other weights, α far outside its tuning) as a notification, once."""
-        if key not in self.warned:
-            self.warned.add(key)
-            self.notify(message, title="Profile", severity="warning", timeout=10)
 
     def history_failed(self, error: GrainsError) -> None:
         """A read or write of the history failed: one line, and the chat goes on."""

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-import math
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -28,7 +27,7 @@ from grains_edge.prompts import PLAIN_TURN_STOPS
 from grains_edge.runtime.engine import Engine
 from grains_edge.runtime.protocol import GenerationSettings
 from grains_edge.serve.batcher import Batcher, Failed, Finished, Job, Piece, QueueFull
-from grains_edge.serve.steering import AppliedSteering, SteeringError, SteeringResolver
+from grains_edge.serve.steering import AppliedSteering, SteeringError, SteeringResolver, is_finite_number
 from grains_edge.steer.profiles import list_profiles
 
 MAX_BODY = 1 << 20  # bytes of a request body
@@ -81,7 +80,7 @@ def number(body: dict, name: str, default: float, low: float, high: float, low_o
     value = body.get(name)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if not is_finite_number(value):
         raise invalid(f"{name} must be a finite number, got {value!r}; fix: pass a number", name)
     if value < low or value > high or (low_open and value == low):
         bracket = "(" if low_open else "["

@@ -39,8 +39,13 @@ class AppliedSteering:
 UNSTEERED = AppliedSteering({"profile": NONE}, None)
 
 
+def is_finite_number(value: object) -> bool:
+    """A JSON number that is finite (JSON's true and false arrive as Python bools, which are ints)."""
+    return not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
+
+
 def finite_number(value, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if not is_finite_number(value):
         raise SteeringError(f"{what} must be a finite number, got {value!r}; fix: pass e.g. 0.02")
     return float(value)
 

@@ -53,14 +53,20 @@ class Profile:
         return self.path is not None and self.path.parent == BUILTIN_DIR
 
 
-_warned: set[str] = set()
+class OnceWarnings:
+    """A profile warning (key, message) shown through `show` the first time its key comes, then no more."""
+
+    def __init__(self, show: Callable[[str], None]):
+        self.show = show
+        self.shown: set[str] = set()
+
+    def __call__(self, key: str, message: str) -> None:
+        if key not in self.shown:
+            self.shown.add(key)
+            self.show(message)
 
 
-def warn_once(key: str, message: str) -> None:
-    """Print `message` to stderr the first time `key` is warned about in this process."""
-    if key not in _warned:
-        _warned.add(key)
-        print(f"[grains-edge] warning: {message}", file=sys.stderr, flush=True)
+warn_once = OnceWarnings(lambda message: print(f"[grains-edge] warning: {message}", file=sys.stderr, flush=True))
 
 
 def finite_alpha(alpha: float, what: str = "alpha") -> float:
