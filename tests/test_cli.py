@@ -119,22 +119,23 @@ def tune_arguments(tmp_path, tiny_model_dir) -> list[str]:
 
 
 def test_tune_writes_the_chosen_layers_alpha_and_sweep_into_the_profile(tmp_path, tiny_model_dir, monkeypatch):
-    monkeypatch.setattr(tune, "PPL_BUDGET", float("inf"))  # every setting admissible: one is chosen
+    monkeypatch.setattr(tune, "PPL_BUDGET", float("inf"))  # every setting admissible: the bracket's top is reached
     arguments = tune_arguments(tmp_path, tiny_model_dir)
     assert main(arguments) == 0
     tuned = load_profile(arguments[arguments.index("--profile") + 1])
     report = json.loads(tuned.metadata["tuning"])
-    assert len(report["sweep"]) == 4 and report["unsteered"]["ppl"] > 0
+    assert len(report["sweep"]) == 4 and report["unsteered"]["ppl"] > 0  # 2 layer sets x 2 strengths
     assert report["ppl_items"] == 60 - len(select(list(range(60)), "report", lambda i: f"Say hello {i}"))
     chosen = report["chosen"]
+    assert chosen["alpha"] == 0.03 and all(0.01 <= row["alpha"] <= 0.03 for row in report["sweep"])
     assert tuned.alpha == chosen["alpha"] and tuned.layers == parse_layers(chosen["layers"], 4)
-    assert max(report["sweep"], key=lambda r: (r["behaviour"], r["tie_break"], -r["alpha"])) == chosen
+    assert chosen["cv_behaviour"] == max(report["cv_by_layer_set"].values())
 
 
 def test_tune_with_no_admissible_setting_says_so_and_keeps_the_profile_as_built(
     tmp_path, tiny_model_dir, monkeypatch, capsys
 ):
-    monkeypatch.setattr(tune, "PPL_BUDGET", 0.0)  # no perplexity passes
+    monkeypatch.setattr(tune, "PPL_BUDGET", -1.0)  # no perplexity passes
     arguments = tune_arguments(tmp_path, tiny_model_dir)
     built = load_profile(arguments[arguments.index("--profile") + 1])
     assert built.alpha == 0.02  # the default strength: in units of the hidden-state norm

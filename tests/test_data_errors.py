@@ -168,12 +168,14 @@ def test_tune_marks_a_setting_with_non_finite_scores_inadmissible(tmp_path, caps
     monkeypatch.setattr(profiles, "steering_tensor", broken_at_the_strongest)
     monkeypatch.setattr("grains_edge.commands.tune.PPL_BUDGET", float("inf"))
     tune = ["tune", "--model", str(tiny_model_dir), "--profile", str(profile), "--task", "ab", "--data", str(data)]
-    assert main([*tune, "--ppl-data", str(dolly), "--alphas", "0.01,0.03", "--windows", "all"]) == 0
-    report = json.loads(profiles.load_profile(str(profile)).metadata["tuning"])
-    strongest = [row for row in report["sweep"] if row["alpha"] == 0.03]
-    assert len(strongest) == 1 and not strongest[0]["admissible"] and "not finite" in strongest[0]["error"]
+    report_path = tmp_path / "frontier.json"
+    arguments = ["--alphas", "0.01,0.03", "--windows", "all", "--report", str(report_path)]
+    assert main([*tune, "--ppl-data", str(dolly), *arguments]) == 0
+    report = json.loads(report_path.read_text())["methods"]["mean-diff"]
+    strongest = [row for row in report["probes"] if row["alpha"] == 0.03]
+    assert len(strongest) == 1 and strongest[0]["ppl_rise"] is None  # too strong to score: never admissible
     out = capsys.readouterr().out
-    assert report["chosen"]["alpha"] == 0.01 and ": NaN" not in out and "Infinity" not in out
+    assert report["chosen"]["alpha"] < 0.03 and ": NaN" not in out and "Infinity" not in out
 
 
 @pytest.mark.parametrize("command", [["ask"], ["chat", "--no-tui", "--prompt"]])
