@@ -18,8 +18,14 @@ comparison, run without a control vector (it cannot switch one per request), its
 banned by `logit_bias` for answers of the same length; without llama-cpp-python that part is skipped
 with a note.
 
+With `--ray`, each export is served three ways instead, under the same interleaved loads: `grains-edge serve`,
+and `grains-edge serve --ray` with one replica of all the cores and with two replicas of half the cores each
+(each on its own local Ray instance), every replica with the same `--max-batch`; the JSON adds the two
+replicas' aggregate over one replica's and one replica's over the plain server's (what Ray's proxy costs).
+
     python bench/bench_serve.py --export int4=DIR --export fp32=DIR [--export LABEL=DIR …] [--tokens 64]
-        [--rounds 3] [--clients 1,4,8,16] [--without-prefix-cache] [--note TEXT] [--out bench/results/serve.json]
+        [--rounds 3] [--clients 1,4,8,16] [--max-batch N] [--without-prefix-cache] [--ray] [--note TEXT]
+        [--out bench/results/serve.json]
 """
 
 from __future__ import annotations
@@ -178,13 +184,19 @@ class Server:
     about: dict = field(default_factory=dict)
 
 
-def start_grains(name: str, export: Path, max_batch: int, prefix_cache: bool) -> Server:
+def start_grains(name: str, export: Path, max_batch: int, prefix_cache: bool, replicas: int = 0) -> Server:
+    """`grains-edge serve`, or with `replicas` `grains-edge serve --ray` sharing the cores among them."""
     port = free_port()
     command = [sys.executable, "-m", "grains_edge.cli", "serve", "--model", str(export), "--port", str(port)]
     command += ["--max-batch", str(max_batch), "--context", "512"]
+    about = {"export": str(export), "max_batch_per_replica": max_batch}
     if not prefix_cache:
         command += ["--prefix-cache", "0"]
-    return Server(name, f"http://127.0.0.1:{port}", True, start_server(command, port), {"export": str(export)})
+    if replicas:
+        cpus = (os.cpu_count() or 1) / replicas
+        command += ["--ray", "--replicas", str(replicas), "--replica-cpus", f"{cpus:g}"]
+        about |= {"replicas": replicas, "replica_cpus": cpus}
+    return Server(name, f"http://127.0.0.1:{port}", True, start_server(command, port), about)
 
 
 def start_llama_cpp() -> Server | str:
@@ -241,6 +253,18 @@ def report(servers: list[Server], runs: dict[str, dict[int, list]], clients: lis
     return results
 
 
+def ray_ratios(servers: list[Server], runs: dict[str, dict[int, list]], clients: list[int]) -> dict:
+    """Per plain server and client count: two Ray replicas' aggregate over one's, and one's over the plain server's."""
+    ratios = {}
+    for server in (server for server in servers if "replicas" not in server.about):
+        own, one, two = (runs[f"{server.name}{suffix}"] for suffix in ("", "_ray_1", "_ray_2"))
+        ratios[server.name] = {
+            "two_replicas_over_one": {str(count): ratio(two[count], one[count]) for count in clients},
+            "one_replica_over_plain_serve": {str(count): ratio(one[count], own[count]) for count in clients},
+        }
+    return ratios
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -255,6 +279,8 @@ def main() -> None:
     parser.add_argument("--clients", default="1,4,8,16")
     parser.add_argument("--note", default="", help="conditions of the run, kept in the JSON")
     parser.add_argument("--without-prefix-cache", action="store_true", help="also serve each export without it")
+    parser.add_argument("--max-batch", type=int, default=None, help="per server or replica (default: most clients)")
+    parser.add_argument("--ray", action="store_true", help="serve, 1 and 2 Ray replicas instead of llama.cpp")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     clients = [int(c) for c in args.clients.split(",")]
@@ -265,18 +291,25 @@ def main() -> None:
         "clients": clients,
         "profiles": [p or "none" for p in PROFILES],
     }
+    max_batch = args.max_batch or max(clients)
     servers = []
     try:
         for label, _, folder in (spec.partition("=") for spec in args.export):
             for prefix_cache in (True, False) if args.without_prefix_cache else (True,):
                 suffix = "" if prefix_cache else "-without-prefix-cache"
-                servers.append(start_grains(f"grains_edge_{label}{suffix}", Path(folder), max(clients), prefix_cache))
-        llama_cpp = start_llama_cpp()
+                servers.append(start_grains(f"grains_edge_{label}{suffix}", Path(folder), max_batch, prefix_cache))
+                for replicas in (1, 2) if args.ray else ():
+                    name = f"grains_edge_{label}{suffix}_ray_{replicas}"
+                    servers.append(start_grains(name, Path(folder), max_batch, prefix_cache, replicas))
+        llama_cpp = "not run with --ray" if args.ray else start_llama_cpp()
         if isinstance(llama_cpp, str):
             result["llama_cpp_server"] = {"skipped": llama_cpp}
         else:
             servers.append(llama_cpp)
-        result |= report(servers, run_loads(servers, clients, args.tokens, args.rounds), clients)
+        runs = run_loads(servers, clients, args.tokens, args.rounds)
+        result |= report(servers, runs, clients)
+        if args.ray:
+            result["ray"] = ray_ratios(servers, runs, clients)
     finally:
         for server in servers:
             server.process.terminate()

@@ -19,6 +19,7 @@ serve = pytest.importorskip("ray.serve")
 
 from grains_edge import paths  # noqa: E402
 from grains_edge.cli import main  # noqa: E402
+from grains_edge.errors import GrainsError  # noqa: E402
 from grains_edge.export.manifest import Manifest  # noqa: E402
 from grains_edge.serve import ray_app  # noqa: E402
 from grains_edge.serve.server import listen  # noqa: E402
@@ -254,6 +255,16 @@ def test_without_ray_the_flag_names_the_extra(capsys, monkeypatch, tiny_export):
     monkeypatch.setitem(sys.modules, "ray", None)  # Python now finds no ray, as where it is not installed
     assert main(["serve", "--ray", "--model", str(tiny_export)]) == 2
     assert "pip install 'grains-edge[cluster]'" in capsys.readouterr().err
+
+
+def test_more_replicas_than_the_local_ray_holds_is_a_one_line_error(ray_proxy):
+    ray_app.check_room(ray_app.Scale(4, 4), REPLICA_CPUS, 0)  # 2 CPUs: exactly room
+    with pytest.raises(GrainsError, match="3 replicas × 1 CPU = 3, the Ray cluster has 2"):
+        ray_app.check_room(ray_app.Scale(3, 3), 1.0, 0)
+    with pytest.raises(
+        GrainsError, match="1 replicas × 1 GPU = 1, the Ray cluster has 0; fix: fewer replicas, or --device cpu"
+    ):
+        ray_app.check_room(ray_app.parse_scale(None, "0:2"), REPLICA_CPUS, 1)
 
 
 def test_scales():

@@ -2,8 +2,8 @@
 
 Each replica is one Ray actor that builds the app exactly as `grains-edge serve` does (server.build: one
 engine, one continuous batcher) and hands it to Ray as its ASGI app. Ray's HTTP proxy takes the requests and
-its router sends each to the replica with fewer requests in flight; Ray restarts a replica that dies or whose
-batcher stops, and with autoscaling adds or removes replicas by the requests waiting per replica.
+its router sends each to the less busy of two replicas picked at random; Ray restarts a replica that dies or
+whose batcher stops, and with autoscaling adds or removes replicas by the requests per replica.
 
 Replicas read the export and the user's profiles from the driver's GRAINS_EDGE_HOME path: on one machine that
 is the same folder, on a cluster it must be shared storage (every replica lists the same profiles).
@@ -18,6 +18,7 @@ import sys
 import threading
 from dataclasses import dataclass
 
+import ray
 from ray import serve
 
 from grains_edge.errors import GrainsError
@@ -38,7 +39,7 @@ class ReplicaSettings:
     export_dir: str
     home: str  # GRAINS_EDGE_HOME of every replica: where the user's profiles are
     options: dict  # server.build's keyword arguments; max_batch at least
-    device: str = "auto"
+    device: str = "cpu"  # "cuda" only with a GPU reserved: Ray hides the GPUs from the others
     cpus: float = 1.0  # Ray's CPU reservation per replica; the engine runs ceil(cpus) threads
 
     @property
@@ -171,15 +172,13 @@ def check_default_steering(export_dir: str, profile: str | None, alpha: float | 
 
 def check_room(scale: Scale, cpus: float, gpus: float) -> None:
     """A one-line error when the cluster cannot hold the replicas asked for (Ray would wait for them forever)."""
-    import ray
-
     resources = ray.cluster_resources()
-    for kind, each, flag in (("CPU", cpus, "--replica-cpus"), ("GPU", gpus, "--device cpu")):
-        needed, present = max(scale.minimum, 1) * each, resources.get(kind, 0.0)
-        if needed > present:
+    count = max(scale.minimum, 1)
+    for kind, each, fix in (("CPU", cpus, "a smaller --replica-cpus"), ("GPU", gpus, "--device cpu")):
+        if count * each > resources.get(kind, 0.0):
             raise GrainsError(
-                f"{max(scale.minimum, 1)} replicas need {needed:g} {kind}s, the Ray cluster has {present:g}; "
-                f"fix: fewer replicas, or a smaller {flag}"
+                f"{count} replicas × {each:g} {kind} = {count * each:g}, the Ray cluster has "
+                f"{resources.get(kind, 0.0):g}; fix: fewer replicas, or {fix}"
             )
 
 
@@ -187,8 +186,6 @@ def serve_until_stopped(
     settings: ReplicaSettings, scale: Scale, host: str, port: int, address: str | None, gpus: float
 ) -> None:
     """Start (or join, with `address`) a Ray cluster, serve on it until SIGINT/SIGTERM, then remove the app."""
-    import ray
-
     ray.init(address=address, logging_level="WARNING")
     try:
         if address is None:  # a cluster may add nodes for what it lacks; a local Ray cannot
