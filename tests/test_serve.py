@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -15,6 +16,7 @@ import pytest
 import uvicorn
 
 from grains_edge import paths
+from grains_edge.cli import main
 from grains_edge.runtime.engine import Engine
 from grains_edge.runtime.protocol import GenerationSettings
 from grains_edge.serve.server import build, listen
@@ -360,6 +362,15 @@ def test_concurrent_rows_with_different_steerings_answer_as_each_alone(live, eng
     for (prompt, steering), single in zip(requests, singles, strict=True):
         tensor = None if steering is None else combine([(profiles[steering["profile"]], steering.get("alpha"))])
         assert single == alone(engine, [{"role": "user", "content": prompt}], tensor, max_tokens=24)
+
+
+def test_a_bad_default_profile_is_one_line_before_the_model_loads(capsys, tiny_export):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    assert main(["serve", "--model", str(tiny_export), "--port", port, "--profile", "nope"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "unknown profile 'nope'" in error[0] and "fix:" in error[0]
 
 
 def test_the_server_default_profile_applies_when_a_request_names_none(engine, profiles):

@@ -6,6 +6,7 @@ import argparse
 import importlib.util
 import os
 import sys
+from pathlib import Path
 
 from grains_edge.errors import GrainsError
 from grains_edge.options import DEVICES, PREFIX_CACHE_MB, QUANTIZATIONS, finite_float
@@ -85,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
     warn_if_open(args.host, api_key)
     export_dir = ensure_export(args.model, args.quantize)
     ensure_builtin_profiles(args.model)
+    check_default_profile(export_dir, args.profile, args.alpha)
     engine = Engine(export_dir, device=args.device)
     app, batcher = build(engine, **options)
     batcher.start()
@@ -99,6 +101,19 @@ def run(args: argparse.Namespace) -> int:
         batcher.close()
         sock.close()
     return 0
+
+
+def check_default_profile(export_dir: str | Path, profile: str | None, alpha: float | None) -> None:
+    """--profile and --alpha checked against the export's manifest, before any engine loads: one line if bad."""
+    from grains_edge.export.manifest import Manifest
+    from grains_edge.serve.steering import SteeringError, SteeringResolver
+
+    manifest = Manifest.load(export_dir)
+    resolver = SteeringResolver((manifest.num_layers, manifest.hidden_size), manifest.weights_fingerprint)
+    try:
+        resolver.server_default(profile, alpha)
+    except SteeringError as error:
+        raise GrainsError(str(error)) from None
 
 
 def warn_if_open(host: str, api_key: str | None) -> None:
@@ -132,7 +147,7 @@ def run_on_ray(args: argparse.Namespace, options: dict) -> int:
     warn_if_open(args.host, options["api_key"])
     export_dir = str(ensure_export(args.model, args.quantize))
     ensure_builtin_profiles(args.model)
-    ray_app.check_default_steering(export_dir, args.profile, args.alpha)
+    check_default_profile(export_dir, args.profile, args.alpha)
     gpus = 1 if args.device == "cuda" else 0  # Ray hides the GPUs from a replica that reserved none
     device = "cuda" if gpus else "cpu"
     settings = ray_app.ReplicaSettings(export_dir, str(paths.home().resolve()), options, device, cpus)

@@ -22,10 +22,8 @@ import ray
 from ray import serve
 
 from grains_edge.errors import GrainsError
-from grains_edge.export.manifest import Manifest
 from grains_edge.runtime.engine import Engine
 from grains_edge.serve.server import build
-from grains_edge.serve.steering import SteeringError, SteeringResolver
 
 APP_NAME = "grains-edge"
 REPLICA_HEADER = "x-grains-edge-replica"
@@ -158,16 +156,6 @@ def deploy(app, host: str, port: int) -> None:
         serve.run(app, name=APP_NAME, route_prefix="/")
     except RuntimeError as error:  # a replica's constructor failed: Ray printed its traceback above
         raise GrainsError(f"Ray could not start the replicas ({error}); fix: see the replica errors above") from None
-
-
-def check_default_steering(export_dir: str, profile: str | None, alpha: float | None) -> None:
-    """The replicas' --profile check, made once here: a bad profile is one line, not failing replicas."""
-    manifest = Manifest.load(export_dir)
-    resolver = SteeringResolver((manifest.num_layers, manifest.hidden_size), manifest.weights_fingerprint)
-    try:
-        resolver.server_default(profile, alpha)
-    except SteeringError as error:
-        raise GrainsError(str(error)) from None
 
 
 def check_room(scale: Scale, cpus: float, gpus: float) -> None:
