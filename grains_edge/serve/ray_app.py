@@ -23,7 +23,7 @@ from ray import serve
 
 from grains_edge.errors import GrainsError
 from grains_edge.runtime.engine import Engine
-from grains_edge.serve.server import build
+from grains_edge.serve.server import build, queue_size
 
 APP_NAME = "grains-edge"
 REPLICA_HEADER = "x-grains-edge-replica"
@@ -51,8 +51,7 @@ class ReplicaSettings:
     @property
     def requests_held(self) -> int:
         """Requests one replica's batcher holds: its batch and its queue (sized as server.build sizes it)."""
-        max_queue = self.options.get("max_queue")
-        return self.max_batch + (4 * self.max_batch if max_queue is None else max_queue)
+        return self.max_batch + queue_size(self.max_batch, self.options.get("max_queue"))
 
 
 @dataclass(frozen=True)

@@ -35,10 +35,15 @@ def build(
     capacity = min(context or DEFAULT_CONTEXT, engine.max_context)
     resolver = SteeringResolver((engine.num_layers, engine.hidden_size), engine.manifest.weights_fingerprint)
     resolver.default = resolver.server_default(profile, alpha)
-    queue = 4 * max_batch if max_queue is None else max_queue
+    queue = queue_size(max_batch, max_queue)
     batcher = Batcher(engine, max_batch, capacity, queue, on_logits, int(prefix_cache_mb * 2**20))
     app = create_app(engine, batcher, resolver, engine.export_dir.name, api_key, max_body)
     return app, batcher
+
+
+def queue_size(max_batch: int, max_queue: int | None) -> int:
+    """Requests that may wait for a slot: `--max-queue`, or four batches' worth."""
+    return 4 * max_batch if max_queue is None else max_queue
 
 
 def check_limits(
