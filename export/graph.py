@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -39,7 +40,8 @@ from onnx import TensorProto, helper, numpy_helper
 from grains_edge import kernels
 from grains_edge.errors import GrainsError
 from grains_edge.export import graph_io
-from grains_edge.export.gguf_blocks import BLOCK, Blocks, block_sum_indicator, folded, q4_1_fields
+from grains_edge.export.gguf_blocks import Blocks, block_sum_indicator, fits_q4_1_kernel, folded, q4_1_fields
+from grains_edge.export.weights_file import WeightsFile
 from grains_edge.model import sources
 
 OPSET = 20
@@ -203,14 +205,21 @@ class GraphBuilder:
     """Accumulates nodes and initializers; `op` returns the output name(s) of the node it adds, named by
     where it is (`/model/layers.3/attn/qkv/MatMul`: the scopes open around it, then its op type).
     `blocks`: weights (by linear name) already quantized, e.g. a GGUF's own (`gguf_blocks.py`);
-    `custom_kernels`: Q4_1 blocks and the steering go to grains-edge's own kernels (grains_edge/kernels)."""
+    `custom_kernels`: Q4_1 blocks and the steering go to grains-edge's own kernels (grains_edge/kernels);
+    `weights_file`: where each weight's bytes go as it is added (else they stay in the initializer)."""
 
-    def __init__(self, blocks: dict[str, Blocks] | None = None, custom_kernels: bool = False) -> None:
+    def __init__(
+        self,
+        blocks: dict[str, Blocks] | None = None,
+        custom_kernels: bool = False,
+        weights_file: WeightsFile | None = None,
+    ) -> None:
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self.count = 0
         self.blocks = blocks or {}
         self.custom_kernels = custom_kernels
+        self.weights_file = weights_file
         self.scopes: list[str] = ["/model"]
         self.node_names: set[str] = set()
 
@@ -228,7 +237,11 @@ class GraphBuilder:
         return self.scope(weight_name.rsplit(".", 1)[-1])
 
     def weight(self, name: str, value: np.ndarray) -> str:
-        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
+        value = np.ascontiguousarray(value)
+        if self.weights_file is None:
+            self.initializers.append(numpy_helper.from_array(value, name))
+        else:
+            self.initializers.append(self.weights_file.initializer(name, value))
         return name
 
     def const(self, value, dtype=np.int64) -> str:
@@ -258,11 +271,11 @@ class GraphBuilder:
                 y = self.op("MatMul", x, self.weight(f"{name}.weight", weight))
             elif blocks.offsets is None:
                 y = self.block_matmul(x, name, blocks)
-            elif self.custom_kernels:
+            elif self.custom_kernels and fits_q4_1_kernel(blocks):
                 rows, cols = blocks.shape  # [N, K]
                 fields = [self.weight(f"{name}.{f}", v) for f, v in zip("qdm", q4_1_fields(blocks), strict=True)]
                 y = self.op("Q4_1MatMul", x, *fields, domain=kernels.DOMAIN, K=cols, N=rows)
-            else:  # Q4_1: the offsets ride as extra K columns fed by x's block sums (gguf_blocks.folded)
+            else:  # offsets (Q4_1, Q4_K, Q5_*): extra K columns fed by x's block sums (gguf_blocks.folded)
                 sums = self.block_matmul(x, f"{name}.block_sums", block_sum_indicator(blocks.shape[1]))
                 y = self.block_matmul(self.op("Concat", x, sums, axis=-1), name, folded(blocks))
             return y if bias is None else self.op("Add", y, self.weight(f"{name}.bias", bias))
@@ -279,7 +292,7 @@ class GraphBuilder:
             K=cols,
             N=rows,
             bits=blocks.bits,
-            block_size=BLOCK,
+            block_size=blocks.block_size,
             accuracy_level=ACCURACY_LEVEL,
         )
 
@@ -404,7 +417,7 @@ def token_embedding(g: GraphBuilder, spec: GraphSpec, table_module, name: str) -
             # the table is the head's own blocks: looked up quantized, with no float32 copy of it
             vocab = head_blocks.shape[0]
             table = g.weight(f"{name}.qweight", head_blocks.packed().reshape(vocab, -1))  # [vocab, hidden*bits/8]
-            scales = g.weight(f"{name}.scales", head_blocks.scales)  # [vocab, hidden/32]
+            scales = g.weight(f"{name}.scales", head_blocks.scales)  # [vocab, hidden/block_size]
             h = g.op(
                 "GatherBlockQuantized",
                 table,
@@ -412,7 +425,7 @@ def token_embedding(g: GraphBuilder, spec: GraphSpec, table_module, name: str) -
                 scales,
                 domain="com.microsoft",
                 bits=head_blocks.bits,
-                block_size=BLOCK,
+                block_size=head_blocks.block_size,
                 gather_axis=0,
                 quantize_axis=1,
             )  # [b, s, hidden], (q - 2^(bits-1)) * scale: the default zero point, as in MatMulNBits
@@ -619,15 +632,19 @@ def build(
     separate_head: bool = False,
     blocks: dict[str, Blocks] | None = None,
     custom_kernels: bool = False,
+    weights_file: Path | None = None,
 ) -> onnx.ModelProto:
     """The steered graph of `model` (a loaded HF causal LM of a FAMILIES type) as `spec` describes it.
     `separate_head` gives the LM head its own [hidden, vocab] MatMul weight even when tied, so a quantizer can
     take it; `blocks` replaces the named linears (and `lm_head`) with MatMulNBits on already-quantized weights,
-    or their Q4_1 ones with grains-edge's Q4_1MatMul when `custom_kernels`, which also steers with SteeredAdd."""
-    g = GraphBuilder(blocks, custom_kernels)
-    pre = prelude(g, spec.num_layers)
-    steering = Steering(g, spec, steered_layers)
-    FAMILIES[spec.family](g, spec, model, pre, steering, separate_head)
+    or their Q4_1 ones with grains-edge's Q4_1MatMul when `custom_kernels`, which also steers with SteeredAdd.
+    With `weights_file` (the graph's model.onnx.data) each weight is written there as it is made and the
+    graph holds a reference to it."""
+    with WeightsFile(weights_file) if weights_file else contextlib.nullcontext() as sink:
+        g = GraphBuilder(blocks, custom_kernels, sink)
+        pre = prelude(g, spec.num_layers)
+        steering = Steering(g, spec, steered_layers)
+        FAMILIES[spec.family](g, spec, model, pre, steering, separate_head)
 
     float_t, int_t = TensorProto.FLOAT, TensorProto.INT64
     cache = ["batch", spec.kv_heads, "past", spec.head_dim]
@@ -646,8 +663,18 @@ def build(
             for n in pre.present
         ],
     ]
-    graph = helper.make_graph(g.nodes, "grains_edge_steered_decoder", inputs, outputs, g.initializers)
     opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)]
     if any(node.domain == kernels.DOMAIN for node in g.nodes):
         opsets.append(helper.make_opsetid(kernels.DOMAIN, 1))
-    return helper.make_model(graph, opset_imports=opsets, producer_name="grains-edge")
+    graph = helper.make_graph(g.nodes, "grains_edge_steered_decoder", inputs, outputs)
+    proto = helper.make_model(graph, opset_imports=opsets, producer_name="grains-edge")
+    move_initializers(g.initializers, proto.graph)
+    return proto
+
+
+def move_initializers(tensors: list[onnx.TensorProto], graph: onnx.GraphProto) -> None:
+    """Append `tensors` to the graph, emptying the list as it goes: protobuf copies each message it appends
+    (make_graph did, and make_model copied the graph again), so this holds each weight once instead of thrice."""
+    tensors.reverse()
+    while tensors:
+        graph.initializer.append(tensors.pop())

@@ -11,9 +11,12 @@ provably made (`export/ownership.py`).
 
 from __future__ import annotations
 
+import functools
+import gc
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
@@ -24,6 +27,7 @@ import torch
 from grains_edge import kernels as kernel_library
 from grains_edge.errors import GrainsError
 from grains_edge.export import gguf_blocks, graph, graph_io, ownership
+from grains_edge.export import quantize as quantize_float
 from grains_edge.export.manifest import MANIFEST_NAME, MODEL_NAME, Manifest
 from grains_edge.layers import parse_layers
 from grains_edge.model import sources
@@ -50,19 +54,20 @@ def source_blocks(model_spec: str, spec: graph.GraphSpec, quantize: str) -> dict
     """The weights a GGUF source already holds in MatMulNBits-compatible blocks, taken as they are:
     all of them (4- and 8-bit) for int4, the 8-bit ones for int8; none for other sources."""
     source = sources.resolve(model_spec)
-    if quantize == "none" or source.gguf_file is None or spec.family != "llama":
+    if quantize == "none" or source.gguf_file is None or spec.family not in gguf_blocks.PERMUTED_QK:
         return {}
-    found = gguf_blocks.llama_blocks(Path(source.path) / source.gguf_file, spec.num_layers, spec.heads, spec.kv_heads)
+    path = Path(source.path) / source.gguf_file
+    found = gguf_blocks.model_blocks(path, spec.family, spec.num_layers, spec.heads, spec.kv_heads)
     wanted = {"int4": (4, 8), "int8": (8,)}[quantize]
     return {name: blocks for name, blocks in found.items() if blocks.bits in wanted}
 
 
-def use_custom_kernels(choice: str, blocks: dict[str, gguf_blocks.Blocks]) -> bool:
-    """Whether the Q4_1 linears among `blocks` go to grains-edge's own kernel: `choice` auto (when it can
-    be built here), fused (must be) or stock (never)."""
+def use_custom_kernels(choice: str, blocks: dict[str, gguf_blocks.Blocks], quantize: str = "none") -> bool:
+    """Whether Q4_1 linears (those among a GGUF's `blocks`; int4's from float weights) go to grains-edge's
+    own kernel: `choice` auto (when it can be built here), fused (must be) or stock (never)."""
     if choice not in KERNEL_CHOICES:
         raise GrainsError(f"unknown kernels '{choice}'; fix: use one of {', '.join(KERNEL_CHOICES)}")
-    if choice == "stock" or not any(b.offsets is not None for b in blocks.values()):
+    if choice == "stock" or not (quantize == "int4" or any(b.offsets is not None for b in blocks.values())):
         return False
     reason = kernel_library.unavailable_reason()
     if reason and choice == "fused":
@@ -82,14 +87,20 @@ def write_graph(
     custom_kernels: bool = False,
 ) -> str:
     """Build the graph and return how its MatMul weights are stored. For int8/int4, `blocks` (a GGUF's
-    own quantized weights) are used as they are (Q4_1 ones in grains-edge's own kernel when `custom_kernels`);
-    every other MatMul weight (the layers and the LM head) is quantized with ONNX Runtime's block-wise
-    MatMulNBits (round-to-nearest, block 32, symmetric). The embedding lookup, norms, attention, the
-    steering input and its renormalization stay float32."""
+    own quantized weights) are used as they are (Q4_1 ones in grains-edge's own kernel when `custom_kernels`).
+    int4 quantizes every other MatMul weight from float with `quantize.int4_blocks` (Q4_1 blocks by a
+    min/scale search, the LM head in 8 bits); int8, and any weight not in blocks of 32, with ONNX Runtime's
+    block-wise MatMulNBits (round-to-nearest, block 32, symmetric). The embedding lookup, norms, attention,
+    the steering input and its renormalization stay float32."""
     blocks = blocks or {}
-    proto = graph.build(
-        model, spec, steered, separate_head=quantize != "none", blocks=blocks, custom_kernels=custom_kernels
+    build = functools.partial(
+        graph.build, model, spec, steered, separate_head=quantize != "none", custom_kernels=custom_kernels
     )
+    # float32 weights go to disk as they are made, so the model's own copy is the only one in memory
+    proto = build(blocks=blocks, weights_file=path.with_name(path.name + ".data") if quantize == "none" else None)
+    from_float = quantize_float.int4_blocks(proto) if quantize == "int4" else {}
+    if from_float:
+        proto = build(blocks={**blocks, **from_float})
     rounded = [n for n in proto.graph.node if n.op_type == "MatMul"]
     if quantize != "none" and rounded:
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
@@ -109,11 +120,9 @@ def write_graph(
     )
     if quantize == "none":
         return "float32"
-    kinds = sorted({f"{b.bits}-bit" for b in blocks.values()})
-    exactness = "exact"
-    if any(b.offsets is not None for b in blocks.values()):
-        exactness = "exact, Q4_1 in grains-edge's kernel" if custom_kernels else "Q4_1 offsets to 8 bits"
-    parts = [f"{len(blocks)} from the GGUF's own blocks ({', '.join(kinds)}; {exactness})"] if blocks else []
+    parts = [gguf_blocks.summary(blocks, custom_kernels)] if blocks else []
+    if from_float:
+        parts.append(quantize_float.summary(from_float))
     if rounded:
         parts.append(f"{len(rounded)} rounded to {quantize}")
     return "; ".join(parts)
@@ -144,17 +153,18 @@ def run_graph(session, manifest: Manifest, ids: torch.Tensor, steering: torch.Te
     return np.concatenate([logits, session.run([graph_io.LOGITS], step)[0]], axis=1)
 
 
-def verify(model, export_dir: Path, manifest: Manifest) -> dict:
-    """Run ORT and the HF model (steering by hooks) on the same tokens, zero and non-zero steering (a
-    different profile per row), prompt plus one cached step. Float graphs must match within TOLERANCE;
-    quantized graphs within QUANTIZED_TOLERANCE; and the steering effect (steered minus unsteered logits)
-    must correlate with PyTorch's (MIN_EFFECT_CORRELATION), which catches any wiring error of the steering."""
-    import onnxruntime as ort
+@dataclass
+class Reference:
+    """PyTorch's side of the verification: the tokens, the steerings and the logits for each steering."""
 
-    options = ort.SessionOptions()
-    if manifest.kernels == "fused":
-        kernel_library.register(options)
-    session = ort.InferenceSession(str(export_dir / MODEL_NAME), options, providers=["CPUExecutionProvider"])
+    ids: torch.Tensor  # [2, 10]
+    steerings: dict[str, torch.Tensor]  # "zero" | "steered" -> [2, num_layers, hidden]
+    logits: dict[str, np.ndarray]  # the same labels -> [2, 10, vocab]
+
+
+def reference(model, manifest: Manifest) -> Reference:
+    """The HF model's logits (steering by hooks) on random tokens, with zero and with non-zero steering (a
+    different profile per row)."""
     generator = torch.Generator().manual_seed(1)
     ids = torch.randint(0, min(manifest.vocab_size, 1000), (2, 10), generator=generator)
     with torch.no_grad():
@@ -164,12 +174,29 @@ def verify(model, export_dir: Path, manifest: Manifest) -> dict:
         steered[:, layer] = torch.randn(2, manifest.hidden_size, generator=generator)
     steered *= scale / steered.norm(dim=-1, keepdim=True).clamp_min(1e-6)
     steered[1] *= -0.5  # a different profile on the second row
-    ours, theirs, report = {}, {}, {}
-    tolerance = QUANTIZED_TOLERANCE.get(manifest.quantization, TOLERANCE)
-    for label, steering in (("zero", torch.zeros_like(steered)), ("steered", steered)):
+    steerings = {"zero": torch.zeros_like(steered), "steered": steered}
+    logits = {}
+    for label, steering in steerings.items():
         with torch.no_grad(), steering_hooks(model, steering, manifest.steered_layers):
-            theirs[label] = model(input_ids=ids).logits.numpy()  # [batch, seq, vocab]
-        ours[label] = run_graph(session, manifest, ids, steering)
+            logits[label] = model(input_ids=ids).logits.numpy()  # [batch, seq, vocab]
+    return Reference(ids, steerings, logits)
+
+
+def verify(expected: Reference, export_dir: Path, manifest: Manifest) -> dict:
+    """Run ORT on the reference's tokens and steerings, prompt plus one cached step. Float graphs must match
+    the HF model's logits within TOLERANCE; quantized graphs within QUANTIZED_TOLERANCE; and the steering
+    effect (steered minus unsteered logits) must correlate with PyTorch's (MIN_EFFECT_CORRELATION), which
+    catches any wiring error of the steering."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if manifest.kernels == "fused":
+        kernel_library.register(options)
+    session = ort.InferenceSession(str(export_dir / MODEL_NAME), options, providers=["CPUExecutionProvider"])
+    ours, theirs, report = {}, expected.logits, {}
+    tolerance = QUANTIZED_TOLERANCE.get(manifest.quantization, TOLERANCE)
+    for label, steering in expected.steerings.items():
+        ours[label] = run_graph(session, manifest, expected.ids, steering)
         error = float(np.abs(ours[label] - theirs[label]).max() / max(1.0, np.abs(theirs[label]).max()))
         report[label] = error
         report[f"{label}_argmax_agreement"] = float((ours[label].argmax(-1) == theirs[label].argmax(-1)).mean())
@@ -261,12 +288,15 @@ def build(model_spec: str, staging: Path, layers_spec: str, quantize: str, kerne
     )
     log(f"writing the ONNX graph: {num_layers} layers, steering after {len(steered)} of them …")
     blocks = source_blocks(model_spec, spec, quantize)
-    custom_kernels = use_custom_kernels(kernels, blocks)
+    custom_kernels = use_custom_kernels(kernels, blocks, quantize)
     manifest.kernels = "fused" if custom_kernels else "stock"  # the manifest's name for custom kernels
     manifest.weights = write_graph(model, spec, steered, staging / MODEL_NAME, quantize, blocks, custom_kernels)
     log(f"MatMul weights: {manifest.weights}")
     tokenizer.save_pretrained(staging)
     log("verifying ONNX Runtime against PyTorch (zero and non-zero steering, KV cache) …")
-    manifest.verification = verify(model, staging, manifest)
+    expected = reference(model, manifest)
+    del model, blocks  # ORT loads its own copy of the weights next: neither of these is held beside it
+    gc.collect()
+    manifest.verification = verify(expected, staging, manifest)
     manifest.save(staging / MANIFEST_NAME)
     return manifest
