@@ -1,51 +1,69 @@
-"""A GGUF model's own quantized blocks (Q4_0, Q4_1, Q8_0), repacked for ONNX Runtime's MatMulNBits without
-requantizing: a second rounding of already-quantized weights costs more than it saves (the derivation, the
-layouts and the measurements: docs/design-notes.md, "GGUF blocks in MatMulNBits").
+"""A GGUF model's own quantized blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and the K-quants Q4_K, Q5_K, Q6_K),
+repacked for ONNX Runtime's MatMulNBits or grains-edge's Q4_1 kernel without requantizing: a second rounding
+of already-quantized weights costs more than it saves (the derivation, the layouts and the measurements:
+docs/design-notes.md, "GGUF blocks in MatMulNBits").
 
-Sources: ggml's block formats (ggml-common.h, `block_q4_0`, `block_q4_1`, `block_q8_0`); ONNX Runtime
-contrib op docs (`com.microsoft.MatMulNBits`).
+Sources: ggml's block formats (ggml-common.h, `block_q4_0` … `block_q8_0`, `block_q4_K`, `block_q5_K`,
+`block_q6_K`) and reference dequantizers (ggml-quants.c, `dequantize_row_*`, `get_scale_min_k4`); ONNX
+Runtime contrib op docs (`com.microsoft.MatMulNBits`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-BLOCK = 32
-OFFSET_DIGITS = 2  # base-16 digits per folded Q4_1 offset (8 bits)
+BLOCK = 32  # weights per block of the ggml formats, and per Q4_K / Q5_K sub-block
+OFFSET_DIGITS = 2  # digits in base 2^bits per folded offset: 8 bits for 4-bit blocks, 16 for 8-bit ones
+# Families whose GGUF linears map onto graph.py's, and whether llama.cpp permuted their q/k rows for its
+# rope (convert_hf_to_gguf.py does for Llama, not for Gemma-3; transformers undoes only the former).
+PERMUTED_QK = {"llama": True, "gemma3_text": False}
 
 
 @dataclass
 class Blocks:
-    """One weight [N, K] in MatMulNBits form: w[n, k] = scales[n, b] * (q[n, k] - 2^(bits-1)) + offsets[n, b]."""
+    """One weight [N, K] in MatMulNBits form: w[n, k] = scales[n, b] * (q[n, k] - 2^(bits-1)) + offsets[n, b],
+    b = k // block_size."""
 
     bits: int
     q: np.ndarray  # [N, K] uint8, unpacked levels
-    scales: np.ndarray  # [N, K/32] float32
-    offsets: np.ndarray | None = None  # [N, K/32] float32 (Q4_1's minimum + 8 d), None when 0
+    scales: np.ndarray  # [N, K/block_size] float32
+    offsets: np.ndarray | None = None  # [N, K/block_size] float64, exact sums of the GGUF's fields; None when 0
+    block_size: int = BLOCK  # offsets come only with blocks of 32
+    kinds: tuple[str, ...] = ()  # the GGUF types it was read from
 
     @property
     def shape(self) -> tuple[int, int]:
         return self.q.shape
 
+    @property
+    def zero_point(self) -> int:
+        return 1 << (self.bits - 1)
+
     def packed(self) -> np.ndarray:
-        """B input [N, K/32, 32 * bits / 8] uint8."""
+        """B input [N, K/block_size, block_size * bits / 8] uint8."""
         rows, cols = self.q.shape
-        blocks = self.q.reshape(rows, cols // BLOCK, BLOCK)
+        blocks = self.q.reshape(rows, cols // self.block_size, self.block_size)
         if self.bits == 8:
             return np.ascontiguousarray(blocks)
         return np.ascontiguousarray(blocks[..., 0::2] | (blocks[..., 1::2] << 4))
 
     def dequantized(self) -> np.ndarray:
-        """[N, K] float32, the weight these blocks represent."""
+        """[N, K] float32, the weight these blocks represent (offsets added in float64, then rounded once:
+        bit-identical to ggml's float32 dequantization)."""
         rows, cols = self.q.shape
-        levels = self.q.reshape(rows, cols // BLOCK, BLOCK).astype(np.float32) - (1 << (self.bits - 1))
+        levels = self.q.reshape(rows, cols // self.block_size, self.block_size).astype(np.float32) - self.zero_point
         weight = levels * self.scales[..., None]
         if self.offsets is not None:
-            weight = weight + self.offsets[..., None]
+            weight = (weight.astype(np.float64) + self.offsets[..., None]).astype(np.float32)
         return weight.reshape(rows, cols)
+
+
+# --- decoders: raw [N, blocks, bytes per block] uint8 -> Blocks ---------------------------------------
 
 
 def halves(raw: np.ndarray, start: int) -> np.ndarray:
@@ -54,38 +72,142 @@ def halves(raw: np.ndarray, start: int) -> np.ndarray:
 
 
 def nibbles(raw: np.ndarray) -> np.ndarray:
-    """The 32 levels of each ggml Q4 block from its 16 bytes [..., 16] -> [..., 32]."""
+    """ggml's 4-bit order, bytes [..., n] -> levels [..., 2n]: the low nibbles, then the high ones."""
     return np.concatenate([raw & 15, raw >> 4], axis=-1)
+
+
+def bits_of(raw: np.ndarray) -> np.ndarray:
+    """Bytes [..., n] -> their bits [..., 8n], least significant first (bit j of a little-endian word)."""
+    return np.unpackbits(np.ascontiguousarray(raw), axis=-1, bitorder="little")
+
+
+def by_row(values: np.ndarray) -> np.ndarray:
+    """[N, ...] -> [N, everything else]."""
+    return values.reshape(values.shape[0], -1)
+
+
+def q8_0(raw: np.ndarray) -> Blocks:
+    """34 bytes: f16 d, 32 int8 q; w = d * q -> 8 bits, q + 128."""
+    q = raw[..., 2:].view(np.int8).astype(np.int16) + 128
+    return Blocks(8, by_row(q.astype(np.uint8)), halves(raw, 0))
+
+
+def q4_0(raw: np.ndarray) -> Blocks:
+    """18 bytes: f16 d, 16 bytes of nibbles; w = d * (q - 8) -> 4 bits, q."""
+    return Blocks(4, by_row(nibbles(raw[..., 2:])), halves(raw, 0))
+
+
+def q4_1(raw: np.ndarray) -> Blocks:
+    """20 bytes: f16 d, f16 m, 16 bytes of nibbles; w = d * q + m -> 4 bits, q, offset m + 8d."""
+    d = halves(raw, 0)
+    return Blocks(4, by_row(nibbles(raw[..., 4:])), d, halves(raw, 2) + 8.0 * d.astype(np.float64))
+
+
+def five_bit_levels(high: np.ndarray, low: np.ndarray) -> np.ndarray:
+    """Q5 levels from 4 bytes of high bits (bit j for element j) and 16 bytes of nibbles, as 8-bit levels
+    centred on 16: q + 112, so that w = d * (q - 16) is MatMulNBits' d * (level - 128)."""
+    return (nibbles(low) | (bits_of(high) << 4)) + 112
+
+
+def q5_0(raw: np.ndarray) -> Blocks:
+    """22 bytes: f16 d, 4 bytes of high bits, 16 bytes of nibbles; w = d * (q - 16) -> 8 bits, q + 112."""
+    return Blocks(8, by_row(five_bit_levels(raw[..., 2:6], raw[..., 6:])), halves(raw, 0))
+
+
+def q5_1(raw: np.ndarray) -> Blocks:
+    """24 bytes: f16 d, f16 m, high bits, nibbles; w = d * q + m -> 8 bits, q + 112, offset m + 16d."""
+    d = halves(raw, 0)
+    levels = five_bit_levels(raw[..., 4:8], raw[..., 8:])
+    return Blocks(8, by_row(levels), d, halves(raw, 2) + 16.0 * d.astype(np.float64))
+
+
+def k_scales(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The 8 sub-block scales and minimums of a Q4_K / Q5_K super-block, 6 bits each in 12 bytes
+    [..., 12] -> ([..., 8], [..., 8]) (ggml's get_scale_min_k4: sub-blocks 0-3 in the low 6 bits of bytes
+    0-3 and 4-7, sub-blocks 4-7 in the nibbles of bytes 8-11 plus the top 2 bits of bytes 0-3 and 4-7)."""
+    scale_bytes, min_bytes, mixed = raw[..., 0:4], raw[..., 4:8], raw[..., 8:12]
+    scales = np.concatenate([scale_bytes & 63, (mixed & 15) | ((scale_bytes >> 6) << 4)], axis=-1)
+    minimums = np.concatenate([min_bytes & 63, (mixed >> 4) | ((min_bytes >> 6) << 4)], axis=-1)
+    return scales, minimums
+
+
+def k_affine(raw: np.ndarray, centre: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per sub-block of 32 of a Q4_K / Q5_K super-block [N, S, bytes] (f16 d, f16 dmin, 12 bytes of scales):
+    the scale D = d * sc [N, S*8] float32 and the offset centre * D - dmin * m [N, S*8] float64, so that
+    w = D * q - dmin * m = D * (q - centre) + offset."""
+    scales, minimums = k_scales(raw[..., 4:16])
+    step = halves(raw, 0)[..., None] * scales.astype(np.float32)  # [N, S, 8], exact: 11 x 6 bits
+    minimum = halves(raw, 2)[..., None].astype(np.float64) * minimums
+    return by_row(step), by_row(centre * step.astype(np.float64) - minimum)
+
+
+def q4_k(raw: np.ndarray) -> Blocks:
+    """144 bytes: f16 d, f16 dmin, 12 bytes of scales, 128 bytes of nibbles (per 64 weights: 32 bytes, sub-block
+    2i in the low nibbles, 2i + 1 in the high ones); w = d sc_i * q - dmin m_i -> 4 bits, q, per 32."""
+    rows, supers = raw.shape[:2]
+    levels = nibbles(raw[..., 16:].reshape(rows, supers, 4, 32))  # [N, S, 4, 64]
+    step, offset = k_affine(raw, 8)
+    return Blocks(4, by_row(levels), step, offset)
+
+
+def q5_k(raw: np.ndarray) -> Blocks:
+    """176 bytes: Q4_K's fields, then 32 bytes of high bits (bit i of byte l: element l of sub-block i), then
+    the 128 bytes of nibbles -> 8 bits, q + 112, per 32."""
+    rows, supers = raw.shape[:2]
+    low = nibbles(raw[..., 48:].reshape(rows, supers, 4, 32)).reshape(rows, supers, 8, 32)
+    high = bits_of(raw[..., 16:48]).reshape(rows, supers, 32, 8).swapaxes(-1, -2)  # [N, S, 8, 32]
+    step, offset = k_affine(raw, 16)
+    return Blocks(8, by_row((low | (high << 4)) + 112), step, offset)
+
+
+def q6_k(raw: np.ndarray) -> Blocks:
+    """210 bytes: 128 bytes of low nibbles, 64 of high bit pairs, 16 int8 scales, f16 d. Per half of 128
+    weights, element 32k + l (k < 4, l < 32) has the nibble (k >> 1) of low byte l + 32 (k & 1) and the bit
+    pair k of high byte l; w = d sc_j * (q - 32) for the sub-block j of 16 -> 8 bits, q + 96, per 16."""
+    rows, supers = raw.shape[:2]
+    low = raw[..., :128].reshape(rows, supers, 2, 2, 32)  # [N, S, half, l >= 32, 32]
+    low = np.stack([low & 15, low >> 4], axis=3).reshape(rows, supers, 2, 4, 32)  # [.., half, k, l]
+    high = raw[..., 128:192].reshape(rows, supers, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8)[:, None]
+    levels = low | ((high & 3) << 4)  # [N, S, 2, 4, 32] in 0..63
+    step = halves(raw, 208)[..., None] * raw[..., 192:208].view(np.int8).astype(np.float32)  # [N, S, 16]
+    return Blocks(8, by_row(levels + 96), by_row(step), block_size=16)
+
+
+# GGUF type -> (bytes per block of 32 or super-block of 256 weights, decoder)
+DECODERS: dict[str, tuple[int, Callable[[np.ndarray], Blocks]]] = {
+    "Q8_0": (34, q8_0),
+    "Q4_0": (18, q4_0),
+    "Q4_1": (20, q4_1),
+    "Q5_0": (22, q5_0),
+    "Q5_1": (24, q5_1),
+    "Q4_K": (144, q4_k),
+    "Q5_K": (176, q5_k),
+    "Q6_K": (210, q6_k),
+}
 
 
 def decode(kind: str, data: np.ndarray) -> Blocks | None:
     """Blocks of a GGUF tensor (data [N, bytes per row] uint8), or None for other types."""
-    rows = data.shape[0]
-    if kind == "Q8_0":  # f16 d, 32 x int8
-        raw = data.reshape(rows, -1, 34)
-        q = (raw[..., 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8)
-        return Blocks(8, q.reshape(rows, -1), halves(raw, 0))
-    if kind == "Q4_0":  # f16 d, 16 bytes of nibbles
-        raw = data.reshape(rows, -1, 18)
-        return Blocks(4, nibbles(raw[..., 2:]).reshape(rows, -1), halves(raw, 0))
-    if kind == "Q4_1":  # f16 d, f16 m, 16 bytes of nibbles
-        raw = data.reshape(rows, -1, 20)
-        scales = halves(raw, 0)
-        return Blocks(4, nibbles(raw[..., 4:]).reshape(rows, -1), scales, halves(raw, 2) + 8 * scales)
-    return None
+    if kind not in DECODERS:
+        return None
+    size, decoder = DECODERS[kind]
+    return dataclasses.replace(decoder(data.reshape(data.shape[0], -1, size)), kinds=(kind,))
+
+
+# --- rows: q/k un-permuted, linears side by side ----------------------------------------------------
 
 
 def unpermute_rows(blocks: Blocks, heads: int) -> Blocks:
     """Undo llama.cpp's q/k row permutation (rows [heads, 2, half] stored as [heads, half, 2])."""
     rows = np.arange(blocks.shape[0])
     order = rows.reshape(heads, rows.size // heads // 2, 2).swapaxes(2, 1).reshape(-1)
-    pick = lambda a: None if a is None else a[order]  # noqa: E731
-    return Blocks(blocks.bits, blocks.q[order], blocks.scales[order], pick(blocks.offsets))
+    offsets = None if blocks.offsets is None else blocks.offsets[order]
+    return dataclasses.replace(blocks, q=blocks.q[order], scales=blocks.scales[order], offsets=offsets)
 
 
 def stacked(parts: list[Blocks]) -> Blocks | None:
     """Row-wise concatenation of weights with one format (a fused q|k|v or gate|up), else None."""
-    if len({(p.bits, p.offsets is None) for p in parts}) != 1:
+    if len({(p.bits, p.block_size, p.offsets is None) for p in parts}) != 1:
         return None
     offsets = None if parts[0].offsets is None else np.concatenate([p.offsets for p in parts])
     return Blocks(
@@ -93,7 +215,12 @@ def stacked(parts: list[Blocks]) -> Blocks | None:
         np.concatenate([p.q for p in parts]),
         np.concatenate([p.scales for p in parts]),
         offsets,
+        parts[0].block_size,
+        tuple(sorted({kind for p in parts for kind in p.kinds})),
     )
+
+
+# --- offsets: folded into extra K columns, or Q4_1 kernel fields ------------------------------------
 
 
 def offset_columns(cols: int) -> int:
@@ -115,58 +242,115 @@ def block_sum_indicator(cols: int) -> Blocks:
     return Blocks(4, q, np.ones((extra, sums), np.float32))
 
 
-def folded(blocks: Blocks) -> Blocks:
-    """4-bit blocks with offsets -> the same weight as [N, cols + offset_columns(cols)] blocks without
-    offsets, for the input [x, block_sum_indicator(cols) @ x]: the offsets as OFFSET_DIGITS signed base-16
-    digits, digit i of a group scaled by u * 16^(OFFSET_DIGITS - 1 - i),
-    u = max |offset| / (7 * 16^(OFFSET_DIGITS - 1))."""
+def offset_digits(blocks: Blocks) -> tuple[np.ndarray, np.ndarray]:
+    """The offsets of blocks of 32 rounded for `folded`: (value [N, G, 32] int64, unit [N, G, 1]) with
+    offsets ≈ value * unit per group of 32 offsets (zero padded), |value| <= (2^(bits-1) - 1) * base^(D-1),
+    base = 2^bits, D = OFFSET_DIGITS."""
     rows, cols = blocks.shape
-    sums, extra = cols // BLOCK, offset_columns(cols)
-    padded = np.zeros((rows, extra // OFFSET_DIGITS), np.float64)
-    padded[:, :sums] = blocks.offsets
+    base = 1 << blocks.bits
+    padded = np.zeros((rows, offset_columns(cols) // OFFSET_DIGITS), np.float64)
+    padded[:, : cols // BLOCK] = blocks.offsets
     groups = padded.reshape(rows, -1, BLOCK)  # [N, G, 32]
-    unit = np.abs(groups).max(-1, keepdims=True) / (7 * 16 ** (OFFSET_DIGITS - 1))  # [N, G, 1]
+    unit = np.abs(groups).max(-1, keepdims=True) / ((base // 2 - 1) * base ** (OFFSET_DIGITS - 1))  # [N, G, 1]
     unit[unit == 0] = 1
-    value = np.rint(groups / unit).astype(np.int64)  # |value| <= 7 * 16^(digits-1)
+    return np.rint(groups / unit).astype(np.int64), unit
+
+
+def folded(blocks: Blocks) -> Blocks:
+    """Blocks of 32 with offsets -> the same weight as [N, cols + offset_columns(cols)] blocks without
+    offsets, for the input [x, block_sum_indicator(cols) @ x]: the offsets as OFFSET_DIGITS signed
+    base-2^bits digits, digit i of a group scaled by unit * base^(OFFSET_DIGITS - 1 - i) (`offset_digits`)."""
+    rows, _ = blocks.shape
+    base, half = 1 << blocks.bits, blocks.zero_point
+    value, unit = offset_digits(blocks)
     digits = []
     for _ in range(OFFSET_DIGITS - 1):
-        low = (value + 8) % 16 - 8  # in -8..7
+        low = (value + half) % base - half  # in -half..half-1
         digits.insert(0, low)
-        value = (value - low) // 16
-    digits.insert(0, value)  # the top digit, in -7..7
-    levels = [(digit + 8).astype(np.uint8).reshape(rows, -1) for digit in digits]
-    scales = [unit[..., 0] * 16.0 ** (OFFSET_DIGITS - 1 - i) for i in range(OFFSET_DIGITS)]
+        value = (value - low) // base
+    digits.insert(0, value)  # the top digit, in -(half-1)..half-1
+    levels = [(digit + half).astype(np.uint8).reshape(rows, -1) for digit in digits]
+    scales = [unit[..., 0] * float(base) ** (OFFSET_DIGITS - 1 - i) for i in range(OFFSET_DIGITS)]
     return Blocks(
-        4,
+        blocks.bits,
         np.concatenate([blocks.q, *levels], axis=1),
         np.concatenate([blocks.scales, *scales], axis=1).astype(np.float32),
     )
 
 
+def fits_q4_1_kernel(blocks: Blocks) -> bool:
+    """Whether grains_edge.Q4_1MatMul can run these blocks: 4-bit, blocks of 32 with offsets, fields finite
+    in float16."""
+    if blocks.bits != 4 or blocks.block_size != BLOCK or blocks.offsets is None:
+        return False
+    with np.errstate(over="ignore"):
+        return all(np.isfinite(field).all() for field in q4_1_fields(blocks)[1:])
+
+
 def q4_1_fields(blocks: Blocks) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The GGUF Q4_1 fields of 4-bit blocks with offsets, as grains_edge.Q4_1MatMul takes them: nibbles
     [N, K/2] uint8 (ggml order: level j in the low nibble of byte j, level j + 16 in the high one), d and
-    m [N, K/32] float16, w = d * q + m."""
+    m [N, K/32] float16, w = d * q + m: exact for a GGUF's Q4_1, rounded to float16 for Q4_K's d sc_i and
+    dmin m_i (`carried_error`)."""
     rows, cols = blocks.shape
     levels = blocks.q.reshape(rows, cols // BLOCK, BLOCK)
-    nibbles = (levels[..., :16] | (levels[..., 16:] << 4)).reshape(rows, cols // 2)
+    packed = (levels[..., :16] | (levels[..., 16:] << 4)).reshape(rows, cols // 2)
     d = blocks.scales.astype(np.float16)
-    m = (blocks.offsets - 8 * blocks.scales).astype(np.float16)
-    exact = np.array_equal(d.astype(np.float32), blocks.scales) and np.array_equal(
-        m.astype(np.float32) + 8 * d.astype(np.float32), blocks.offsets
-    )
-    if not exact:
-        raise ValueError("these blocks are not float16 Q4_1 fields (d, m)")
-    return np.ascontiguousarray(nibbles), d, m
+    m = (blocks.offsets - 8.0 * blocks.scales).astype(np.float16)
+    return np.ascontiguousarray(packed), d, m
 
 
-def llama_blocks(path: str | Path, num_layers: int, heads: int, kv_heads: int) -> dict[str, Blocks]:
+def carried_error(blocks: Blocks, custom_kernels: bool) -> float:
+    """The largest |graph weight - GGUF weight| of these blocks in the graph, in level steps (|scale| of its
+    block; its largest |offset| where the scale is 0): 0 without offsets (carried as they are); else the
+    float16 fields of Q4_1MatMul (`custom_kernels` and `fits_q4_1_kernel`) or the digits of `folded`."""
+    if blocks.offsets is None:
+        return 0.0
+    rows, cols = blocks.shape
+    if custom_kernels and fits_q4_1_kernel(blocks):
+        _, d, m = q4_1_fields(blocks)
+        scale_error = d.astype(np.float64) - blocks.scales
+        offset_error = m + 8.0 * d.astype(np.float64) - blocks.offsets
+    else:
+        value, unit = offset_digits(blocks)
+        scale_error = np.zeros(blocks.scales.shape)
+        offset_error = by_row(value * unit)[:, : cols // BLOCK] - blocks.offsets
+    levels = blocks.q.reshape(rows, cols // BLOCK, BLOCK)
+    ends = np.stack([levels.min(-1), levels.max(-1)]).astype(np.float64) - blocks.zero_point  # [2, N, B]
+    error = np.abs(scale_error * ends + offset_error).max(0)  # [N, B], linear in the level
+    step = np.where(blocks.scales != 0, np.abs(blocks.scales), np.abs(blocks.offsets))
+    return float((error / np.where(step > 0, step, 1)).max())
+
+
+def summary(blocks: dict[str, Blocks], custom_kernels: bool) -> str:
+    """How the GGUF's own blocks are carried, for the export's log and manifest."""
+    kinds = sorted({kind for b in blocks.values() for kind in b.kinds})
+    errors: dict[str, list[float]] = {}
+    for b in blocks.values():
+        error = carried_error(b, custom_kernels)
+        if error == 0:
+            how = "exact"
+        elif custom_kernels and fits_q4_1_kernel(b):
+            how = "float16 Q4_1 kernel fields"
+        else:
+            how = f"offsets to {b.bits * OFFSET_DIGITS} bits"
+        errors.setdefault(how, []).append(error)
+    carried = [
+        f"{len(found)} {how}" if how == "exact" else f"{len(found)} {how} (≤ {max(found):.1g} level step)"
+        for how, found in sorted(errors.items(), key=lambda item: item[0] != "exact")
+    ]
+    return f"{len(blocks)} from the GGUF's own blocks ({', '.join(kinds)}; {', '.join(carried)})"
+
+
+def model_blocks(path: str | Path, family: str, num_layers: int, heads: int, kv_heads: int) -> dict[str, Blocks]:
     """The graph's weights (graph.py names: layers.{i}.qkv|o_proj|gate_up|down_proj, lm_head) that the
-    GGUF at `path` stores in a supported block format; others are absent and left to the quantizer."""
+    GGUF at `path` of a PERMUTED_QK family stores in a supported block format; others are absent and left to
+    the quantizer."""
     from gguf import GGUFReader
 
     reader = GGUFReader(str(path))
     tensors = {tensor.name: tensor for tensor in reader.tensors}
+    permuted = PERMUTED_QK[family]
 
     def get(name: str) -> Blocks | None:
         tensor = tensors.get(name)
@@ -176,7 +360,9 @@ def llama_blocks(path: str | Path, num_layers: int, heads: int, kv_heads: int) -
     for i in range(num_layers):
         q, k, v = (get(f"blk.{i}.attn_{name}.weight") for name in ("q", "k", "v"))
         if q and k and v:
-            found[f"layers.{i}.qkv"] = stacked([unpermute_rows(q, heads), unpermute_rows(k, kv_heads), v])
+            if permuted:
+                q, k = unpermute_rows(q, heads), unpermute_rows(k, kv_heads)
+            found[f"layers.{i}.qkv"] = stacked([q, k, v])
         found[f"layers.{i}.o_proj"] = get(f"blk.{i}.attn_output.weight")
         gate, up = get(f"blk.{i}.ffn_gate.weight"), get(f"blk.{i}.ffn_up.weight")
         if gate and up:

@@ -40,7 +40,7 @@ from onnx import TensorProto, helper, numpy_helper
 from grains_edge import kernels
 from grains_edge.errors import GrainsError
 from grains_edge.export import graph_io
-from grains_edge.export.gguf_blocks import BLOCK, Blocks, block_sum_indicator, folded, q4_1_fields
+from grains_edge.export.gguf_blocks import Blocks, block_sum_indicator, fits_q4_1_kernel, folded, q4_1_fields
 from grains_edge.export.weights_file import WeightsFile
 from grains_edge.model import sources
 
@@ -271,11 +271,11 @@ class GraphBuilder:
                 y = self.op("MatMul", x, self.weight(f"{name}.weight", weight))
             elif blocks.offsets is None:
                 y = self.block_matmul(x, name, blocks)
-            elif self.custom_kernels:
+            elif self.custom_kernels and fits_q4_1_kernel(blocks):
                 rows, cols = blocks.shape  # [N, K]
                 fields = [self.weight(f"{name}.{f}", v) for f, v in zip("qdm", q4_1_fields(blocks), strict=True)]
                 y = self.op("Q4_1MatMul", x, *fields, domain=kernels.DOMAIN, K=cols, N=rows)
-            else:  # Q4_1: the offsets ride as extra K columns fed by x's block sums (gguf_blocks.folded)
+            else:  # offsets (Q4_1, Q4_K, Q5_*): extra K columns fed by x's block sums (gguf_blocks.folded)
                 sums = self.block_matmul(x, f"{name}.block_sums", block_sum_indicator(blocks.shape[1]))
                 y = self.block_matmul(self.op("Concat", x, sums, axis=-1), name, folded(blocks))
             return y if bias is None else self.op("Add", y, self.weight(f"{name}.bias", bias))
@@ -292,7 +292,7 @@ class GraphBuilder:
             K=cols,
             N=rows,
             bits=blocks.bits,
-            block_size=BLOCK,
+            block_size=blocks.block_size,
             accuracy_level=ACCURACY_LEVEL,
         )
 
@@ -417,7 +417,7 @@ def token_embedding(g: GraphBuilder, spec: GraphSpec, table_module, name: str) -
             # the table is the head's own blocks: looked up quantized, with no float32 copy of it
             vocab = head_blocks.shape[0]
             table = g.weight(f"{name}.qweight", head_blocks.packed().reshape(vocab, -1))  # [vocab, hidden*bits/8]
-            scales = g.weight(f"{name}.scales", head_blocks.scales)  # [vocab, hidden/32]
+            scales = g.weight(f"{name}.scales", head_blocks.scales)  # [vocab, hidden/block_size]
             h = g.op(
                 "GatherBlockQuantized",
                 table,
@@ -425,7 +425,7 @@ def token_embedding(g: GraphBuilder, spec: GraphSpec, table_module, name: str) -
                 scales,
                 domain="com.microsoft",
                 bits=head_blocks.bits,
-                block_size=BLOCK,
+                block_size=head_blocks.block_size,
                 gather_axis=0,
                 quantize_axis=1,
             )  # [b, s, hidden], (q - 2^(bits-1)) * scale: the default zero point, as in MatMulNBits

@@ -52,9 +52,10 @@ def source_blocks(model_spec: str, spec: graph.GraphSpec, quantize: str) -> dict
     """The weights a GGUF source already holds in MatMulNBits-compatible blocks, taken as they are:
     all of them (4- and 8-bit) for int4, the 8-bit ones for int8; none for other sources."""
     source = sources.resolve(model_spec)
-    if quantize == "none" or source.gguf_file is None or spec.family != "llama":
+    if quantize == "none" or source.gguf_file is None or spec.family not in gguf_blocks.PERMUTED_QK:
         return {}
-    found = gguf_blocks.llama_blocks(Path(source.path) / source.gguf_file, spec.num_layers, spec.heads, spec.kv_heads)
+    path = Path(source.path) / source.gguf_file
+    found = gguf_blocks.model_blocks(path, spec.family, spec.num_layers, spec.heads, spec.kv_heads)
     wanted = {"int4": (4, 8), "int8": (8,)}[quantize]
     return {name: blocks for name, blocks in found.items() if blocks.bits in wanted}
 
@@ -119,11 +120,7 @@ def write_graph(
     )
     if quantize == "none":
         return "float32"
-    kinds = sorted({f"{b.bits}-bit" for b in blocks.values()})
-    exactness = "exact"
-    if any(b.offsets is not None for b in blocks.values()):
-        exactness = "exact, Q4_1 in grains-edge's kernel" if custom_kernels else "Q4_1 offsets to 8 bits"
-    parts = [f"{len(blocks)} from the GGUF's own blocks ({', '.join(kinds)}; {exactness})"] if blocks else []
+    parts = [gguf_blocks.summary(blocks, custom_kernels)] if blocks else []
     if rounded:
         parts.append(f"{len(rounded)} rounded to {quantize}")
     return "; ".join(parts)

