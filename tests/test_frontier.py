@@ -129,6 +129,8 @@ def test_search_items_never_hold_report_items():
 
 def test_tune_never_reads_report_items(tmp_path, tiny_model_dir):
     """The same search on data whose report items are poisoned gives the same frontier, to the last digit."""
+    if "gpt2" in tiny_model_dir.name:
+        pytest.skip("one architecture is enough here: resumed and full passes are compared above")
     rows = truthfulqa_rows(60)
     report = {row["question"] for row in datasets.select(rows, "report", lambda row: row["question"])}
     dolly = tmp_path / "dolly.jsonl"

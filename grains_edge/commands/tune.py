@@ -214,7 +214,7 @@ def run(args: argparse.Namespace) -> int:
             PPL_BUDGET,
             (min(args.alphas), max(args.alphas)),
             args.steps,
-            lambda line, name=profile.name: print(f"{name} {line}", flush=True),
+            lambda line, name=profile.name: print(f"[{time.perf_counter() - started:.0f} s] {name} {line}", flush=True),
         )
         for point in points if mmlu else []:
             rate = per_item("ab", mmlu, mmlu_scorer.logprobs(steering(point.layers, point.alpha))).mean()
