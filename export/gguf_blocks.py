@@ -33,7 +33,7 @@ class Blocks:
     q: np.ndarray  # [N, K] uint8, unpacked levels
     scales: np.ndarray  # [N, K/block_size] float32
     offsets: np.ndarray | None = None  # [N, K/block_size] float64, exact sums of the GGUF's fields; None when 0
-    block_size: int = BLOCK  # offsets come only with blocks of 32
+    block_size: int = BLOCK
     kinds: tuple[str, ...] = ()  # the GGUF types it was read from
 
     @property
@@ -205,17 +205,32 @@ def unpermute_rows(blocks: Blocks, heads: int) -> Blocks:
     return dataclasses.replace(blocks, q=blocks.q[order], scales=blocks.scales[order], offsets=offsets)
 
 
-def stacked(parts: list[Blocks]) -> Blocks | None:
-    """Row-wise concatenation of weights with one format (a fused q|k|v or gate|up), else None."""
-    if len({(p.bits, p.block_size, p.offsets is None) for p in parts}) != 1:
-        return None
-    offsets = None if parts[0].offsets is None else np.concatenate([p.offsets for p in parts])
+def widened(blocks: Blocks, bits: int, block_size: int, offsets: bool) -> Blocks:
+    """The same weight in a format at least as wide, exactly: levels moved to the zero point 2^(bits-1),
+    each block's scale (and offset) repeated over its smaller blocks, zero offsets where `offsets` asks."""
+    repeat = blocks.block_size // block_size
+    scales = np.repeat(blocks.scales, repeat, axis=1)
+    if blocks.offsets is not None:
+        added = np.repeat(blocks.offsets, repeat, axis=1)
+    else:
+        added = np.zeros(scales.shape) if offsets else None
+    q = blocks.q + np.uint8((1 << (bits - 1)) - blocks.zero_point)
+    return Blocks(bits, q, scales, added, block_size, blocks.kinds)
+
+
+def stacked(parts: list[Blocks]) -> Blocks:
+    """Row-wise concatenation of weights (a fused q|k|v or gate|up) in their widest format: the most bits,
+    the smallest blocks, offsets if any part has them (Q4_K_M's Q4_K q and k beside a Q6_K v: 8 bits,
+    blocks of 16, offsets)."""
+    bits, size = max(p.bits for p in parts), min(p.block_size for p in parts)
+    offsets = any(p.offsets is not None for p in parts)
+    parts = [widened(p, bits, size, offsets) for p in parts]
     return Blocks(
-        parts[0].bits,
+        bits,
         np.concatenate([p.q for p in parts]),
         np.concatenate([p.scales for p in parts]),
-        offsets,
-        parts[0].block_size,
+        np.concatenate([p.offsets for p in parts]) if offsets else None,
+        size,
         tuple(sorted({kind for p in parts for kind in p.kinds})),
     )
 
@@ -223,42 +238,43 @@ def stacked(parts: list[Blocks]) -> Blocks | None:
 # --- offsets: folded into extra K columns, or Q4_1 kernel fields ------------------------------------
 
 
-def offset_columns(cols: int) -> int:
-    """Extra K columns that `folded` adds to a [N, cols] weight: OFFSET_DIGITS copies of the block sums,
-    each padded to whole blocks."""
-    groups = -(-(cols // BLOCK) // BLOCK)  # groups of up to 32 offsets, one block each
-    return OFFSET_DIGITS * groups * BLOCK
+def offset_columns(cols: int, block_size: int = BLOCK) -> int:
+    """Extra K columns that `folded` adds to a [N, cols] weight in blocks of `block_size`: OFFSET_DIGITS
+    copies of the block sums, each padded to whole blocks."""
+    groups = -(-(cols // block_size) // block_size)  # groups of up to block_size offsets, one block each
+    return OFFSET_DIGITS * groups * block_size
 
 
-def block_sum_indicator(cols: int) -> Blocks:
-    """4-bit weight [offset_columns(cols), cols] of 0s and 1s: x @ it^T = [S, 0 pad] repeated OFFSET_DIGITS
-    times, S [cols/32] the block sums of x (level 9 is 1, level 8 is 0, scale 1: exact)."""
-    sums, extra = cols // BLOCK, offset_columns(cols)
+def block_sum_indicator(cols: int, block_size: int = BLOCK) -> Blocks:
+    """4-bit weight [offset_columns(cols, block_size), cols] of 0s and 1s in blocks of `block_size`:
+    x @ it^T = [S, 0 pad] repeated OFFSET_DIGITS times, S [cols/block_size] the block sums of x (level 9 is 1,
+    level 8 is 0, scale 1: exact)."""
+    sums, extra = cols // block_size, offset_columns(cols, block_size)
     copy = extra // OFFSET_DIGITS
     q = np.full((extra, cols), 8, np.uint8)
     for digit in range(OFFSET_DIGITS):
         rows = digit * copy + np.arange(sums)  # [sums]
-        q.reshape(extra, sums, BLOCK)[rows, np.arange(sums)] = 9
-    return Blocks(4, q, np.ones((extra, sums), np.float32))
+        q.reshape(extra, sums, block_size)[rows, np.arange(sums)] = 9
+    return Blocks(4, q, np.ones((extra, sums), np.float32), block_size=block_size)
 
 
 def offset_digits(blocks: Blocks) -> tuple[np.ndarray, np.ndarray]:
-    """The offsets of blocks of 32 rounded for `folded`: (value [N, G, 32] int64, unit [N, G, 1]) with
-    offsets ≈ value * unit per group of 32 offsets (zero padded), |value| <= (2^(bits-1) - 1) * base^(D-1),
+    """The offsets rounded for `folded`: (value [N, G, block_size] int64, unit [N, G, 1]) with offsets ≈
+    value * unit per group of block_size offsets (zero padded), |value| <= (2^(bits-1) - 1) * base^(D-1),
     base = 2^bits, D = OFFSET_DIGITS."""
     rows, cols = blocks.shape
-    base = 1 << blocks.bits
-    padded = np.zeros((rows, offset_columns(cols) // OFFSET_DIGITS), np.float64)
-    padded[:, : cols // BLOCK] = blocks.offsets
-    groups = padded.reshape(rows, -1, BLOCK)  # [N, G, 32]
+    base, size = 1 << blocks.bits, blocks.block_size
+    padded = np.zeros((rows, offset_columns(cols, size) // OFFSET_DIGITS), np.float64)
+    padded[:, : cols // size] = blocks.offsets
+    groups = padded.reshape(rows, -1, size)  # [N, G, block_size]
     unit = np.abs(groups).max(-1, keepdims=True) / ((base // 2 - 1) * base ** (OFFSET_DIGITS - 1))  # [N, G, 1]
     unit[unit == 0] = 1
     return np.rint(groups / unit).astype(np.int64), unit
 
 
 def folded(blocks: Blocks) -> Blocks:
-    """Blocks of 32 with offsets -> the same weight as [N, cols + offset_columns(cols)] blocks without
-    offsets, for the input [x, block_sum_indicator(cols) @ x]: the offsets as OFFSET_DIGITS signed
+    """Blocks with offsets -> the same weight as [N, cols + offset_columns(cols, block_size)] blocks without
+    offsets, for the input [x, block_sum_indicator(cols, block_size) @ x]: the offsets as OFFSET_DIGITS signed
     base-2^bits digits, digit i of a group scaled by unit * base^(OFFSET_DIGITS - 1 - i) (`offset_digits`)."""
     rows, _ = blocks.shape
     base, half = 1 << blocks.bits, blocks.zero_point
@@ -275,6 +291,7 @@ def folded(blocks: Blocks) -> Blocks:
         blocks.bits,
         np.concatenate([blocks.q, *levels], axis=1),
         np.concatenate([blocks.scales, *scales], axis=1).astype(np.float32),
+        block_size=blocks.block_size,
     )
 
 
@@ -307,6 +324,7 @@ def carried_error(blocks: Blocks, custom_kernels: bool) -> float:
     if blocks.offsets is None:
         return 0.0
     rows, cols = blocks.shape
+    size = blocks.block_size
     if custom_kernels and fits_q4_1_kernel(blocks):
         _, d, m = q4_1_fields(blocks)
         scale_error = d.astype(np.float64) - blocks.scales
@@ -314,8 +332,8 @@ def carried_error(blocks: Blocks, custom_kernels: bool) -> float:
     else:
         value, unit = offset_digits(blocks)
         scale_error = np.zeros(blocks.scales.shape)
-        offset_error = by_row(value * unit)[:, : cols // BLOCK] - blocks.offsets
-    levels = blocks.q.reshape(rows, cols // BLOCK, BLOCK)
+        offset_error = by_row(value * unit)[:, : cols // size] - blocks.offsets
+    levels = blocks.q.reshape(rows, cols // size, size)
     ends = np.stack([levels.min(-1), levels.max(-1)]).astype(np.float64) - blocks.zero_point  # [2, N, B]
     error = np.abs(scale_error * ends + offset_error).max(0)  # [N, B], linear in the level
     step = np.where(blocks.scales != 0, np.abs(blocks.scales), np.abs(blocks.offsets))

@@ -276,7 +276,8 @@ class GraphBuilder:
                 fields = [self.weight(f"{name}.{f}", v) for f, v in zip("qdm", q4_1_fields(blocks), strict=True)]
                 y = self.op("Q4_1MatMul", x, *fields, domain=kernels.DOMAIN, K=cols, N=rows)
             else:  # offsets (Q4_1, Q4_K, Q5_*): extra K columns fed by x's block sums (gguf_blocks.folded)
-                sums = self.block_matmul(x, f"{name}.block_sums", block_sum_indicator(blocks.shape[1]))
+                indicator = block_sum_indicator(blocks.shape[1], blocks.block_size)
+                sums = self.block_matmul(x, f"{name}.block_sums", indicator)
                 y = self.block_matmul(self.op("Concat", x, sums, axis=-1), name, folded(blocks))
             return y if bias is None else self.op("Add", y, self.weight(f"{name}.bias", bias))
 

@@ -24,6 +24,7 @@ import onnx
 import torch
 
 from grains_edge import kernels as kernel_library
+from grains_edge.devices import CUDA, choose_providers
 from grains_edge.errors import GrainsError
 from grains_edge.export import gguf_blocks, graph, graph_io, ownership
 from grains_edge.export.manifest import MANIFEST_NAME, MODEL_NAME, Manifest
@@ -62,10 +63,19 @@ def source_blocks(model_spec: str, spec: graph.GraphSpec, quantize: str) -> dict
 
 def use_custom_kernels(choice: str, blocks: dict[str, gguf_blocks.Blocks]) -> bool:
     """Whether the Q4_1 linears among `blocks` go to grains-edge's own kernel: `choice` auto (when it can
-    be built here), fused (must be) or stock (never)."""
+    be built here, and not for CUDA), fused (must be) or stock (never)."""
     if choice not in KERNEL_CHOICES:
         raise GrainsError(f"unknown kernels '{choice}'; fix: use one of {', '.join(KERNEL_CHOICES)}")
     if choice == "stock" or not any(b.offsets is not None for b in blocks.values()):
+        return False
+    import onnxruntime as ort
+
+    # on the CUDA provider these CPU-only kernels would run on the CPU, with copies around each one
+    if choice == "auto" and choose_providers("auto", ort.get_available_providers())[0] == CUDA:
+        log(
+            "Q4_1 linears on stock ONNX Runtime kernels (3 per linear): onnxruntime-gpu is installed, so this "
+            "export is for CUDA, and grains-edge's own kernels run on the CPU only; --kernels fused for a CPU export"
+        )
         return False
     reason = kernel_library.unavailable_reason()
     if reason and choice == "fused":

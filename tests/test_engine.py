@@ -148,21 +148,6 @@ def test_default_model_answers_a_simple_question(default_export):
     assert zero == plain
 
 
-def test_cuda_falls_back_to_cpu_with_one_clear_line():
-    from grains_edge.runtime.engine import choose_providers, cpu_fallback_notice
-
-    cpu_only = ["CPUExecutionProvider"]
-    with_gpu = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    assert choose_providers("auto", with_gpu)[0] == "CUDAExecutionProvider"
-    assert choose_providers("cuda", cpu_only) == cpu_only
-    assert choose_providers("cpu", with_gpu) == cpu_only
-    assert "onnxruntime-gpu is not installed" in cpu_fallback_notice("cuda", cpu_only, "CPUExecutionProvider")
-    assert "could not start" in cpu_fallback_notice("auto", with_gpu, "CPUExecutionProvider")
-    assert cpu_fallback_notice("cpu", cpu_only, "CPUExecutionProvider") is None
-    with pytest.raises(GrainsError, match="unknown device"):
-        choose_providers("tpu", cpu_only)
-
-
 def test_a_fused_export_without_its_kernels_is_a_clear_error(tiny_export, tmp_path, monkeypatch):
     """An export made where grains-edge's kernels built, opened where they cannot be."""
     import shutil

@@ -56,10 +56,14 @@ def test_unpermute_matches_transformers_reverse_permutation():
     np.testing.assert_array_equal(ours.scales[:, 0], reverse(np.arange(16.0), 4))
 
 
-def test_stacking_refuses_mixed_formats():
-    a = Blocks(4, np.zeros((2, 32), np.uint8), np.ones((2, 1), np.float32), np.zeros((2, 1), np.float32))
-    b = Blocks(4, np.zeros((2, 32), np.uint8), np.ones((2, 1), np.float32))
-    assert stacked([a, b]) is None and stacked([a, a]).shape == (4, 32)
+def test_stacking_mixed_formats_widens_them_exactly():
+    """Q4_1 (4 bits, offsets) beside Q8_0 (8 bits): one 8-bit weight with offsets, the same rows."""
+    weight = np.random.default_rng(5).normal(size=(4, 64)).astype(np.float32)
+    parts = [decode(kind, ggml_bytes(weight, kind)) for kind in ("Q4_1", "Q8_0")]
+    both = stacked(parts)
+    assert (both.bits, both.block_size, both.offsets is not None, both.kinds) == (8, 32, True, ("Q4_1", "Q8_0"))
+    np.testing.assert_array_equal(both.dequantized(), np.concatenate([p.dequantized() for p in parts]))
+    assert stacked(parts[:1]).offsets.shape == (4, 2) and stacked(parts[1:]).offsets is None
 
 
 def test_block_sum_indicator_gives_the_block_sums_once_per_digit():

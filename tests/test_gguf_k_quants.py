@@ -11,12 +11,12 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter, quants
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFWriter, quants
 from onnx import TensorProto, helper
 
 from grains_edge import kernels
 from grains_edge.export import graph, onnx_export
-from grains_edge.export.gguf_blocks import DECODERS, carried_error, decode, model_blocks
+from grains_edge.export.gguf_blocks import DECODERS, carried_error, decode, model_blocks, stacked
 
 # Per format: (byte offset, value per unit of weight size) of its float16 fields (ggml-common.h), so that
 # random blocks hold a weight of about ±size as ggml's quantizers write one: d > 0, a minimum near the low
@@ -30,8 +30,8 @@ HALF_FIELDS = {
     "Q4_K": ((0, 2 / 15 / 48), (2, 1 / 48)),  # sub-block scales and minimums 32..63 (k_scale_bytes)
     "Q5_K": ((0, 2 / 31 / 48), (2, 1 / 48)),
     "Q6_K": ((208, 1 / 32 / 64),),  # int8 sub-block scales, random
+    "Q2_K": ((80, 2 / 3 / 8), (82, 1 / 8)),  # no decoder: left to the quantizer
 }
-SUPER_BLOCK_KINDS = ("Q4_K", "Q5_K", "Q6_K")
 
 
 def k_scale_bytes(scales: np.ndarray, minimums: np.ndarray) -> np.ndarray:
@@ -44,8 +44,8 @@ def random_blocks(kind: str, rows: int, cols: int, size: float, seed: int) -> np
     """[rows, bytes per row] of `kind` holding a [rows, cols] weight of about ±size: random levels, float16
     fields HALF_FIELDS * size, each times a random factor in 0.5..1.5."""
     rng = np.random.default_rng(seed)
-    per_block, _ = DECODERS[kind]
-    blocks = cols // (256 if kind in SUPER_BLOCK_KINDS else 32)
+    weights, per_block = GGML_QUANT_SIZES[GGMLQuantizationType[kind]]
+    blocks = cols // weights
     raw = rng.integers(0, 256, (rows, blocks, per_block), dtype=np.uint8)
     for start, value in HALF_FIELDS[kind]:
         halves = (rng.uniform(0.5, 1.5, (rows, blocks)) * value * size).astype(np.float16)
@@ -108,15 +108,15 @@ def error_in_steps(blocks, weight: np.ndarray) -> float:
     rows, cols = blocks.shape
     error = np.abs(weight.astype(np.float64) - blocks.dequantized()).reshape(rows, -1, blocks.block_size)
     step = np.where(blocks.scales != 0, np.abs(blocks.scales), np.abs(blocks.offsets))
-    return float((error / step[..., None]).max())
+    return float((error / np.where(step > 0, step, 1)[..., None]).max())
 
 
-@pytest.mark.parametrize("kind", list(DECODERS))
-def test_graph_weight_is_the_gguf_weight_or_within_the_measured_error(monkeypatch, kind):
+@pytest.mark.parametrize("kinds", [*DECODERS, "Q4_K+Q6_K"])  # the last: Q4_K_M's q|k beside a Q6_K v, widened
+def test_graph_weight_is_the_gguf_weight_or_within_the_measured_error(monkeypatch, kinds):
     """Without offsets the graph's weight is ggml's, bit for bit; with them the stock path's folded offsets
     err by exactly `carried_error`, which the export reports."""
     monkeypatch.setattr(graph, "ACCURACY_LEVEL", 1)
-    blocks = decode(kind, random_blocks(kind, 8, 1024, size=1.0, seed=1))
+    blocks = stacked([decode(kind, random_blocks(kind, 8, 1024, size=1.0, seed=1)) for kind in kinds.split("+")])
     weight = graph_weight(blocks, custom_kernels=False)
     if blocks.offsets is None:
         np.testing.assert_array_equal(weight, blocks.dequantized())
@@ -139,10 +139,11 @@ def test_q4_k_in_the_q4_1_kernel_is_within_its_float16_fields(gemma_tensors):
 # --- a tiny Llama GGUF with K-quant tensors, exported from the file -------------------------------------
 
 HIDDEN, FFN, HEADS, KV_HEADS, LAYERS = 256, 512, 4, 2, 2
-# per layer: (q, k, v, o, gate, up, down); layer 1's q|k|v mixes formats, so that fused linear is rounded
+# per layer: (q, k, v, o, gate, up, down); layer 1's q|k|v mixes formats as Q4_K_M files do (widened to 8 bits
+# in blocks of 16), its down projection has no decoder (quantized from its float weight)
 LAYER_KINDS = [
     ("Q4_K", "Q4_K", "Q4_K", "Q5_K", "Q5_0", "Q5_0", "Q6_K"),
-    ("Q4_K", "Q4_K", "Q6_K", "Q6_K", "Q4_K", "Q4_K", "Q5_1"),
+    ("Q4_K", "Q4_K", "Q6_K", "Q6_K", "Q5_1", "Q5_1", "Q2_K"),
 ]
 
 
@@ -198,20 +199,22 @@ def write_llama_gguf(path, tokenizer, tied: bool) -> None:
     writer.close()
 
 
-@pytest.mark.parametrize("tied", [True, False])
-def test_a_k_quant_gguf_exports_from_its_own_blocks(tmp_path, monkeypatch, tiny_tokenizer, tied):
-    """Stock kernels, float activations: every carried linear is the GGUF's weight (folded offsets within their
-    reported error), so the graph matches PyTorch's dequantized model closely; layer 1's mixed q|k|v is rounded."""
+@pytest.mark.parametrize(("tied", "choice"), [(True, "stock"), (False, "auto")])
+def test_a_k_quant_gguf_exports_from_its_own_blocks(tmp_path, monkeypatch, tiny_tokenizer, tied, choice):
+    """Every linear with a decoder is carried (exact, or folded offsets within their reported error), so the
+    graph matches PyTorch's dequantized model closely; the Q4_K q|k|v runs in the Q4_1 kernel where it builds."""
     path = tmp_path / "tiny-k.gguf"
     write_llama_gguf(path, tiny_tokenizer, tied)
-    monkeypatch.setattr(graph, "ACCURACY_LEVEL", 1)
-    manifest = onnx_export.export(str(path), tmp_path / "out", layers_spec="0-1", quantize="int4", kernels="stock")
-    carried = {f"layers.{i}.{name}" for i in range(LAYERS) for name in ("o_proj", "gate_up", "down_proj")}
-    assert set(model_blocks(path, "llama", LAYERS, HEADS, KV_HEADS)) == {"lm_head", "layers.0.qkv", *carried}
+    monkeypatch.setattr(graph, "ACCURACY_LEVEL", 1)  # float activations on stock kernels: the weights' error only
+    manifest = onnx_export.export(str(path), tmp_path / "out", layers_spec="0-1", quantize="int4", kernels=choice)
+    carried = {f"layers.{i}.{name}" for i in range(LAYERS) for name in ("qkv", "o_proj", "gate_up")}
+    assert set(model_blocks(path, "llama", LAYERS, HEADS, KV_HEADS)) == {"lm_head", "layers.0.down_proj", *carried}
     kinds = "Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0" if tied else "Q4_K, Q5_0, Q5_1, Q5_K, Q6_K"
-    assert manifest.weights.startswith(f"8 from the GGUF's own blocks ({kinds}; 4 exact, 2 offsets to 8 bits ")
-    assert "); 1 " in manifest.weights  # layer 1's q|k|v, from its dequantized weights
-    ops = [n.op_type for n in onnx.load(str(tmp_path / "out" / "model.onnx"), load_external_data=False).graph.node]
-    assert ops.count("GatherBlockQuantized") == int(tied)  # a tied table is read from the head's Q8_0 blocks
+    assert manifest.weights.startswith(f"8 from the GGUF's own blocks ({kinds}; 4 exact, ")
+    assert "3 offsets to 16 bits" in manifest.weights and "); 1 " in manifest.weights  # layer 1's Q2_K down
+    nodes = onnx.load(str(tmp_path / "out" / "model.onnx"), load_external_data=False).graph.node
+    ops = {n.name: n.op_type for n in nodes}
+    assert list(ops.values()).count("GatherBlockQuantized") == int(tied)  # the tied table: the head's Q8_0 blocks
+    assert (ops.get("/model/layers.0/attn/qkv/Q4_1MatMul") is not None) == (manifest.kernels == "fused")  # Q4_K
     checks = manifest.verification
     assert checks["zero"] < 0.05 and checks["steered"] < 0.05  # q/k rows left permuted: 0.19

@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 STAGES = (
     (
         "shared",
-        ("errors", "paths", "options", "prompts", "layers", "locking", "safe_text", "crash_log", "data"),
+        ("errors", "paths", "options", "devices", "prompts", "layers", "locking", "safe_text", "crash_log", "data"),
     ),
     ("model", ("model",)),  # the Hugging Face model in PyTorch: sources, steering hooks
     ("steer", ("steer",)),  # attribution, vectors, profiles

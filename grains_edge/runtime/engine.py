@@ -20,33 +20,15 @@ from pathlib import Path
 import numpy as np
 
 from grains_edge import kernels
+from grains_edge.devices import choose_providers, device_notice
 from grains_edge.errors import GrainsError
 from grains_edge.export.graph_io import ALL_POSITIONS, LAST_POSITION
 from grains_edge.export.manifest import MODEL_NAME, Manifest, graph_mismatches
-from grains_edge.options import DEVICES
 from grains_edge.prompts import PLAIN_TURN_STOPS, has_chat_template, held_back, stop_at
 from grains_edge.runtime.protocol import GenerationSettings, GenerationStats
 from grains_edge.runtime.tokenizer import ChatTokenizer
 
 STOP_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "</s>")
-
-
-def choose_providers(device: str, available: list[str]) -> list[str]:
-    """Execution providers for `device`: CUDA first when asked for (or auto) and installed, CPU always."""
-    if device not in DEVICES:
-        raise GrainsError(f"unknown device '{device}'; fix: use one of {', '.join(DEVICES)}")
-    if device != "cpu" and "CUDAExecutionProvider" in available:
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    return ["CPUExecutionProvider"]
-
-
-def cpu_fallback_notice(device: str, available: list[str], active: str) -> str | None:
-    """The one line to print when CUDA was wanted (or possible) but the session runs on the CPU."""
-    if device == "cpu" or active == "CUDAExecutionProvider":
-        return None
-    if "CUDAExecutionProvider" not in available:
-        return "CUDA not available (onnxruntime-gpu is not installed: pip install 'grains-edge[gpu]'); running on CPU"
-    return "CUDA provider could not start (no usable GPU or CUDA libraries); running on CPU"
 
 
 @dataclass
@@ -120,7 +102,7 @@ class Engine:
         providers = choose_providers(device, available)
         self.session = open_session(self.export_dir, self.manifest, options, providers)
         self.provider = self.session.get_providers()[0]
-        notice = cpu_fallback_notice(device, available, self.provider)
+        notice = device_notice(device, available, self.provider, self.manifest.kernels)
         if notice:
             print(f"[grains-edge] {notice}", file=sys.stderr)
         # KV buffers live in host memory on either provider: ONNX Runtime's CUDA GroupQueryAttention takes
