@@ -217,4 +217,4 @@ def test_a_k_quant_gguf_exports_from_its_own_blocks(tmp_path, monkeypatch, tiny_
     assert list(ops.values()).count("GatherBlockQuantized") == int(tied)  # the tied table: the head's Q8_0 blocks
     assert (ops.get("/model/layers.0/attn/qkv/Q4_1MatMul") is not None) == (manifest.kernels == "fused")  # Q4_K
     checks = manifest.verification
-    assert checks["zero"] < 0.05 and checks["steered"] < 0.05  # q/k rows left permuted: 0.19
+    assert checks["zero"] < 0.05 and checks["steered"] < 0.05  # 0.011 here; q/k rows left permuted: 0.32
