@@ -11,6 +11,7 @@ provably made (`export/ownership.py`).
 
 from __future__ import annotations
 
+import functools
 import gc
 import shutil
 import sys
@@ -27,6 +28,7 @@ from grains_edge import kernels as kernel_library
 from grains_edge.devices import CUDA, choose_providers
 from grains_edge.errors import GrainsError
 from grains_edge.export import gguf_blocks, graph, graph_io, ownership
+from grains_edge.export import quantize as quantize_float
 from grains_edge.export.manifest import MANIFEST_NAME, MODEL_NAME, Manifest
 from grains_edge.layers import parse_layers
 from grains_edge.model import sources
@@ -61,12 +63,12 @@ def source_blocks(model_spec: str, spec: graph.GraphSpec, quantize: str) -> dict
     return {name: blocks for name, blocks in found.items() if blocks.bits in wanted}
 
 
-def use_custom_kernels(choice: str, blocks: dict[str, gguf_blocks.Blocks]) -> bool:
-    """Whether the Q4_1 linears among `blocks` go to grains-edge's own kernel: `choice` auto (when it can
-    be built here, and not for CUDA), fused (must be) or stock (never)."""
+def use_custom_kernels(choice: str, blocks: dict[str, gguf_blocks.Blocks], quantize: str = "none") -> bool:
+    """Whether Q4_1 linears (those among a GGUF's `blocks`; int4's from float weights) go to grains-edge's
+    own kernel: `choice` auto (when it can be built here, and not for CUDA), fused (must be) or stock (never)."""
     if choice not in KERNEL_CHOICES:
         raise GrainsError(f"unknown kernels '{choice}'; fix: use one of {', '.join(KERNEL_CHOICES)}")
-    if choice == "stock" or not any(b.offsets is not None for b in blocks.values()):
+    if choice == "stock" or not (quantize == "int4" or any(b.offsets is not None for b in blocks.values())):
         return False
     import onnxruntime as ort
 
@@ -95,22 +97,21 @@ def write_graph(
     custom_kernels: bool = False,
 ) -> str:
     """Build the graph and return how its MatMul weights are stored. For int8/int4, `blocks` (a GGUF's
-    own quantized weights) are used as they are (Q4_1 ones in grains-edge's own kernel when `custom_kernels`);
-    every other MatMul weight (the layers and the LM head) is quantized with ONNX Runtime's block-wise
-    MatMulNBits (round-to-nearest, block 32, symmetric). The embedding lookup, norms, attention, the
-    steering input and its renormalization stay float32."""
+    own quantized weights) are used as they are (Q4_1 ones in grains-edge's own kernel when `custom_kernels`).
+    int4 quantizes every other MatMul weight from float with `quantize.int4_blocks` (Q4_1 blocks by a
+    min/scale search, the LM head in 8 bits); int8, and any weight not in blocks of 32, with ONNX Runtime's
+    block-wise MatMulNBits (round-to-nearest, block 32, symmetric). The embedding lookup, norms, attention,
+    the steering input and its renormalization stay float32."""
     blocks = blocks or {}
-    # float32 weights go to disk as they are made, so the model's own copy is the only one in memory
-    weights_file = path.with_name(path.name + ".data") if quantize == "none" else None
-    proto = graph.build(
-        model,
-        spec,
-        steered,
-        separate_head=quantize != "none",
-        blocks=blocks,
-        custom_kernels=custom_kernels,
-        weights_file=weights_file,
+    build = functools.partial(
+        graph.build, model, spec, steered, separate_head=quantize != "none", custom_kernels=custom_kernels
     )
+    # float32 weights go to disk as they are made, so the model's own copy is the only one in memory
+    proto = build(blocks=blocks, weights_file=path.with_name(path.name + ".data") if quantize == "none" else None)
+    from_float = quantize_float.int4_blocks(proto) if quantize == "int4" else {}
+    if from_float:
+        proto = None  # the float graph goes before the quantized one is built
+        proto = build(blocks={**blocks, **from_float})
     rounded = [n for n in proto.graph.node if n.op_type == "MatMul"]
     if quantize != "none" and rounded:
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
@@ -131,6 +132,8 @@ def write_graph(
     if quantize == "none":
         return "float32"
     parts = [gguf_blocks.summary(blocks, custom_kernels)] if blocks else []
+    if from_float:
+        parts.append(quantize_float.summary(from_float))
     if rounded:
         parts.append(f"{len(rounded)} rounded to {quantize}")
     return "; ".join(parts)
@@ -296,7 +299,7 @@ def build(model_spec: str, staging: Path, layers_spec: str, quantize: str, kerne
     )
     log(f"writing the ONNX graph: {num_layers} layers, steering after {len(steered)} of them …")
     blocks = source_blocks(model_spec, spec, quantize)
-    custom_kernels = use_custom_kernels(kernels, blocks)
+    custom_kernels = use_custom_kernels(kernels, blocks, quantize)
     manifest.kernels = "fused" if custom_kernels else "stock"  # the manifest's name for custom kernels
     manifest.weights = write_graph(model, spec, steered, staging / MODEL_NAME, quantize, blocks, custom_kernels)
     log(f"MatMul weights: {manifest.weights}")

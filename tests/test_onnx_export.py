@@ -155,10 +155,11 @@ def test_refuses_to_overwrite_a_folder_that_is_not_an_export(tmp_path):
 
 @pytest.mark.parametrize("bits", ["int8", "int4"])
 def test_quantized_export_keeps_float_steering(tmp_path, tiny_model_dir, bits):
-    manifest = export(str(tiny_model_dir), tmp_path / bits, layers_spec="1-2", quantize=bits)
+    manifest = export(str(tiny_model_dir), tmp_path / bits, layers_spec="1-2", quantize=bits, kernels="stock")
     assert manifest.quantization == bits
     ops = [node.op_type for node in onnx.load(str(tmp_path / bits / "model.onnx"), load_external_data=False).graph.node]
-    assert "MatMul" not in ops and ops.count("MatMulNBits") == 4 * 4 + 1  # 4 per layer and the LM head
+    block_sums = 4 * 4 if bits == "int4" else 0  # int4's Q4_1 layers: + a block-sum MatMulNBits each (stock kernels)
+    assert "MatMul" not in ops and ops.count("MatMulNBits") == 4 * 4 + 1 + block_sums  # 4 per layer, the LM head
     assert ops.count("Div") == 2  # the renormalization (one Div per steered layer) stays float
     assert manifest.verification["steering_effect_correlation"] > 0.5
 
