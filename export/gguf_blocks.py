@@ -354,7 +354,7 @@ def summary(blocks: dict[str, Blocks], custom_kernels: bool) -> str:
             how = f"offsets to {b.bits * OFFSET_DIGITS} bits"
         errors.setdefault(how, []).append(error)
     carried = [
-        f"{len(found)} {how}" if how == "exact" else f"{len(found)} {how} (≤ {max(found):.1g} level step)"
+        f"{len(found)} {how}" if how == "exact" else f"{len(found)} {how} (max {max(found):.2g} of a level step)"
         for how, found in sorted(errors.items(), key=lambda item: item[0] != "exact")
     ]
     return f"{len(blocks)} from the GGUF's own blocks ({', '.join(kinds)}; {', '.join(carried)})"

@@ -136,7 +136,7 @@ def test_exported_blocks_match_pytorch(tmp_path, monkeypatch, q4_1_llama, level,
     monkeypatch.setattr(onnx_export, "source_blocks", lambda spec, model, quantize: blocks)
     monkeypatch.setattr(graph, "ACCURACY_LEVEL", level)
     manifest = onnx_export.export(str(folder), tmp_path / "out", layers_spec="1-2", quantize="int4", kernels="stock")
-    assert manifest.weights.startswith("17 from the GGUF's own blocks (Q4_1, Q8_0; 1 exact, 16 offsets to 8 bits (≤ ")
+    assert manifest.weights.startswith("17 from the GGUF's own blocks (Q4_1, Q8_0; 1 exact, 16 offsets to 8 bits (max ")
     assert manifest.kernels == "stock"
     ops = [n.op_type for n in onnx.load(str(tmp_path / "out" / "model.onnx"), load_external_data=False).graph.node]
     assert ops.count("MatMulNBits") == 17 + 4 * 4 and "MatMul" not in ops  # + each Q4_1 linear's block sums
