@@ -56,6 +56,8 @@ STATIC_ROPE = ("default", "linear", "llama3", "yarn")
 ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
 
 Linear = tuple[np.ndarray, "np.ndarray | None"]  # weight [in, out], bias [out] or None
+# (linear name, float weight [N, K]) -> its quantized blocks, or None to keep it float
+Quantizer = Callable[[str, np.ndarray], "Blocks | None"]
 
 
 def array(tensor: torch.Tensor) -> np.ndarray:
@@ -206,20 +208,23 @@ class GraphBuilder:
     where it is (`/model/layers.3/attn/qkv/MatMul`: the scopes open around it, then its op type).
     `blocks`: weights (by linear name) already quantized, e.g. a GGUF's own (`gguf_blocks.py`);
     `custom_kernels`: Q4_1 blocks and the steering go to grains-edge's own kernels (grains_edge/kernels);
-    `weights_file`: where each weight's bytes go as it is added (else they stay in the initializer)."""
+    `weights_file`: where each weight's bytes go as it is added (else they stay in the initializer);
+    `quantizer`: quantizes each float linear not in `blocks` as it is added, so no float copy is kept."""
 
     def __init__(
         self,
         blocks: dict[str, Blocks] | None = None,
         custom_kernels: bool = False,
         weights_file: WeightsFile | None = None,
+        quantizer: Quantizer | None = None,
     ) -> None:
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self.count = 0
-        self.blocks = blocks or {}
+        self.blocks = dict(blocks or {})  # a copy: a tied head's blocks made here are added to it
         self.custom_kernels = custom_kernels
         self.weights_file = weights_file
+        self.quantizer = quantizer
         self.scopes: list[str] = ["/model"]
         self.node_names: set[str] = set()
 
@@ -264,9 +269,12 @@ class GraphBuilder:
         return names[0] if len(names) == 1 else names
 
     def linear(self, x: str, name: str, weight: np.ndarray, bias: np.ndarray | None) -> str:
-        """x @ weight (+ bias); weight is [in, out]; from self.blocks[name] when it has them."""
+        """x @ weight (+ bias); weight is [in, out]; from self.blocks[name] when it has them, else from the
+        quantizer's blocks when it makes them."""
         with self.part(name):
             blocks = self.blocks.get(name)
+            if blocks is None and self.quantizer is not None:
+                blocks = self.quantizer(name, weight.T)
             if blocks is None:
                 y = self.op("MatMul", x, self.weight(f"{name}.weight", weight))
             elif blocks.offsets is None:
@@ -413,6 +421,10 @@ def add_then_norm(g: GraphBuilder, spec: GraphSpec, h: str, delta: str, module, 
 def token_embedding(g: GraphBuilder, spec: GraphSpec, table_module, name: str) -> tuple[str, str]:
     """(the embeddings [b, s, hidden] of input_ids, the name of the float table or "")."""
     with g.part(name):
+        if spec.tied_head and "lm_head" not in g.blocks and g.quantizer is not None:
+            made = g.quantizer("lm_head", array(table_module.weight))  # [vocab, hidden], the head's weight
+            if made is not None:  # the head's linear takes the same blocks
+                g.blocks["lm_head"] = made
         head_blocks = g.blocks.get("lm_head")
         if spec.tied_head and head_blocks is not None and head_blocks.offsets is None:
             # the table is the head's own blocks: looked up quantized, with no float32 copy of it
@@ -634,15 +646,16 @@ def build(
     blocks: dict[str, Blocks] | None = None,
     custom_kernels: bool = False,
     weights_file: Path | None = None,
+    quantizer: Quantizer | None = None,
 ) -> onnx.ModelProto:
     """The steered graph of `model` (a loaded HF causal LM of a FAMILIES type) as `spec` describes it.
     `separate_head` gives the LM head its own [hidden, vocab] MatMul weight even when tied, so a quantizer can
     take it; `blocks` replaces the named linears (and `lm_head`) with MatMulNBits on already-quantized weights,
     or their Q4_1 ones with grains-edge's Q4_1MatMul when `custom_kernels`, which also steers with SteeredAdd.
     With `weights_file` (the graph's model.onnx.data) each weight is written there as it is made and the
-    graph holds a reference to it."""
+    graph holds a reference to it; `quantizer` makes the blocks of the other linears as they are added."""
     with WeightsFile(weights_file) if weights_file else contextlib.nullcontext() as sink:
-        g = GraphBuilder(blocks, custom_kernels, sink)
+        g = GraphBuilder(blocks, custom_kernels, sink, quantizer)
         pre = prelude(g, spec.num_layers)
         steering = Steering(g, spec, steered_layers)
         FAMILIES[spec.family](g, spec, model, pre, steering, separate_head)

@@ -11,7 +11,6 @@ provably made (`export/ownership.py`).
 
 from __future__ import annotations
 
-import functools
 import gc
 import shutil
 import sys
@@ -98,23 +97,39 @@ def write_graph(
 ) -> str:
     """Build the graph and return how its MatMul weights are stored. For int8/int4, `blocks` (a GGUF's
     own quantized weights) are used as they are (Q4_1 ones in grains-edge's own kernel when `custom_kernels`).
-    int4 quantizes every other MatMul weight from float with `quantize.int4_blocks` (Q4_1 blocks by a
-    min/scale search, the LM head in 8 bits); int8, and any weight not in blocks of 32, with ONNX Runtime's
-    block-wise MatMulNBits (round-to-nearest, block 32, symmetric). The embedding lookup, norms, attention,
-    the steering input and its renormalization stay float32."""
-    blocks = blocks or {}
-    build = functools.partial(
-        graph.build, model, spec, steered, separate_head=quantize != "none", custom_kernels=custom_kernels
+    int4 quantizes every other MatMul weight from float with `quantize.int4_block` as the graph is built
+    (Q4_1 blocks by a min/scale search, the LM head in 8 bits); int8, and any weight not in blocks of 32,
+    with ONNX Runtime's block-wise MatMulNBits (round-to-nearest, block 32, symmetric). The embedding
+    lookup, norms, attention, the steering input and its renormalization stay float32."""
+    from_float: list[str] = []  # the kind of each linear quantized from float
+
+    def quantizer(name: str, weight: np.ndarray) -> gguf_blocks.Blocks | None:
+        made = quantize_float.int4_block(name, weight)
+        if made is not None:
+            from_float.append(quantize_float.kind(made))
+        return made
+
+    # weights go to disk as they are made (int8's quantizer reads them from the graph in memory instead), so
+    # the model's own copy is the only full one in memory
+    data = path.with_name(path.name + ".data")
+    streamed = quantize != "int8"
+    proto = graph.build(
+        model,
+        spec,
+        steered,
+        separate_head=quantize != "none",
+        blocks=blocks,
+        custom_kernels=custom_kernels,
+        weights_file=data if streamed else None,
+        quantizer=quantizer if quantize == "int4" else None,
     )
-    # float32 weights go to disk as they are made, so the model's own copy is the only one in memory
-    proto = build(blocks=blocks, weights_file=path.with_name(path.name + ".data") if quantize == "none" else None)
-    from_float = quantize_float.int4_blocks(proto) if quantize == "int4" else {}
-    if from_float:
-        proto = None  # the float graph goes before the quantized one is built
-        proto = build(blocks={**blocks, **from_float})
     rounded = [n for n in proto.graph.node if n.op_type == "MatMul"]
     if quantize != "none" and rounded:
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+        if streamed:  # int4 weights whose K is not a multiple of 32: ONNX Runtime's quantizer reads them
+            onnx.load_external_data_for_model(proto, str(path.parent))
+            data.unlink()
 
         bits = {"int8": 8, "int4": 4}[quantize]
         # accuracy level 4: int8 activations inside the kernel, the fast path on x86 (fp32 compute is 20x slower)

@@ -192,19 +192,20 @@ def graph_weights(proto: onnx.ModelProto) -> Iterator[tuple[str, np.ndarray]]:
             yield node.input[1].removesuffix(".weight"), numpy_helper.to_array(initializers[node.input[1]]).T
 
 
-def int4_blocks(proto: onnx.ModelProto) -> dict[str, Blocks]:
-    """Blocks for the float MatMul weights of a graph from graph.py whose K is a multiple of 32: the LM head
-    ("lm_head") by HEAD, every other linear by LINEAR_QUANTIZERS[LINEAR]."""
-    linear = LINEAR_QUANTIZERS[LINEAR]
-    return {
-        name: (HEAD if name == "lm_head" else linear)(weight)
-        for name, weight in graph_weights(proto)
-        if weight.shape[1] % BLOCK == 0
-    }
+def int4_block(name: str, weight: np.ndarray) -> Blocks | None:
+    """Blocks for the float weight [N, K] of linear `name` of a graph from graph.py (graph.Quantizer), None
+    where K is not a multiple of 32: the LM head ("lm_head") by HEAD, every other linear by
+    LINEAR_QUANTIZERS[LINEAR]."""
+    if weight.shape[1] % BLOCK:
+        return None
+    return (HEAD if name == "lm_head" else LINEAR_QUANTIZERS[LINEAR])(weight)
 
 
-def summary(blocks: dict[str, Blocks]) -> str:
-    """How `int4_blocks` stored the weights, for the export's log and manifest."""
-    kinds = [f"{b.bits}-bit" + (" Q4_1" if b.offsets is not None else "") for b in blocks.values()]
-    counted = ", ".join(f"{kinds.count(kind)} {kind}" for kind in sorted(set(kinds)))
-    return f"{len(blocks)} quantized from float ({LINEAR}: {counted})"
+def kind(blocks: Blocks) -> str:
+    return f"{blocks.bits}-bit" + (" Q4_1" if blocks.offsets is not None else "")
+
+
+def summary(kinds: list[str]) -> str:
+    """How `int4_block` stored the weights (their `kind`s), for the export's log and manifest."""
+    counted = ", ".join(f"{kinds.count(each)} {each}" for each in sorted(set(kinds)))
+    return f"{len(kinds)} quantized from float ({LINEAR}: {counted})"
