@@ -204,7 +204,7 @@ def reference(model, manifest: Manifest) -> Reference:
     logits = {}
     for label, steering in steerings.items():
         with torch.no_grad(), steering_hooks(model, steering, manifest.steered_layers):
-            logits[label] = model(input_ids=ids).logits.numpy()  # [batch, seq, vocab]
+            logits[label] = model(input_ids=ids).logits.float().numpy()  # [batch, seq, vocab]
     return Reference(ids, steerings, logits)
 
 
@@ -289,7 +289,9 @@ def export(
 def build(model_spec: str, staging: Path, layers_spec: str, quantize: str, kernels: str) -> Manifest:
     """Load, export and verify into `staging`; returns the manifest written there."""
     log(f"loading {model_spec} …")
-    model, tokenizer = sources.load(model_spec)
+    # a quantized export needs no float32 copy of a bfloat16 checkpoint: the graph's float parts are its
+    # values either way, and the reference logits only have to be within the quantization's tolerance
+    model, tokenizer = sources.load(model_spec, keep_bfloat16=quantize != "none")
     spec = graph.graph_spec(model)
     num_layers = spec.num_layers
     steered = [] if layers_spec == "none" else parse_layers(layers_spec, num_layers)

@@ -61,8 +61,11 @@ def check_architecture(model_type: str) -> None:
         raise GrainsError(f"unsupported architecture '{model_type}'; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
 
 
-def load(spec: str):
-    """Load (model, tokenizer) in float32, eval mode. Raises GrainsError on any user-fixable problem."""
+def load(spec: str, keep_bfloat16: bool = False):
+    """Load (model, tokenizer) in float32, eval mode; with `keep_bfloat16`, a bfloat16 checkpoint stays
+    bfloat16 (the same values in half the memory, read from its files as they are needed). Raises
+    GrainsError on any user-fixable problem."""
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     source = resolve(spec)
@@ -70,11 +73,12 @@ def load(spec: str):
     with reading(spec, "config"):
         config = AutoConfig.from_pretrained(source.path, **kwargs)
     check_architecture(config.model_type)
+    bfloat16 = keep_bfloat16 and source.gguf_file is None and getattr(config, "dtype", None) == torch.bfloat16
     with reading(spec, "tokenizer"):
         tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs)
     with reading(spec, "weights"):
         model, info = AutoModelForCausalLM.from_pretrained(
-            source.path, dtype="float32", output_loading_info=True, **kwargs
+            source.path, dtype="bfloat16" if bfloat16 else "float32", output_loading_info=True, **kwargs
         )
     if info["missing_keys"]:  # transformers fills them with random values
         raise GrainsError(
@@ -105,9 +109,11 @@ def reading(spec: str, part: str):
 
 
 def fingerprint(model) -> str:
-    """SHA-256 (first 16 hex digits) over the names and bytes of the model's parameters."""
+    """SHA-256 (first 16 hex digits) over the names and float32 bytes of the model's parameters: the same
+    for a checkpoint loaded in float32 or kept in bfloat16."""
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
-        digest.update(tensor.detach().contiguous().cpu().numpy().tobytes())
+        values = tensor.detach().float() if tensor.is_floating_point() else tensor.detach()
+        digest.update(values.contiguous().cpu().numpy().tobytes())
     return digest.hexdigest()[:16]
