@@ -161,6 +161,7 @@ def test_a_fused_export_without_its_kernels_is_a_clear_error(tiny_export, tmp_pa
     manifest.kernels = "fused"
     manifest.save(copy / "manifest.json")
     monkeypatch.setattr(kernels, "header_dirs", lambda: [tmp_path])
+    monkeypatch.setenv("GRAINS_EDGE_CACHE", str(tmp_path / "cache"))  # no build from an earlier test either
     with pytest.raises(GrainsError, match="no ONNX Runtime headers.*re-export .* with --kernels stock"):
         Engine(copy, device="cpu")
 
