@@ -1,0 +1,59 @@
+"""bench/bench_1b.py's pure helpers: the config it builds its model from, the parameter count its 8B
+projection scales by, and the line it projects along."""
+
+from __future__ import annotations
+
+import bench_1b
+import pytest
+from transformers import LlamaConfig, LlamaForCausalLM
+
+DEFAULT = {  # what bench_1b takes from the default model's config, with a small vocabulary
+    "vocab_size": 300,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "pad_token_id": 2,
+    "max_position_embeddings": 128,
+    "rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"},
+    "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": True,
+    "num_hidden_layers": 30,  # not inherited: the dimensions decide
+}
+TINY = {
+    "hidden_size": 64,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "intermediate_size": 96,
+}
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_parameter_count_is_the_built_models(tied) -> None:
+    config = bench_1b.llama_config(DEFAULT, {**TINY, "tie_word_embeddings": tied})
+    model = LlamaForCausalLM(LlamaConfig(**config))
+    assert model.config.tie_word_embeddings is tied
+    counted = sum(p.numel() for p in model.parameters())  # a tied head is one parameter
+    assert bench_1b.parameter_count(config) == counted
+
+
+def test_config_takes_the_dimensions_and_the_default_models_vocabulary() -> None:
+    config = bench_1b.llama_config(DEFAULT, TINY)
+    model = LlamaForCausalLM(LlamaConfig(**config))
+    assert model.config.num_hidden_layers == 3 and len(model.model.layers) == 3
+    assert model.get_input_embeddings().weight.shape == (300, 64)
+    assert model.config.eos_token_id == 2 and model.config.rope_parameters["rope_theta"] == 100000.0
+    assert model.model.layers[0].self_attn.k_proj.weight.shape == (2 * 16, 64)  # 2 KV heads of 64 / 4
+
+
+def test_one_billion_config_is_one_billion_parameters() -> None:
+    config = bench_1b.llama_config(DEFAULT | {"vocab_size": 49152}, bench_1b.DIMENSIONS_1B)
+    assert 1.0e9 < bench_1b.parameter_count(config) < 1.2e9
+    eight = bench_1b.llama_config(DEFAULT, bench_1b.DIMENSIONS_8B)
+    assert 8.0e9 < bench_1b.parameter_count(eight) < 8.1e9  # Llama-3.1-8B: 8.03B
+
+
+def test_fitted_projects_along_the_line_through_the_points() -> None:
+    line = lambda p: 1200 + 4.5e-6 * p  # noqa: E731  (MB at p parameters)
+    fit = bench_1b.fitted([(3.4e8, line(3.4e8)), (1.07e9, line(1.07e9))], 8.03e9)
+    assert fit["projected"] == pytest.approx(line(8.03e9))
+    assert fit["per_billion"] == pytest.approx(4500) and fit["intercept"] == pytest.approx(1200)
