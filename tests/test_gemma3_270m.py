@@ -28,7 +28,7 @@ def gemma(tmp_path_factory):
     loaded = {}
     load = sources.load
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(sources, "load", lambda spec: loaded.setdefault(spec, load(spec)))
+        patch.setattr(sources, "load", lambda spec, **options: loaded.setdefault(spec, load(spec, **options)))
         out = tmp_path_factory.mktemp("gemma-export") / "export"
         export(str(gguf), out)
     return loaded[str(gguf)][0], out
