@@ -7,10 +7,10 @@ Steps, each cached in the work folder (`--work`), so that a rerun skips what is 
                 with 4 layers (0.34B), the second point of the export's scaling
   2. gguf       llama.cpp's own convert_hf_to_gguf.py from llama-cpp-python's source distribution (bf16: the
                 same weights), then llama_cpp.llama_model_quantize to Q4_K_M and Q4_0
-  3. export     `grains-edge export` float32 from the safetensors folder and `--quantize int4` from each
-                GGUF, each in a process of its own: wall time, peak RSS (its children included) and the
-                highest RSS of each phase it logs; the same for the default model (135M); from the two sizes
-                of one recipe, the peak RSS and time of an 8B export (Llama-3.1-8B's shape), projected
+  3. export     `grains-edge export`, float32 and `--quantize int4` from the safetensors folder and int4 from
+                each GGUF, each in a process of its own: wall time, peak RSS and the highest RSS of each phase
+                it logs; the same for the default model (135M); from the two sizes of one recipe, the peak
+                RSS and time of an 8B export (Llama-3.1-8B's shape), projected
   4. decode     grains-edge int4 and llama.cpp, steered by the same random vectors on the middle third of the
                 layers (the engine takes them as its steering input, llama.cpp as the control vector file
                 that `grains_edge.steer.control_vectors` writes, set by llama_set_adapter_cvec): one process
@@ -334,7 +334,11 @@ def fitted(points: list[tuple[int, float]], parameters: int) -> dict:
     """The line through (parameters, value) points by least squares, and its value at `parameters`."""
     x, y = np.array([p for p, _ in points], float), np.array([v for _, v in points], float)
     slope, intercept = np.polyfit(x, y, 1)
-    return {"per_billion": 1e9 * slope, "intercept": intercept, "projected": slope * parameters + intercept}
+    return {
+        "per_billion": float(1e9 * slope),
+        "intercept": float(intercept),
+        "projected": float(slope * parameters + intercept),
+    }
 
 
 def projection(exports: dict, sizes: dict) -> dict:
