@@ -10,9 +10,10 @@ folder: the float source that `export --quantize int4` quantizes. Variants (--va
                               (quantize.HEAD); q4_1-search is the export's choice
   q4_1-search-4bit-head       the choice on the LM head too
 For each: the relative RMS error of the weights as the graph holds them (the linears, the head), the
-export's own check against PyTorch (max relative logit error, argmax agreement), then `grains-edge eval ppl`
-and `eval truthfulqa` on the export (--split, --ppl-limit, --mc-limit), and the changes against fp32.
-Exports and eval results are kept in --work, so a second run resumes.
+export's own check against PyTorch (max relative logit error, argmax agreement), its logits against the fp32
+export's on the first --texts Dolly texts (mean KL, same argmax), then `grains-edge eval ppl` and
+`eval truthfulqa` on the export (--split, --ppl-limit, --mc-limit), and the changes against fp32. Exports,
+weight errors and eval results are kept in --work, so a second run resumes.
 
     python bench/bench_quant.py --model default --split all --ppl-limit 179 --mc-limit 100 \
         --out bench/results/quant/float-int4-default.json
@@ -25,7 +26,6 @@ import json
 import resource
 import subprocess
 import sys
-import time
 from pathlib import Path
 from unittest import mock
 
@@ -62,7 +62,7 @@ def graph_weights(folder: Path) -> dict[str, np.ndarray]:
 
 
 def variant_blocks(variant: str, weights: dict[str, np.ndarray]) -> dict:
-    """Blocks by linear name as `variant` quantizes them; {} for the old path (ONNX Runtime's own quantizer)."""
+    """Blocks by linear name as `variant` quantizes them; {} for the old path (none: ONNX Runtime quantizes)."""
     from grains_edge.export import quantize
 
     if variant == OLD:
@@ -105,14 +105,13 @@ def export_variant(folder: Path, out: Path, variant: str, blocks: dict) -> dict:
     from grains_edge.export.manifest import Manifest
     from grains_edge.export.onnx_export import export
 
-    started = time.perf_counter()
     if not Manifest.is_current(out):
         if variant == "fp32":
             export(str(folder), out)
         else:
             name = "q4_1-search" if variant in (OLD, FOUR_BIT_HEAD) else variant
             with (
-                mock.patch.object(quantize, "int4_blocks", lambda proto: blocks),
+                mock.patch.object(quantize, "int4_block", lambda linear, weight: blocks.get(linear)),
                 mock.patch.object(quantize, "LINEAR", name),
             ):
                 export(str(folder), out, quantize="int4")
@@ -123,8 +122,52 @@ def export_variant(folder: Path, out: Path, variant: str, blocks: dict) -> dict:
         "kernels": manifest.kernels,
         "max_relative_logit_error": check["zero"],
         "argmax_agreement": check["zero_argmax_agreement"],
-        "export_seconds": time.perf_counter() - started,
     }
+
+
+def session(export_dir: Path):
+    import onnxruntime as ort
+
+    from grains_edge import kernels
+    from grains_edge.export.manifest import Manifest
+
+    manifest = Manifest.load(export_dir)
+    options = ort.SessionOptions()
+    if manifest.kernels == "fused":
+        kernels.register(options)
+    return ort.InferenceSession(str(export_dir / "model.onnx"), options, providers=["CPUExecutionProvider"]), manifest
+
+
+def dolly_texts(export_dir: Path, count: int, length: int) -> list[list[int]]:
+    """The first `count` Dolly instructions with their responses, as token ids of the export's tokenizer, cut
+    to `length` tokens."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(export_dir / "tokenizer.json"))
+    lines = (ROOT / DATA["ppl"]).read_text().splitlines()[:count]
+    items = [json.loads(line) for line in lines]
+    return [tokenizer.encode(f"{item['instruction']}\n\n{item['response']}").ids[:length] for item in items]
+
+
+def logit_agreement(reference: Path, export_dir: Path, texts: list[list[int]]) -> dict[str, float]:
+    """Against the fp32 export, unsteered, every position of `texts` (a prompt, then one cached step): mean
+    KL(fp32 || export) in nats and the share of positions with the same argmax token."""
+    import torch
+
+    from grains_edge.export.onnx_export import run_graph
+
+    runs = [session(reference), session(export_dir)]
+    kl, same, positions = 0.0, 0, 0
+    for ids in texts:
+        tokens = torch.tensor([ids])
+        steering = torch.zeros(1, runs[0][1].num_layers, runs[0][1].hidden_size)
+        ours, theirs = (run_graph(run, manifest, tokens, steering)[0].astype(np.float64) for run, manifest in runs)
+        log_p = ours - np.logaddexp.reduce(ours, axis=-1, keepdims=True)  # [seq, vocab], fp32's
+        log_q = theirs - np.logaddexp.reduce(theirs, axis=-1, keepdims=True)
+        kl += float((np.exp(log_p) * (log_p - log_q)).sum())
+        same += int((ours.argmax(-1) == theirs.argmax(-1)).sum())
+        positions += len(ids)
+    return {"mean_kl_nats": kl / positions, "same_argmax": same / positions, "positions": positions}
 
 
 def evaluate(export_dir: Path, task: str, split: str, limit: int | None, cache: Path) -> dict:
@@ -157,6 +200,7 @@ def changes(rows: dict[str, dict]) -> None:
 
 def main() -> int:
     from grains_edge.export import quantize
+    from grains_edge.export.manifest import Manifest
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="default", help="model spec (default, a folder, a .gguf)")
@@ -165,6 +209,8 @@ def main() -> int:
     parser.add_argument("--ppl-limit", type=int, default=None, help="at most N Dolly responses (0: skip)")
     parser.add_argument("--mc-limit", type=int, default=None, help="at most N TruthfulQA questions (0: skip)")
     parser.add_argument("--mc-variants", default=None, help="run TruthfulQA on these variants only")
+    parser.add_argument("--texts", type=int, default=16, help="Dolly texts for the logits against fp32 (0: skip)")
+    parser.add_argument("--text-tokens", type=int, default=128, help="tokens of each of those texts")
     parser.add_argument("--work", default="/tmp/grains-edge-bench-quant", help="float folder, exports, eval JSON")
     parser.add_argument("--out", default=None, help="also write the JSON here")
     args = parser.parse_args()
@@ -176,13 +222,25 @@ def main() -> int:
     weights = graph_weights(folder)
     load_before = machine()
     rows: dict[str, dict] = {}
+    texts: list[list[int]] = []
     for variant in variants:
         row: dict = {}
-        blocks = {} if variant == "fp32" else variant_blocks(variant, weights)
-        if variant != "fp32":
+        cached = work / f"{variant}-weights.json"
+        if variant == "fp32" or (cached.is_file() and Manifest.is_current(work / variant)):
+            blocks = {}
+            row.update(json.loads(cached.read_text()) if cached.is_file() else {})
+        else:
+            blocks = variant_blocks(variant, weights)
             row["weight_error"] = weight_errors(variant, weights, blocks)
+            cached.write_text(json.dumps(row))
         row.update(export_variant(folder, work / variant, variant, blocks))
         del blocks
+        agreement = work / f"{variant}-logits-{args.texts}x{args.text_tokens}.json"
+        if variant != "fp32" and args.texts and not agreement.is_file():
+            texts = texts or dolly_texts(work / variant, args.texts, args.text_tokens)
+            agreement.write_text(json.dumps(logit_agreement(work / "fp32", work / variant, texts)))
+        if agreement.is_file():
+            row["logits_against_fp32"] = json.loads(agreement.read_text())
         tasks = [("ppl", args.ppl_limit), ("truthfulqa", args.mc_limit if variant in mc_variants else 0)]
         for task, limit in tasks:
             if limit == 0:
@@ -200,6 +258,7 @@ def main() -> int:
         "split": args.split,
         "ppl_limit": args.ppl_limit,
         "mc_limit": args.mc_limit,
+        "texts": {"count": args.texts, "tokens": args.text_tokens},
         "chosen": quantize.LINEAR,
         "variants": rows,
         "machine": load_before,
