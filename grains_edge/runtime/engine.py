@@ -275,8 +275,7 @@ class Engine:
         self.last_stats = stats
         cache = self.new_cache(1, len(prompt_ids) + budget)
         generated: list[int] = []
-        seen = np.zeros(self.manifest.vocab_size, bool)  # [vocab] tokens already in the context
-        seen[[i for i in prompt_ids if i < len(seen)]] = True
+        seen = seen_tokens(prompt_ids, self.manifest.vocab_size)
         shown = ""
         stops = () if self.has_chat_template else PLAIN_TURN_STOPS
         started = time.perf_counter()
@@ -318,6 +317,13 @@ class Engine:
         stop: threading.Event | None = None,
     ) -> Iterator[str]:
         return self.generate(self.chat_ids(messages), steering, settings, stop)
+
+
+def seen_tokens(prompt_ids: list[int], vocab_size: int) -> np.ndarray:
+    """[vocab] bool, the tokens already in the context (what the repetition penalty discounts)."""
+    seen = np.zeros(vocab_size, bool)
+    seen[[i for i in prompt_ids if i < vocab_size]] = True
+    return seen
 
 
 def pick_token(

@@ -23,7 +23,7 @@ from functools import cached_property
 import numpy as np
 
 from grains_edge.prompts import held_back, stop_at
-from grains_edge.runtime.engine import Engine, pick_token
+from grains_edge.runtime.engine import Engine, pick_token, seen_tokens
 from grains_edge.runtime.protocol import GenerationSettings
 from grains_edge.serve.prefix_cache import PrefixCache, steering_key
 from grains_edge.serve.slots import SlotCache, prompt_groups
@@ -194,8 +194,7 @@ class Batcher:
             self.prefixes.reused_tokens += past
             self.active.extend(group)
             for job in group:
-                seen = np.zeros(self.engine.manifest.vocab_size, bool)
-                seen[[i for i in job.prompt_ids if i < len(seen)]] = True
+                seen = seen_tokens(job.prompt_ids, self.engine.manifest.vocab_size)
                 self.state[job] = (np.random.default_rng(job.settings.seed), seen)
             for job, row_logits in zip(group, logits, strict=True):
                 self.advance(job, row_logits)
