@@ -126,6 +126,26 @@ def test_graph_weight_is_the_gguf_weight_or_within_the_measured_error(monkeypatc
         assert 0.99 * bound <= error_in_steps(blocks, weight) <= bound + 1e-4  # the reported error is the error
 
 
+@pytest.mark.parametrize("kinds", [*DECODERS, "Q4_K+Q6_K"])
+def test_the_export_s_int8_activations_keep_the_output_of_every_format(kinds):
+    """At the export's accuracy level (int8 activations) the stock path's output stays within int8 rounding of
+    x @ w^T: folded offsets must survive MatMulNBits' integer path too, where a zero offset is not free. The
+    weights are a real model's size (±0.02): the int8 path's float32 cancellation error does not shrink with them."""
+    blocks = stacked([decode(kind, random_blocks(kind, 64, 1024, size=0.02, seed=2)) for kind in kinds.split("+")])
+    rows, cols = blocks.shape
+    builder = graph.GraphBuilder({"w": blocks}, False)
+    y = builder.linear("x", "w", np.zeros((cols, rows), np.float32), None)
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in (("x", [4, cols]), (y, [4, rows]))]
+    opsets = [helper.make_opsetid("", graph.OPSET), helper.make_opsetid("com.microsoft", 1)]
+    model = helper.make_model(
+        helper.make_graph(builder.nodes, "w", io[:1], io[1:], builder.initializers), opset_imports=opsets
+    )
+    x = np.random.default_rng(3).normal(0, 1, (4, cols)).astype(np.float32)
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    want = x @ blocks.dequantized().T
+    assert np.abs(got - want).max() <= 0.02 * np.abs(want).max()  # int8 rounding alone: 0.5 % on real weights
+
+
 @pytest.mark.usefixtures("needs_kernels")
 def test_q4_k_in_the_q4_1_kernel_is_within_its_float16_fields(gemma_tensors):
     """Q4_K's d sc_i and dmin m_i rounded to the kernel's float16: the measured error (0.011 of a level step on
