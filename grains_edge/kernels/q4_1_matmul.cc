@@ -69,19 +69,33 @@ struct QuantizedRows {
     for (int64_t r = 0; r < rows; ++r) {
       for (int64_t b = 0; b < blocks; ++b) {
         const float* xb = x + r * k + b * kBlock;
+        const int64_t at = (r * padded + b) * 16;
         float amax = 0.f, sum = 0.f;
+        int32_t levels = 0;
+#if defined(GRAINS_AVX512)
+        // The same rounding as the loop below (nearest even, the default mode), 16 elements per instruction;
+        // only the order of the float sum differs.
+        const __m512 first = _mm512_loadu_ps(xb), second = _mm512_loadu_ps(xb + 16);
+        amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(first), _mm512_abs_ps(second)));
+        sum = _mm512_reduce_add_ps(_mm512_add_ps(first, second));
+        const __m512 inverse = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+        const __m512i low = _mm512_cvtps_epi32(_mm512_mul_ps(first, inverse));
+        const __m512i high = _mm512_cvtps_epi32(_mm512_mul_ps(second, inverse));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(lo.data() + at), _mm512_cvtsepi32_epi8(low));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(hi.data() + at), _mm512_cvtsepi32_epi8(high));
+        levels = _mm512_reduce_add_epi32(_mm512_add_epi32(low, high));
+#else
         for (int64_t j = 0; j < kBlock; ++j) {
           amax = std::max(amax, std::fabs(xb[j]));
           sum += xb[j];
         }
         const float inverse = amax > 0.f ? 127.f / amax : 0.f;
-        const int64_t at = (r * padded + b) * 16;
-        int32_t levels = 0;
         for (int64_t j = 0; j < 16; ++j) {
           lo[at + j] = static_cast<int8_t>(std::nearbyint(xb[j] * inverse));
           hi[at + j] = static_cast<int8_t>(std::nearbyint(xb[j + 16] * inverse));
           levels += lo[at + j] + hi[at + j];
         }
+#endif
         dx[r * padded + b] = amax / 127.f;
         sx[r * padded + b] = sum;
         ex[r * padded + b] = 8.f * (sum - amax / 127.f * static_cast<float>(levels));
@@ -98,7 +112,7 @@ struct Weights {
 
 // out[c * stride + i] = sum_b d[n+i,b] * dx_b * (q[n+i,b] . xq_b) + m[n+i,b] * S_b for R rows of W from
 // row n and C quantized rows of x from row r. R x C independent accumulators hide the multiply-add
-// latency; the rows of W share each block of x, and (in a prompt) the rows of x each unpacked block of W.
+// latency; the rows of W share each block of x, and (in a batch or a prompt) the rows of x each unpacked block of W.
 template <int R, int C>
 void dot_rows(const Weights& w, int64_t n, const QuantizedRows& x, int64_t r, float* out, int64_t stride) {
   const int64_t blocks = x.blocks;
@@ -112,35 +126,33 @@ void dot_rows(const Weights& w, int64_t n, const QuantizedRows& x, int64_t r, fl
     ex[c] = x.ex.data() + (r + c) * x.padded;
   }
 #if defined(GRAINS_AVX512)
-  // 16 blocks per step: their scales d * dx and offsets m * S in one register each, then 4 blocks (64
-  // bytes of nibbles) per product, lanes 4j..4j+3 of which belong to block j.
+  // 16 blocks per step: their scales d * dx in one register per row of x, the offset terms m * S + d * ex
+  // added to the same accumulators, then 4 blocks (64 bytes of nibbles) per product, lanes 4j..4j+3 of which
+  // belong to block j. Nothing but the R x C accumulators lives across steps, so 4 x 4 of them fit the 32
+  // registers without spilling.
   const __m512i low = _mm512_set1_epi8(0x0f);
   const __m512i spread[4] = {
       _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0),
       _mm512_set_epi32(7, 7, 7, 7, 6, 6, 6, 6, 5, 5, 5, 5, 4, 4, 4, 4),
       _mm512_set_epi32(11, 11, 11, 11, 10, 10, 10, 10, 9, 9, 9, 9, 8, 8, 8, 8),
       _mm512_set_epi32(15, 15, 15, 15, 14, 14, 14, 14, 13, 13, 13, 13, 12, 12, 12, 12)};
-  __m512 acc[R][C], offsets[R][C];
+  __m512 acc[R][C];
   for (int i = 0; i < R; ++i) {
-    for (int c = 0; c < C; ++c) acc[i][c] = offsets[i][c] = _mm512_setzero_ps();
+    for (int c = 0; c < C; ++c) acc[i][c] = _mm512_setzero_ps();
   }
   for (int64_t b = 0; b < blocks; b += kGroup) {
     const int64_t left = std::min<int64_t>(kGroup, blocks - b);
     const __mmask16 present = static_cast<__mmask16>(left == kGroup ? 0xffff : (1u << left) - 1);
-    __m512 scale_x[C], sum_x[C], round_x[C];  // [16] each, zero padded
-    for (int c = 0; c < C; ++c) {
-      scale_x[c] = _mm512_loadu_ps(dx[c] + b);
-      sum_x[c] = _mm512_loadu_ps(sx[c] + b);
-      round_x[c] = _mm512_loadu_ps(ex[c] + b);
-    }
+    // unrolled, so that acc[i][c] are registers: indexed by a loop variable they were kept in memory
+#pragma GCC unroll 4
     for (int i = 0; i < R; ++i) {
       const int64_t row = n + i;
       const __m512 d = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(present, w.d + row * blocks + b));
       const __m512 m = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(present, w.m + row * blocks + b));
       __m512 scale[C];
       for (int c = 0; c < C; ++c) {
-        scale[c] = _mm512_mul_ps(d, scale_x[c]);
-        offsets[i][c] = _mm512_fmadd_ps(d, round_x[c], _mm512_fmadd_ps(m, sum_x[c], offsets[i][c]));
+        scale[c] = _mm512_mul_ps(d, _mm512_loadu_ps(dx[c] + b));
+        acc[i][c] = _mm512_fmadd_ps(d, _mm512_loadu_ps(ex[c] + b), _mm512_fmadd_ps(m, _mm512_loadu_ps(sx[c] + b), acc[i][c]));
       }
       const uint8_t* nibbles = w.nibbles + (row * blocks + b) * 16;
       for (int64_t ahead = 0; ahead < 4 * 64; ahead += 64) {  // this chunk of the next R rows
@@ -161,7 +173,7 @@ void dot_rows(const Weights& w, int64_t n, const QuantizedRows& x, int64_t r, fl
     }
   }
   for (int i = 0; i < R; ++i) {
-    for (int c = 0; c < C; ++c) out[c * stride + i] = _mm512_reduce_add_ps(_mm512_add_ps(acc[i][c], offsets[i][c]));
+    for (int c = 0; c < C; ++c) out[c * stride + i] = _mm512_reduce_add_ps(acc[i][c]);
   }
 #else
   for (int c = 0; c < C; ++c) {
@@ -234,7 +246,10 @@ void run_task(void* data, size_t task) {
   for (int64_t tile = first; tile < last; tile += kRowTile) {
     const int64_t tile_end = std::min(tile + kRowTile, last);
     int64_t r = 0;
-    for (; r + 2 <= work.rows; r += 2) rows_of_x<2>(work, tile, tile_end, r);  // a prompt: two rows of x at a time
+#if defined(GRAINS_AVX512)
+    for (; r + 4 <= work.rows; r += 4) rows_of_x<4>(work, tile, tile_end, r);  // a batch or a prompt: 4 rows of x at a time
+#endif
+    for (; r + 2 <= work.rows; r += 2) rows_of_x<2>(work, tile, tile_end, r);
     for (; r < work.rows; ++r) rows_of_x<1>(work, tile, tile_end, r);
   }
 }
