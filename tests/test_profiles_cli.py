@@ -92,11 +92,16 @@ def test_list_and_show(capsys):
     assert main(["profiles", "list"]) == 0
     rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[1:]}
     assert rows["kind"] == ["kind", "grains", "2", "0.5", "user", "-"]
-    assert rows["truthful"][3:] == ["0.02", "built-in", "3c5fdee91060c09a"]
+    truthful = load_profile("truthful")
+    tuning = json.loads(truthful.metadata["tuning"])
+    assert rows["truthful"][3:] == [f"{truthful.alpha:g}", "built-in", "3c5fdee91060c09a"]
     assert main(["profiles", "show", "truthful"]) == 0
     shown = capsys.readouterr().out
-    assert "tuned range [0.005, 0.03]" in shown and "α swept: 0.005, 0.01, 0.02, 0.03" in shown
-    assert "chosen: layers 13-17, α 0.02" in shown and "fingerprint: 3c5fdee91060c09a" in shown
+    alphas = sorted(row["alpha"] for row in tuning["sweep"])
+    assert f"tuned range [{alphas[0]:g}, {alphas[-1]:g}]" in shown and f"α scored: {alphas[0]:g} to" in shown
+    assert f"{tuning['items']} scored items, {tuning['ppl_items']} perplexity items" in shown
+    assert f"chosen: layers {tuning['chosen']['layers']}, α {truthful.alpha:.4g}" in shown
+    assert "fingerprint: 3c5fdee91060c09a" in shown
 
 
 def test_list_names_a_damaged_user_profile_instead_of_hiding_it(capsys):
@@ -134,7 +139,7 @@ def test_mix_saves_the_sum_and_never_overwrites_silently(capsys):
     truthful, sycophancy = load_profile("truthful"), load_profile("no-sycophancy")
     expected = combine([(truthful, truthful.alpha), (sycophancy, -0.5 * sycophancy.alpha)])
     np.testing.assert_allclose(steering_tensor(both), expected, rtol=1e-6)
-    assert both.method == "mix" and both.alpha == 1.0 and both.layers == [13, 14, 15, 16, 17]
+    assert both.method == "mix" and both.alpha == 1.0 and both.layers == sorted({*truthful.layers, *sycophancy.layers})
     assert [term["weight"] for term in json.loads(both.metadata["recipe"])] == [1.0, -0.5]
     capsys.readouterr()
     assert main(["profiles", "mix", "both", "--term", "truthful=2"]) == 2
@@ -142,7 +147,9 @@ def test_mix_saves_the_sum_and_never_overwrites_silently(capsys):
     assert main(["profiles", "mix", "truthful", "--term", "truthful=2"]) == 2
     assert "is a built-in profile" in one_line_error(capsys)
     assert main(["profiles", "mix", "both", "--term", "truthful=2", "--force"]) == 0
-    np.testing.assert_allclose(steering_tensor(load_profile("both")), steering_tensor(truthful, 0.04), rtol=1e-6)
+    np.testing.assert_allclose(
+        steering_tensor(load_profile("both")), steering_tensor(truthful, 2 * truthful.alpha), rtol=1e-6
+    )
     assert main(["profiles", "mix", "truthful", "--term", "truthful=2", "--force"]) == 0
     assert "shadows the built-in" in capsys.readouterr().out
     assert load_profile("truthful").method == "mix" and (BUILTIN_DIR / "truthful.safetensors").exists()
@@ -167,13 +174,17 @@ def test_export_then_import_through_the_command_line(capsys, tmp_path):
     model = fake_export(tmp_path / "export")
     out = tmp_path / "truthful.gguf"
     assert main(["profiles", "export", "truthful", str(out), "--model-hint", "llama"]) == 0
-    assert f"--control-vector-scaled {out} 0.02" in capsys.readouterr().out
+    assert f"--control-vector-scaled {out} {load_profile('truthful').alpha:g}" in capsys.readouterr().out
     assert main(["profiles", "export", "truthful", str(out), "--model-hint", "llama"]) == 2
     assert "exists" in one_line_error(capsys)
     assert main(["profiles", "import", str(out), "--name", "moved", "--model", model]) == 0
     moved, truthful = load_profile("moved"), load_profile("truthful")
     np.testing.assert_array_equal(moved.vectors, truthful.vectors)
-    assert (moved.layers, moved.alpha, moved.metadata["tuning"]) == (truthful.layers, 0.02, truthful.metadata["tuning"])
+    assert (moved.layers, moved.alpha, moved.metadata["tuning"]) == (
+        truthful.layers,
+        truthful.alpha,
+        truthful.metadata["tuning"],
+    )
     assert main(["profiles", "import", str(out), "--name", "moved", "--model", model]) == 2
     assert "exists" in one_line_error(capsys)
 

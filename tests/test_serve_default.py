@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from grains_edge.runtime.engine import Engine
+from grains_edge.steer.profiles import load_profile
 from tests.test_serve import rows_answer_as_alone, start
 
 QUESTIONS = [
@@ -37,6 +38,7 @@ def test_eight_rows_with_the_four_builtins_and_none_answer_as_each_alone(default
                 "steering": {"mix": [{"profile": "no-sycophancy", "weight": 1}, {"profile": "truthful", "weight": 0.5}]}
             },
         )
-        assert answer.model_extra["steering"]["mix"][1] == {"profile": "truthful", "weight": 0.5, "alpha": 0.01}
+        half = 0.5 * load_profile("truthful").alpha
+        assert answer.model_extra["steering"]["mix"][1] == {"profile": "truthful", "weight": 0.5, "alpha": half}
     finally:
         server.stop()

@@ -89,23 +89,32 @@ def list_all() -> int:
 
 
 def tuning_summary(text: str) -> list[str]:
-    """A few lines on the tuning sweep: task, items, the chosen setting against unsteered, the α swept."""
+    """A few lines on the tuning search: items, the layer sets and α scored, the chosen setting against
+    unsteered (tables of the earlier grid tune, with `tune_items` and a chosen `ppl`, read too)."""
     try:
         tuning = json.loads(text)
         sweep = tuning.get("sweep", [])
         chosen = tuning.get("chosen") or {}
         alphas = sorted({float(row["alpha"]) for row in sweep})
+        sets = list(dict.fromkeys(str(row["layers"]) for row in sweep))
         lines = [
-            f"task {tuning.get('task')}, {tuning.get('tune_items')} tune items, {tuning.get('ppl_items')} perplexity "
+            f"{tuning.get('items', tuning.get('tune_items'))} scored items, {tuning.get('ppl_items')} perplexity "
             f"items, {len(sweep)} settings ({sum(bool(row.get('admissible')) for row in sweep)} admissible)",
-            f"α swept: {', '.join(f'{alpha:g}' for alpha in alphas) or 'none'}",
+            f"layer sets: {'; '.join(sets) or 'none'}",
+            f"α scored: {f'{alphas[0]:g} to {alphas[-1]:g}' if alphas else 'none'}",
             f"unsteered: behaviour {tuning.get('unsteered', {}).get('behaviour')}, "
             f"perplexity {tuning.get('unsteered', {}).get('ppl')}",
         ]
         if chosen:
+            cost = (
+                f"perplexity {100 * chosen['ppl_rise']:+.2f} %"
+                if "ppl_rise" in chosen
+                else f"perplexity {chosen.get('ppl')}"
+            )
+            validated = f" (cross-validated {chosen['cv_behaviour']:+.4f})" if "cv_behaviour" in chosen else ""
             lines.append(
-                f"chosen: layers {chosen.get('layers')}, α {chosen.get('alpha')}, behaviour {chosen.get('behaviour')}, "
-                f"perplexity {chosen.get('ppl')}"
+                f"chosen: layers {chosen.get('layers')}, α {chosen.get('alpha'):.4g}, behaviour "
+                f"{chosen.get('behaviour'):+.4f}{validated}, {cost}"
             )
         return lines
     except (ValueError, TypeError, AttributeError, KeyError):
