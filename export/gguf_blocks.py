@@ -299,28 +299,24 @@ def folded(blocks: Blocks) -> Blocks:
 
 
 def fits_q4_1_kernel(blocks: Blocks) -> bool:
-    """Whether grains_edge.Q4_1MatMul can run these blocks: 4-bit, blocks of 32, fields finite in float16;
-    without offsets (Q4_0) only where every scale is a float16 value, so that its fields (d, m = -8 d) are
-    exact."""
-    if blocks.bits != 4 or blocks.block_size != BLOCK:
+    """Whether grains_edge.Q4_1MatMul can run these blocks: 4-bit, blocks of 32 with offsets, fields finite
+    in float16."""
+    if blocks.bits != 4 or blocks.block_size != BLOCK or blocks.offsets is None:
         return False
     with np.errstate(over="ignore"):
-        _, d, m = q4_1_fields(blocks)
-        finite = bool(np.isfinite(d).all() and np.isfinite(m).all())
-    return finite and (blocks.offsets is not None or np.array_equal(d.astype(np.float32), blocks.scales))
+        return all(np.isfinite(field).all() for field in q4_1_fields(blocks)[1:])
 
 
 def q4_1_fields(blocks: Blocks) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The GGUF Q4_1 fields of 4-bit blocks, as grains_edge.Q4_1MatMul takes them: nibbles [N, K/2] uint8
-    (ggml order: level j in the low nibble of byte j, level j + 16 in the high one), d and m [N, K/32]
-    float16, w = d * q + m: exact for a GGUF's Q4_1 and Q4_0 (m = -8 d), rounded to float16 for Q4_K's
-    d sc_i and dmin m_i (`carried_error`)."""
+    """The GGUF Q4_1 fields of 4-bit blocks with offsets, as grains_edge.Q4_1MatMul takes them: nibbles
+    [N, K/2] uint8 (ggml order: level j in the low nibble of byte j, level j + 16 in the high one), d and
+    m [N, K/32] float16, w = d * q + m: exact for a GGUF's Q4_1, rounded to float16 for Q4_K's d sc_i and
+    dmin m_i (`carried_error`)."""
     rows, cols = blocks.shape
     levels = blocks.q.reshape(rows, cols // BLOCK, BLOCK)
     packed = (levels[..., :16] | (levels[..., 16:] << 4)).reshape(rows, cols // 2)
     d = blocks.scales.astype(np.float16)
-    offsets = 0.0 if blocks.offsets is None else blocks.offsets
-    m = (offsets - 8.0 * blocks.scales).astype(np.float16)
+    m = (blocks.offsets - 8.0 * blocks.scales).astype(np.float16)
     return np.ascontiguousarray(packed), d, m
 
 

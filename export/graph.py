@@ -277,12 +277,12 @@ class GraphBuilder:
                 blocks = self.quantizer(name, weight.T)
             if blocks is None:
                 y = self.op("MatMul", x, self.weight(f"{name}.weight", weight))
-            elif self.custom_kernels and fits_q4_1_kernel(blocks):  # Q4_1, Q4_K and Q4_0 blocks
+            elif blocks.offsets is None:
+                y = self.block_matmul(x, name, blocks)
+            elif self.custom_kernels and fits_q4_1_kernel(blocks):
                 rows, cols = blocks.shape  # [N, K]
                 fields = [self.weight(f"{name}.{f}", v) for f, v in zip("qdm", q4_1_fields(blocks), strict=True)]
                 y = self.op("Q4_1MatMul", x, *fields, domain=kernels.DOMAIN, K=cols, N=rows)
-            elif blocks.offsets is None:
-                y = self.block_matmul(x, name, blocks)
             else:  # offsets (Q4_1, Q4_K, Q5_*): extra K columns fed by x's block sums (gguf_blocks.folded)
                 indicator = block_sum_indicator(blocks.shape[1], blocks.block_size)
                 sums = self.block_matmul(x, f"{name}.block_sums", indicator)

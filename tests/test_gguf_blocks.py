@@ -3,11 +3,9 @@ through a whole exported graph, with PyTorch on the same (dequantized) weights."
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 from gguf import GGMLQuantizationType, quants
-from onnx import TensorProto, helper
 
 from grains_edge import kernels
 from grains_edge.errors import GrainsError
@@ -16,7 +14,6 @@ from grains_edge.export.gguf_blocks import (
     Blocks,
     block_sum_indicator,
     decode,
-    fits_q4_1_kernel,
     folded,
     offset_columns,
     q4_1_fields,
@@ -184,42 +181,3 @@ def test_q4_1_fields_are_the_ggml_block_fields():
     np.testing.assert_array_equal(nibbles, raw[..., 4:].reshape(3, 32))
     np.testing.assert_array_equal(d.view(np.uint8).reshape(3, 2, 2), raw[..., 0:2])
     np.testing.assert_array_equal(m.view(np.uint8).reshape(3, 2, 2), raw[..., 2:4])
-
-
-def linear_session(blocks: Blocks, custom_kernels: bool, rows: int):
-    """A session of the graph's linear for `blocks` (x [rows, K] -> y [rows, N])."""
-    builder = graph.GraphBuilder({"w": blocks}, custom_kernels)
-    n, k = blocks.shape
-    y = builder.linear("x", "w", np.zeros((k, n), np.float32), None)
-    io = [helper.make_tensor_value_info(name, TensorProto.FLOAT, s) for name, s in (("x", [rows, k]), (y, [rows, n]))]
-    opsets = [helper.make_opsetid("", graph.OPSET), helper.make_opsetid("com.microsoft", 1)]
-    opsets += [helper.make_opsetid(kernels.DOMAIN, 1)] if custom_kernels else []
-    model = helper.make_model(
-        helper.make_graph(builder.nodes, "w", io[:1], io[1:], builder.initializers), opset_imports=opsets
-    )
-    options = ort.SessionOptions()
-    if custom_kernels:
-        kernels.register(options)
-    ops = [node.op_type for node in builder.nodes]
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]), ops
-
-
-@pytest.mark.usefixtures("needs_kernels")
-@pytest.mark.parametrize("rows", [1, 8, 33])
-def test_q4_0_blocks_in_the_q4_1_kernel_match_matmulnbits(rows):
-    """Q4_0 is Q4_1 with m = -8 d, exact in float16: grains-edge's kernel and ONNX Runtime's MatMulNBits
-    compute the same int8 products on the same blocks."""
-    blocks = decode("Q4_0", ggml_bytes(np.random.default_rng(5).normal(0, 0.02, (96, 256)), "Q4_0"))
-    ours, our_ops = linear_session(blocks, True, rows)
-    stock, stock_ops = linear_session(blocks, False, rows)
-    assert our_ops == ["Q4_1MatMul"] and stock_ops == ["MatMulNBits"]
-    x = np.random.default_rng(rows).normal(size=(rows, 256)).astype(np.float32)
-    expected = stock.run(None, {"x": x})[0]
-    np.testing.assert_allclose(ours.run(None, {"x": x})[0], expected, rtol=0, atol=1e-5 * np.abs(expected).max())
-
-
-def test_q4_0_blocks_whose_scales_are_not_float16_stay_on_matmulnbits():
-    blocks = decode("Q4_0", ggml_bytes(np.random.default_rng(6).normal(size=(4, 64)), "Q4_0"))
-    assert fits_q4_1_kernel(blocks)
-    blocks.scales = blocks.scales * np.float32(1 + 2**-20)  # a quantizer's float32 scales: not float16 values
-    assert not fits_q4_1_kernel(blocks)
