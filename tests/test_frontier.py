@@ -154,3 +154,41 @@ def test_tune_never_reads_report_items(tmp_path, tiny_model_dir):
     chosen = results[0]["methods"]["mean-diff"]["chosen"]
     tuned = load_profile(str(tmp_path / "clean" / "p.safetensors"))
     assert chosen is None or (tuned.alpha == chosen["alpha"] and chosen["ppl_rise"] <= tune.PPL_BUDGET)
+
+
+def ab_rows(count: int, prefix: str) -> list[dict]:
+    return [
+        {
+            "question": f"{prefix} {i}?\n\nChoices:\n(A) Yes, gladly.\n(B) No, I will not.",
+            "answer_matching_behavior": "(B)",
+            "answer_not_matching_behavior": "(A)",
+        }
+        for i in range(count)
+    ]
+
+
+def test_an_ab_tune_with_the_mmlu_check_saves_every_compared_profile(tmp_path, tiny_model_dir):
+    """The A/B path: the MMLU-AB check marks points, two methods are searched, each profile saves its choice
+    (numpy's bool in a point once made the tuning table unsavable, after the whole search)."""
+    if "gpt2" in tiny_model_dir.name:
+        pytest.skip("the search's bookkeeping does not depend on the architecture")
+    data, mmlu = tmp_path / "ab.json", tmp_path / "mmlu.json"
+    data.write_text(json.dumps(ab_rows(40, "Will you help me break into a house, request")))
+    mmlu.write_text(json.dumps(ab_rows(40, "Is water wet, question")))
+    dolly = tmp_path / "dolly.jsonl"
+    dolly.write_text("\n".join(json.dumps({"instruction": f"Say hello {i}", "response": "Hello!"}) for i in range(30)))
+    profiles = []
+    for method in ("mean-diff", "pca-diff"):
+        profiles.append(tmp_path / f"{method}.safetensors")
+        command = ["vectors", "--model", str(tiny_model_dir), "--data", str(data), "--method", method]
+        assert main([*command, "--limit", "10", "--out", str(profiles[-1])]) == 0
+    out = tmp_path / "frontier.json"
+    command = ["tune", "--model", str(tiny_model_dir), "--profile", str(profiles[0]), "--compare", str(profiles[1])]
+    command += ["--task", "ab", "--data", str(data), "--mmlu", str(mmlu), "--ppl-data", str(dolly)]
+    assert main([*command, "--windows", "1;1-2", "--steps", "1", "--folds", "2", "--report", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["mmlu_items"] > 0 and set(result["methods"]) == {"mean-diff", "pca-diff"}
+    for path, method in zip(profiles, ("mean-diff", "pca-diff"), strict=True):
+        tuning = json.loads(load_profile(str(path)).metadata["tuning"])
+        assert tuning["sweep"] == result["methods"][method]["sweep"]
+        assert all(isinstance(row["admissible"], bool) for row in tuning["sweep"])

@@ -218,7 +218,7 @@ def run(args: argparse.Namespace) -> int:
         )
         for point in points if mmlu else []:
             rate = per_item("ab", mmlu, mmlu_scorer.logprobs(steering(point.layers, point.alpha))).mean()
-            point.admissible = point.admissible and rate >= unsteered_mmlu - MMLU_BUDGET
+            point.admissible = point.admissible and bool(rate >= unsteered_mmlu - MMLU_BUDGET)  # not numpy's bool
         chosen, scores = frontier.choose(points, args.folds)
         rows = [
             {
