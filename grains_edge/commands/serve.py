@@ -95,12 +95,15 @@ def run(args: argparse.Namespace) -> int:
         f"({engine.provider}, batch {args.max_batch}, {batcher.capacity} tokens per request)",
         file=sys.stderr,
     )
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
     try:
-        uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5)).run(sockets=[sock])
+        server.run(sockets=[sock])
     finally:
         batcher.close()
         sock.close()
-    return 0
+    # uvicorn stops only when a signal asks it to, and raises ctrl+c again after its graceful shutdown; whether
+    # that reaches us as KeyboardInterrupt depends on when asyncio's runner sees it, so the status is set here
+    return 130 if server.should_exit else 0
 
 
 def check_default_profile(export_dir: str | Path, profile: str | None, alpha: float | None) -> None:
