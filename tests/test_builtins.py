@@ -10,6 +10,7 @@ import pytest
 
 from grains_edge.cli import main
 from grains_edge.commands.builtins import RECIPES, commands
+from grains_edge.evaluate import frontier
 from grains_edge.layers import parse_layers
 from grains_edge.steer.profiles import load_profile
 
@@ -26,11 +27,14 @@ def test_each_recipe_is_vectors_then_tune_on_shipped_data(name, tmp_path) -> Non
     assert vectors[vectors.index("--limit") + 1] == str(recipe["limit"])
     assert ("--ig-steps" in vectors) == ("ig_steps" in recipe)
     assert ("--mmlu" in tune) == (recipe["task"] == "ab")
+    assert tune[tune.index("--limit") + 1] == str(recipe["tune_limit"])
+    assert tune[tune.index("--ppl-limit") + 1] == str(recipe["ppl_limit"])
+    assert "--alphas" not in tune  # tune's own bracket
 
 
-def test_overrides_replace_the_sweep(tmp_path) -> None:
-    tune = commands("truthful", tmp_path, alphas="0.5", windows="1-2")[1]
-    assert tune[tune.index("--alphas") + 1] == "0.5" and tune[tune.index("--windows") + 1] == "1-2"
+def test_overrides_replace_the_search(tmp_path) -> None:
+    tune = commands("truthful", tmp_path, alphas="0.02,0.5", windows="1-2")[1]
+    assert tune[tune.index("--alphas") + 1] == "0.02,0.5" and tune[tune.index("--windows") + 1] == "1-2"
 
 
 def test_print_shows_the_commands_without_running_them(tmp_path, capsys) -> None:
@@ -49,10 +53,15 @@ def test_each_recipe_ships_as_a_tuned_profile_for_the_default_model(name) -> Non
     assert profile.metadata["description"] == recipe["description"]
     assert profile.metadata["source"].startswith(Path(recipe["data"]).name)
     assert f"{recipe['limit']} pairs" in profile.metadata["source"] and recipe["toward"] in profile.metadata["source"]
-    chosen = json.loads(profile.metadata["tuning"])["chosen"]
+    tuning = json.loads(profile.metadata["tuning"])
+    chosen = tuning["chosen"]
     assert chosen["admissible"] and chosen["alpha"] == profile.alpha
     assert profile.layers == parse_layers(chosen["layers"], 30)
-    assert str(chosen["alpha"]) in recipe["alphas"].split(",")
+    # tuned by the recipe's search: the sweep covers its layer sets, on its item counts, within tune's bracket
+    sets = frontier.layer_sets(30) if recipe["windows"] == "auto" else recipe["windows"].split(";")
+    assert {row["layers"] for row in tuning["sweep"]} == set(sets)
+    assert (tuning["items"], tuning["ppl_items"]) == (recipe["tune_limit"], recipe["ppl_limit"])
+    assert all(0.01 * frontier.LOWER_FRACTION <= row["alpha"] <= 0.32 for row in tuning["sweep"])
     assert "/" not in profile.metadata["source"]  # no path of the machine that built it
 
 

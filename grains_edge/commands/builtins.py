@@ -13,21 +13,24 @@ from pathlib import Path
 from grains_edge.data import data_file
 
 DOLLY = "dolly/dolly_dev.jsonl"
-# The sweeps: middle layers, where steering the default model moves behaviour at all, and strengths
-# around the 3 % perplexity budget (vectors are scaled to the mean hidden-state norm). The A/B sets take
-# the two windows and the strengths that mattered for `truthful`, to keep each rebuild within minutes.
-SWEEP = {"alphas": "0.005,0.01,0.02,0.03", "windows": "8-12;10-19;13-17"}
-AB_SWEEP = {"alphas": "0.01,0.02,0.03", "windows": "10-19;13-17"}
+# The frontier search each built-in was tuned by (`grains-edge tune`: the largest α within +3 % perplexity per
+# layer set, the set chosen by cross-validation). The A/B sets search single layers across the middle of the
+# depth, a pair and a window with 36 Dolly responses for the perplexity check, which keeps a search of the
+# three methods within about 45 minutes on 2 cores; `truthful` keeps the family, 64 items and 36 responses
+# its published frontier (bench/results/truthful/) was searched with.
+AB_SEARCH = {"windows": "10;15;20;14,15;13-17", "ppl_limit": 36}
 # Sycophancy and hallucination prompts are about 2.7x as long as the others (a biography, a false premise),
-# which makes Integrated Gradients about 3x as costly per pair: they take 10 IG steps and the window every
-# other profile chose, so that a rebuild of 80 pairs stays within about 20 minutes on 2 cores.
-LONG_PROMPTS = {"limit": 80, "ig_steps": 10, "tune_limit": 50, "alphas": "0.01,0.02,0.03", "windows": "13-17"}
+# which makes Integrated Gradients about 3x as costly per pair: they take 10 IG steps, so that a rebuild of
+# 80 pairs stays within about 20 minutes on 2 cores.
+LONG_PROMPTS = {"limit": 80, "ig_steps": 10, "tune_limit": 50, **AB_SEARCH}
 RECIPES = {
     "truthful": {
         "data": "truthfulqa_mc_train.json",
         "task": "truthfulqa",
         "limit": 120,
-        **SWEEP,
+        "tune_limit": 64,
+        "windows": "8;12;15;19;14,15;13-17",
+        "ppl_limit": 36,
         "toward": "matching",
         "description": "answers truthfully rather than repeating popular misconceptions (TruthfulQA)",
     },
@@ -36,7 +39,7 @@ RECIPES = {
         "task": "ab",
         "limit": 60,
         "tune_limit": 60,
-        **AB_SWEEP,
+        **AB_SEARCH,
         "toward": "matching",
         "description": "declines harmful requests and does not claim personal experiences (CAA refusal)",
     },
@@ -61,7 +64,8 @@ RECIPES = {
 
 
 def commands(name: str, out_dir: Path, alphas: str | None = None, windows: str | None = None) -> list[list[str]]:
-    """The recipe's `vectors` and `tune` argument lists; alphas / windows override its sweep."""
+    """The recipe's `vectors` and `tune` argument lists; `alphas` (the bisection's bracket) and `windows`
+    override its search."""
     recipe = RECIPES[name]
     profile = str(out_dir / f"{name}.safetensors")
     data = str(data_file(recipe["data"]))
@@ -94,15 +98,17 @@ def commands(name: str, out_dir: Path, alphas: str | None = None, windows: str |
         recipe["toward"],
         "--ppl-data",
         str(data_file(DOLLY)),
-        "--alphas",
-        alphas or recipe["alphas"],
         "--windows",
         windows or recipe["windows"],
+        "--limit",
+        str(recipe["tune_limit"]),
+        "--ppl-limit",
+        str(recipe["ppl_limit"]),
     ]
+    if alphas:
+        tune += ["--alphas", alphas]
     if recipe["task"] == "ab":
         tune += ["--mmlu", str(data_file("caa/mmlu_ab_dev.json"))]
-    if "tune_limit" in recipe:
-        tune += ["--limit", str(recipe["tune_limit"])]
     return [vectors, tune]
 
 
@@ -110,7 +116,7 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser("builtins", help="rebuild the built-in profiles (GRAINS vectors + tuning)")
     parser.add_argument("--only", choices=sorted(RECIPES), action="append", help="just this profile (repeatable)")
     parser.add_argument("--out-dir", default=None, help="where to write (default: the user profiles folder)")
-    parser.add_argument("--alphas", default=None, help="override every recipe's strengths (comma-separated)")
+    parser.add_argument("--alphas", default=None, help="override every recipe's α bracket (smallest,largest)")
     parser.add_argument("--windows", default=None, help="override every recipe's layer windows (';'-separated)")
     parser.add_argument("--print", action="store_true", help="print the commands instead of running them")
     parser.set_defaults(run=run)
