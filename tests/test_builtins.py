@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 
 from grains_edge.cli import main
+from grains_edge.commands import tune
 from grains_edge.commands.builtins import RECIPES, commands
 from grains_edge.evaluate import frontier
 from grains_edge.layers import parse_layers
+from grains_edge.options import finite_floats
 from grains_edge.steer.profiles import load_profile
 
 
@@ -58,10 +60,10 @@ def test_each_recipe_ships_as_a_tuned_profile_for_the_default_model(name) -> Non
     assert chosen["admissible"] and chosen["alpha"] == profile.alpha
     assert profile.layers == parse_layers(chosen["layers"], 30)
     # tuned by the recipe's search: the sweep covers its layer sets, on its item counts, within tune's bracket
-    sets = frontier.layer_sets(30) if recipe["windows"] == "auto" else recipe["windows"].split(";")
-    assert {row["layers"] for row in tuning["sweep"]} == set(sets)
+    assert {row["layers"] for row in tuning["sweep"]} == set(tune.layer_sets_of(recipe["windows"], 30))
     assert (tuning["items"], tuning["ppl_items"]) == (recipe["tune_limit"], recipe["ppl_limit"])
-    assert all(0.01 * frontier.LOWER_FRACTION <= row["alpha"] <= 0.32 for row in tuning["sweep"])
+    low, high = finite_floats(tune.BRACKET)
+    assert all(low * frontier.LOWER_FRACTION <= row["alpha"] <= high for row in tuning["sweep"])
     assert "/" not in profile.metadata["source"]  # no path of the machine that built it
 
 

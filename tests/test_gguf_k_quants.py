@@ -82,14 +82,12 @@ def test_decoders_match_the_reference_on_gemma_3_270m(gemma_tensors):
         np.testing.assert_array_equal(decode(kind, data).dequantized().view(np.uint32), reference.view(np.uint32))
 
 
-def graph_weight(blocks, custom_kernels: bool) -> np.ndarray:
-    """The [N, K] weight the graph's linear for `blocks` applies, read back through ONNX Runtime: x = the
-    identity, float activations (accuracy level 1; Q4_1MatMul always rounds them to int8, which the identity's
-    rows, one 1 per block, survive up to float rounding)."""
+def linear_session(blocks, custom_kernels: bool) -> ort.InferenceSession:
+    """A session of the graph's linear for `blocks`: x [rows, K] -> y [rows, N]."""
     rows, cols = blocks.shape
     builder = graph.GraphBuilder({"w": blocks}, custom_kernels)
     y = builder.linear("x", "w", np.zeros((cols, rows), np.float32), None)
-    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in (("x", [cols, cols]), (y, [cols, rows]))]
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in (("x", [None, cols]), (y, [None, rows]))]
     opsets = [helper.make_opsetid("", graph.OPSET), helper.make_opsetid("com.microsoft", 1)]
     if custom_kernels:
         opsets.append(helper.make_opsetid(kernels.DOMAIN, 1))
@@ -98,8 +96,15 @@ def graph_weight(blocks, custom_kernels: bool) -> np.ndarray:
     options = ort.SessionOptions()
     if custom_kernels:
         kernels.register(options)
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    return session.run(None, {"x": np.eye(cols, dtype=np.float32)})[0].T
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def graph_weight(blocks, custom_kernels: bool) -> np.ndarray:
+    """The [N, K] weight the graph's linear for `blocks` applies, read back through ONNX Runtime: x = the
+    identity, float activations (accuracy level 1; Q4_1MatMul always rounds them to int8, which the identity's
+    rows, one 1 per block, survive up to float rounding)."""
+    cols = blocks.shape[1]
+    return linear_session(blocks, custom_kernels).run(None, {"x": np.eye(cols, dtype=np.float32)})[0].T
 
 
 def error_in_steps(blocks, weight: np.ndarray) -> float:
@@ -132,16 +137,8 @@ def test_the_export_s_int8_activations_keep_the_output_of_every_format(kinds):
     x @ w^T: folded offsets must survive MatMulNBits' integer path too, where a zero offset is not free. The
     weights are a real model's size (±0.02): the int8 path's float32 cancellation error does not shrink with them."""
     blocks = stacked([decode(kind, random_blocks(kind, 64, 1024, size=0.02, seed=2)) for kind in kinds.split("+")])
-    rows, cols = blocks.shape
-    builder = graph.GraphBuilder({"w": blocks}, False)
-    y = builder.linear("x", "w", np.zeros((cols, rows), np.float32), None)
-    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in (("x", [4, cols]), (y, [4, rows]))]
-    opsets = [helper.make_opsetid("", graph.OPSET), helper.make_opsetid("com.microsoft", 1)]
-    model = helper.make_model(
-        helper.make_graph(builder.nodes, "w", io[:1], io[1:], builder.initializers), opset_imports=opsets
-    )
-    x = np.random.default_rng(3).normal(0, 1, (4, cols)).astype(np.float32)
-    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    x = np.random.default_rng(3).normal(0, 1, (4, blocks.shape[1])).astype(np.float32)
+    got = linear_session(blocks, custom_kernels=False).run(None, {"x": x})[0]
     want = x @ blocks.dequantized().T
     assert np.abs(got - want).max() <= 0.02 * np.abs(want).max()  # int8 rounding alone: 0.5 % on real weights
 

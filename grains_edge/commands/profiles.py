@@ -105,16 +105,15 @@ def tuning_summary(text: str) -> list[str]:
             f"unsteered: behaviour {tuning.get('unsteered', {}).get('behaviour')}, "
             f"perplexity {tuning.get('unsteered', {}).get('ppl')}",
         ]
-        if chosen:
-            cost = (
-                f"perplexity {100 * chosen['ppl_rise']:+.2f} %"
-                if "ppl_rise" in chosen
-                else f"perplexity {chosen.get('ppl')}"
-            )
-            validated = f" (cross-validated {chosen['cv_behaviour']:+.4f})" if "cv_behaviour" in chosen else ""
+        if "ppl_rise" in chosen:  # the frontier search's table: changes against unsteered
             lines.append(
-                f"chosen: layers {chosen.get('layers')}, α {chosen.get('alpha'):.4g}, behaviour "
-                f"{chosen.get('behaviour'):+.4f}{validated}, {cost}"
+                f"chosen: layers {chosen['layers']}, α {chosen['alpha']:.4g}, behaviour {chosen['behaviour']:+.4f} "
+                f"(cross-validated {chosen['cv_behaviour']:+.4f}), perplexity {100 * chosen['ppl_rise']:+.2f} %"
+            )
+        elif chosen:  # the grid tune's: levels
+            lines.append(
+                f"chosen: layers {chosen.get('layers')}, α {chosen.get('alpha')}, behaviour {chosen.get('behaviour')}, "
+                f"perplexity {chosen.get('ppl')}"
             )
         return lines
     except (ValueError, TypeError, AttributeError, KeyError):

@@ -26,6 +26,7 @@ if TYPE_CHECKING:  # numpy is imported where it runs: `--help` stays fast
 
 PPL_BUDGET = 0.03
 MMLU_BUDGET = 0.01
+BRACKET = "0.01,0.32"  # the bisection's default bracket on α
 
 
 def register(subparsers) -> None:
@@ -38,7 +39,7 @@ def register(subparsers) -> None:
     parser.add_argument("--mmlu", default=None, help="2-choice MMLU JSON for the capability check (optional)")
     parser.add_argument("--model", default="default")
     parser.add_argument(
-        "--alphas", type=finite_floats, default="0.01,0.32", help="the bisection's bracket: its smallest and largest"
+        "--alphas", type=finite_floats, default=BRACKET, help="the bisection's bracket: its smallest and largest"
     )
     parser.add_argument("--steps", type=int, default=3, help="bisection steps per layer set")
     parser.add_argument("--folds", type=int, default=5, help="cross-validation folds over the scored items")
@@ -82,6 +83,13 @@ def search_items_of(items: list, vector_pairs: int, limit: int | None, source: s
     tune = datasets.select(items, "tune", lambda item: item.question, None, source)
     chosen = tune + train[vector_pairs:]
     return chosen[:limit] if limit is not None else chosen
+
+
+def layer_sets_of(windows: str, num_layers: int) -> list[str]:
+    """The layer sets --windows names: the frontier's own family for "auto", else the specs between ';'."""
+    from grains_edge.evaluate import frontier
+
+    return frontier.layer_sets(num_layers) if windows == "auto" else windows.split(";")
 
 
 def sequences_of(task: str, item) -> list[tuple[str, str]]:
@@ -138,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
     num_layers, hidden = model.config.num_hidden_layers, model.config.hidden_size
     for profile in loaded:
         profiles.check_fits(profile, num_layers, hidden, sources.fingerprint(model))
-    sets = frontier.layer_sets(num_layers) if args.windows == "auto" else args.windows.split(";")
+    sets = layer_sets_of(args.windows, num_layers)
     starts = [parse_layers(layers, num_layers)[0] for layers in sets]
     prompt_ids = {}
 
