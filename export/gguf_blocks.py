@@ -35,6 +35,7 @@ class Blocks:
     offsets: np.ndarray | None = None  # [N, K/block_size] float64, exact sums of the GGUF's fields; None when 0
     block_size: int = BLOCK
     kinds: tuple[str, ...] = ()  # the GGUF types it was read from
+    raw: np.ndarray | None = None  # [N, bytes per row] uint8, the GGUF's own bytes of a RAW_KINDS weight
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -186,12 +187,17 @@ DECODERS: dict[str, tuple[int, Callable[[np.ndarray], Blocks]]] = {
 }
 
 
+# GGUF types a grains-edge kernel reads as the file stores them (q6_k_matmul.cc): their bytes stay with the blocks
+RAW_KINDS = ("Q6_K",)
+
+
 def decode(kind: str, data: np.ndarray) -> Blocks | None:
     """Blocks of a GGUF tensor (data [N, bytes per row] uint8), or None for other types."""
     if kind not in DECODERS:
         return None
     size, decoder = DECODERS[kind]
-    return dataclasses.replace(decoder(data.reshape(data.shape[0], -1, size)), kinds=(kind,))
+    raw = np.ascontiguousarray(data) if kind in RAW_KINDS else None
+    return dataclasses.replace(decoder(data.reshape(data.shape[0], -1, size)), kinds=(kind,), raw=raw)
 
 
 # --- rows: q/k un-permuted, linears side by side ----------------------------------------------------
@@ -202,7 +208,8 @@ def unpermute_rows(blocks: Blocks, heads: int) -> Blocks:
     rows = np.arange(blocks.shape[0])
     order = rows.reshape(heads, rows.size // heads // 2, 2).swapaxes(2, 1).reshape(-1)
     offsets = None if blocks.offsets is None else blocks.offsets[order]
-    return dataclasses.replace(blocks, q=blocks.q[order], scales=blocks.scales[order], offsets=offsets)
+    raw = None if blocks.raw is None else blocks.raw[order]
+    return dataclasses.replace(blocks, q=blocks.q[order], scales=blocks.scales[order], offsets=offsets, raw=raw)
 
 
 def widened(blocks: Blocks, bits: int, block_size: int, offsets: bool) -> Blocks:
@@ -224,6 +231,8 @@ def stacked(parts: list[Blocks]) -> Blocks:
     blocks of 16, offsets)."""
     bits, size = max(p.bits for p in parts), min(p.block_size for p in parts)
     offsets = any(p.offsets is not None for p in parts)
+    kinds = tuple(sorted({kind for p in parts for kind in p.kinds}))
+    raw = np.concatenate([p.raw for p in parts]) if all(p.raw is not None for p in parts) and len(kinds) == 1 else None
     parts = [widened(p, bits, size, offsets) for p in parts]
     return Blocks(
         bits,
@@ -231,7 +240,8 @@ def stacked(parts: list[Blocks]) -> Blocks:
         np.concatenate([p.scales for p in parts]),
         np.concatenate([p.offsets for p in parts]) if offsets else None,
         size,
-        tuple(sorted({kind for p in parts for kind in p.kinds})),
+        kinds,
+        raw,
     )
 
 
@@ -296,6 +306,11 @@ def folded(blocks: Blocks) -> Blocks:
         np.concatenate([blocks.scales, *scales], axis=1).astype(np.float32),
         block_size=blocks.block_size,
     )
+
+
+def fits_q6_k_kernel(blocks: Blocks) -> bool:
+    """Whether grains_edge.Q6_KMatMul can run these blocks: one Q6_K weight, its GGUF bytes at hand."""
+    return blocks.kinds == ("Q6_K",) and blocks.raw is not None
 
 
 def fits_q4_1_kernel(blocks: Blocks) -> bool:

@@ -40,7 +40,14 @@ from onnx import TensorProto, helper, numpy_helper
 from grains_edge import kernels
 from grains_edge.errors import GrainsError
 from grains_edge.export import graph_io
-from grains_edge.export.gguf_blocks import Blocks, block_sum_indicator, fits_q4_1_kernel, folded, q4_1_fields
+from grains_edge.export.gguf_blocks import (
+    Blocks,
+    block_sum_indicator,
+    fits_q4_1_kernel,
+    fits_q6_k_kernel,
+    folded,
+    q4_1_fields,
+)
 from grains_edge.export.weights_file import WeightsFile
 from grains_edge.model import sources
 
@@ -207,7 +214,7 @@ class GraphBuilder:
     """Accumulates nodes and initializers; `op` returns the output name(s) of the node it adds, named by
     where it is (`/model/layers.3/attn/qkv/MatMul`: the scopes open around it, then its op type).
     `blocks`: weights (by linear name) already quantized, e.g. a GGUF's own (`gguf_blocks.py`);
-    `custom_kernels`: Q4_1 blocks and the steering go to grains-edge's own kernels (grains_edge/kernels);
+    `custom_kernels`: Q4_1 and Q6_K blocks and the steering go to grains-edge's own kernels (grains_edge/kernels);
     `weights_file`: where each weight's bytes go as it is added (else they stay in the initializer);
     `quantizer`: quantizes each float linear not in `blocks` as it is added, so no float copy is kept."""
 
@@ -227,6 +234,7 @@ class GraphBuilder:
         self.quantizer = quantizer
         self.scopes: list[str] = ["/model"]
         self.node_names: set[str] = set()
+        self.tables: set[str] = set()  # initializers of GGUF bytes already added (gguf_table)
 
     @contextlib.contextmanager
     def scope(self, name: str) -> Iterator[None]:
@@ -277,6 +285,9 @@ class GraphBuilder:
                 blocks = self.quantizer(name, weight.T)
             if blocks is None:
                 y = self.op("MatMul", x, self.weight(f"{name}.weight", weight))
+            elif self.custom_kernels and fits_q6_k_kernel(blocks):
+                rows, cols = blocks.shape  # [N, K]
+                y = self.op("Q6_KMatMul", x, self.gguf_table(name, blocks), domain=kernels.DOMAIN, K=cols, N=rows)
             elif blocks.offsets is None:
                 y = self.block_matmul(x, name, blocks)
             elif self.custom_kernels and fits_q4_1_kernel(blocks):
@@ -288,6 +299,14 @@ class GraphBuilder:
                 sums = self.block_matmul(x, f"{name}.block_sums", indicator)
                 y = self.block_matmul(self.op("Concat", x, sums, axis=-1), name, folded(blocks))
             return y if bias is None else self.op("Add", y, self.weight(f"{name}.bias", bias))
+
+    def gguf_table(self, name: str, blocks: Blocks) -> str:
+        """The initializer of a weight's GGUF bytes [N, bytes per row], added once: a tied table and its head
+        read the same one."""
+        table = f"{name}.{blocks.kinds[0].lower()}"
+        if table not in self.tables:
+            self.tables.add(self.weight(table, blocks.raw))
+        return table
 
     def block_matmul(self, x: str, name: str, blocks: Blocks) -> str:
         """MatMulNBits on blocks without offsets, as they are."""
@@ -426,7 +445,12 @@ def token_embedding(g: GraphBuilder, spec: GraphSpec, table_module, name: str) -
             if made is not None:  # the head's linear takes the same blocks
                 g.blocks["lm_head"] = made
         head_blocks = g.blocks.get("lm_head")
-        if spec.tied_head and head_blocks is not None and head_blocks.offsets is None:
+        if spec.tied_head and head_blocks is not None and g.custom_kernels and fits_q6_k_kernel(head_blocks):
+            vocab, hidden = head_blocks.shape  # the table is the head's GGUF bytes, rows dequantized as looked up
+            table = g.gguf_table("lm_head", head_blocks)
+            h = g.op("Q6_KGather", table, graph_io.INPUT_IDS, domain=kernels.DOMAIN, K=hidden, N=vocab)  # [b, s, h]
+            table = ""
+        elif spec.tied_head and head_blocks is not None and head_blocks.offsets is None:
             # the table is the head's own blocks: looked up quantized, with no float32 copy of it
             vocab = head_blocks.shape[0]
             table = g.weight(f"{name}.qweight", head_blocks.packed().reshape(vocab, -1))  # [vocab, hidden*bits/8]
@@ -651,7 +675,8 @@ def build(
     """The steered graph of `model` (a loaded HF causal LM of a FAMILIES type) as `spec` describes it.
     `separate_head` gives the LM head its own [hidden, vocab] MatMul weight even when tied, so a quantizer can
     take it; `blocks` replaces the named linears (and `lm_head`) with MatMulNBits on already-quantized weights,
-    or their Q4_1 ones with grains-edge's Q4_1MatMul when `custom_kernels`, which also steers with SteeredAdd.
+    or their Q4_1 and Q6_K ones with grains-edge's Q4_1MatMul and Q6_KMatMul when `custom_kernels`, which also
+    steers with SteeredAdd.
     With `weights_file` (the graph's model.onnx.data) each weight is written there as it is made and the
     graph holds a reference to it; `quantizer` makes the blocks of the other linears as they are added."""
     with WeightsFile(weights_file) if weights_file else contextlib.nullcontext() as sink:

@@ -20,6 +20,7 @@ from grains_edge.export.gguf_blocks import (
     stacked,
     unpermute_rows,
 )
+from tests.test_gguf_k_quants import random_blocks
 
 
 def ggml_bytes(weight: np.ndarray, kind: str) -> np.ndarray:
@@ -64,6 +65,18 @@ def test_stacking_mixed_formats_widens_them_exactly():
     assert (both.bits, both.block_size, both.offsets is not None, both.kinds) == (8, 32, True, ("Q4_1", "Q8_0"))
     np.testing.assert_array_equal(both.dequantized(), np.concatenate([p.dequantized() for p in parts]))
     assert stacked(parts[:1]).offsets.shape == (4, 2) and stacked(parts[1:]).offsets is None
+
+
+def test_gguf_bytes_follow_their_rows_through_permutation_and_stacking():
+    """A Q6_K weight keeps its GGUF bytes (which Q6_KMatMul reads) row for row with its levels: un-permuted
+    and stacked they still decode to the blocks; beside another format there are none to read."""
+    gate, up = (decode("Q6_K", random_blocks("Q6_K", 8, 256, size=1.0, seed=seed)) for seed in range(2))
+    q8_0 = decode("Q8_0", ggml_bytes(np.random.default_rng(6).normal(size=(8, 256)), "Q8_0"))
+    both = stacked([unpermute_rows(gate, heads=2), up])
+    again = decode("Q6_K", both.raw)
+    np.testing.assert_array_equal(again.q, both.q)
+    np.testing.assert_array_equal(again.scales, both.scales)
+    assert stacked([gate, q8_0]).raw is None and q8_0.raw is None  # no kernel reads Q8_0 bytes
 
 
 def test_block_sum_indicator_gives_the_block_sums_once_per_digit():

@@ -170,9 +170,9 @@ def permuted(raw: np.ndarray, heads: int) -> np.ndarray:
     return raw.reshape(heads, 2, rows // heads // 2, -1).swapaxes(1, 2).reshape(raw.shape)
 
 
-def write_llama_gguf(path, tokenizer, tied: bool) -> None:
+def write_llama_gguf(path, tokenizer, tied: bool, table: str = "Q8_0") -> None:
     """A 2-layer Llama GGUF (llama.cpp's names and q/k permutation) whose linears are LAYER_KINDS, the table
-    Q8_0 and, untied, a Q6_K output."""
+    `table` and, untied, a Q6_K output."""
     vocab = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
     tokens = sorted(vocab["vocab"], key=vocab["vocab"].get)
     writer = GGUFWriter(str(path), "llama")
@@ -197,7 +197,7 @@ def write_llama_gguf(path, tokenizer, tied: bool) -> None:
         raw = permuted(raw, heads) if heads else raw
         writer.add_tensor(name, raw, raw_shape=raw.shape, raw_dtype=GGMLQuantizationType[kind])
 
-    add("token_embd.weight", "Q8_0", len(tokens), HIDDEN, size=2.0)
+    add("token_embd.weight", table, len(tokens), HIDDEN, size=2.0)
     if not tied:
         add("output.weight", "Q6_K", len(tokens), HIDDEN, size=2.0)
     writer.add_tensor("output_norm.weight", np.ones(HIDDEN, np.float32))
@@ -216,22 +216,31 @@ def write_llama_gguf(path, tokenizer, tied: bool) -> None:
     writer.close()
 
 
-@pytest.mark.parametrize(("tied", "choice"), [(True, "stock"), (False, "auto")])
-def test_a_k_quant_gguf_exports_from_its_own_blocks(tmp_path, monkeypatch, tiny_tokenizer, tied, choice):
+@pytest.mark.parametrize(
+    ("tied", "table", "choice"), [(True, "Q8_0", "stock"), (False, "Q8_0", "auto"), (True, "Q6_K", "auto")]
+)
+def test_a_k_quant_gguf_exports_from_its_own_blocks(tmp_path, monkeypatch, tiny_tokenizer, tied, table, choice):
     """Every linear with a decoder is carried (exact, or folded offsets within their reported error), so the
-    graph matches PyTorch's dequantized model closely; the Q4_K q|k|v runs in the Q4_1 kernel where it builds."""
+    graph matches PyTorch's dequantized model closely; where the kernels build, the Q4_K q|k|v runs in the Q4_1
+    kernel and every Q6_K linear in the Q6_K one, a tied Q6_K table looked up in the head's own bytes."""
     path = tmp_path / "tiny-k.gguf"
-    write_llama_gguf(path, tiny_tokenizer, tied)
+    write_llama_gguf(path, tiny_tokenizer, tied, table)
     monkeypatch.setattr(graph, "ACCURACY_LEVEL", 1)  # float activations on stock kernels: the weights' error only
     manifest = onnx_export.export(str(path), tmp_path / "out", layers_spec="0-1", quantize="int4", kernels=choice)
     carried = {f"layers.{i}.{name}" for i in range(LAYERS) for name in ("qkv", "o_proj", "gate_up")}
     assert set(model_blocks(path, "llama", LAYERS, HEADS, KV_HEADS)) == {"lm_head", "layers.0.down_proj", *carried}
-    kinds = "Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0" if tied else "Q4_K, Q5_0, Q5_1, Q5_K, Q6_K"
+    kinds = "Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0" if table == "Q8_0" and tied else "Q4_K, Q5_0, Q5_1, Q5_K, Q6_K"
     assert manifest.weights.startswith(f"8 from the GGUF's own blocks ({kinds}; 4 exact, ")
     assert "3 offsets to 16 bits" in manifest.weights and "); 1 " in manifest.weights  # layer 1's Q2_K down
     nodes = onnx.load(str(tmp_path / "out" / "model.onnx"), load_external_data=False).graph.node
     ops = {n.name: n.op_type for n in nodes}
-    assert list(ops.values()).count("GatherBlockQuantized") == int(tied)  # the tied table: the head's Q8_0 blocks
-    assert (ops.get("/model/layers.0/attn/qkv/Q4_1MatMul") is not None) == (manifest.kernels == "fused")  # Q4_K
+    fused = manifest.kernels == "fused"
+    kernel_table = tied and table == "Q6_K" and fused  # looked up by Q6_KGather in the head's bytes
+    assert list(ops.values()).count("GatherBlockQuantized") == int(tied and not kernel_table)
+    assert list(ops.values()).count("Q6_KGather") == int(kernel_table)
+    assert (ops.get("/model/layers.0/attn/qkv/Q4_1MatMul") is not None) == fused  # Q4_K
+    q6_k = ["/model/layers.0/mlp/down_proj", "/model/layers.1/attn/o_proj"]
+    q6_k += ["/model/lm_head"] if not tied or table == "Q6_K" else []
+    assert all((ops.get(f"{scope}/Q6_KMatMul") is not None) == fused for scope in q6_k)
     checks = manifest.verification
     assert checks["zero"] < 0.05 and checks["steered"] < 0.05  # 0.011 here; q/k rows left permuted: 0.32

@@ -6,6 +6,8 @@
 #undef ORT_API_MANUAL_INIT
 
 const OrtCustomOp* q4_1_matmul_op();  // q4_1_matmul.cc
+const OrtCustomOp* q6_k_matmul_op();  // q6_k_matmul.cc
+const OrtCustomOp* q6_k_gather_op();  // q6_k_matmul.cc
 const OrtCustomOp* steered_add_op();  // steered_add.cc
 
 extern "C" OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
@@ -15,6 +17,8 @@ extern "C" OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options,
     if (!domain) {  // one domain for every session of the process; it must outlive them
       domain = Ort::CustomOpDomain("grains_edge");
       domain.Add(q4_1_matmul_op());
+      domain.Add(q6_k_matmul_op());
+      domain.Add(q6_k_gather_op());
       domain.Add(steered_add_op());
     }
     Ort::UnownedSessionOptions(options).Add(domain);
