@@ -17,6 +17,8 @@ Steps, each cached in the work folder (`--work`), so that a rerun skips what is 
                 per contender and repetition, interleaved, then one paired process alternating them round
                 after round (bench_speed.py's method): decode tokens/s after a short chat prompt and after a
                 512-token prompt, time to first token of both, peak RSS, and the ratios
+  5. roofline   the bytes of weights each contender's decode step reads, against the machine's streaming read
+                bandwidth (read_bandwidth.py): the decode rate no engine reading those bytes can pass
 Random weights make nonsense text; the speed and the memory are real. Never run two of these at once: the
 float32 model alone is 4.3 GB.
 
@@ -38,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 from prompts import LONG_PROMPT_TOKENS, LONG_TEXT, PROMPT, filler_ids
+from read_bandwidth import read_bandwidth
 from report import machine, publish
 
 DEFAULT_WORK = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "grains-edge-bench-1b"
@@ -496,6 +499,54 @@ def per_process_ratios(results: dict) -> dict:
     return out
 
 
+# --- the roofline: bytes each decode step reads, against the machine's read bandwidth ---------------------
+
+STREAMING_OPS = {"MatMulNBits", "Q4_1MatMul", "Q6_KMatMul", "MatMul", "Gemm"}  # read their whole weight per step
+
+
+def export_step_bytes(export: Path) -> int:
+    """Bytes of weights a decode step of an export reads whole: the initializers of its linears (an embedding
+    lookup reads a few rows; the rope tables a few positions)."""
+    import onnx
+
+    proto = onnx.load(str(export / "model.onnx"), load_external_data=False)
+    sizes = {
+        t.name: int(np.prod(t.dims)) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+        for t in proto.graph.initializer
+    }
+    read = {name for node in proto.graph.node if node.op_type in STREAMING_OPS for name in node.input if name in sizes}
+    return sum(sizes[name] for name in read)
+
+
+def gguf_step_bytes(path: Path) -> int:
+    """Bytes of weights a llama.cpp decode step reads whole: every matrix but the embedding table, which it
+    reads whole only as a tied head."""
+    from gguf import GGUFReader
+
+    tensors = {t.name: int(t.n_bytes) for t in GGUFReader(str(path)).tensors if len(t.shape) >= 2}
+    skip = {"token_embd.weight"} if "output.weight" in tensors else set()
+    return sum(size for name, size in tensors.items() if name not in skip)
+
+
+def roofline(size_dir: Path, paired: dict, bandwidth: dict) -> dict:
+    """Per contender: bytes per decode step, the rate it reads them at (paired median decode rate x bytes),
+    that as a share of the machine's read bandwidth, and the decode rate reading at that bandwidth would give."""
+    out: dict = {"read_bandwidth": bandwidth}
+    peak = bandwidth.get("gb_per_s")
+    for name, rate in paired["decode_tokens_per_second_short_chat"].items():
+        runtime, kind = CONTENDERS[name]
+        step = (
+            export_step_bytes(size_dir / f"export-int4-{kind}")
+            if runtime == "engine"
+            else gguf_step_bytes(size_dir / f"model-{kind}.gguf")
+        )
+        reads = step * rate / 1e9
+        out[name] = {"bytes_per_step": step, "gb_per_s": reads}
+        if peak:
+            out[name].update(of_bandwidth=reads / peak, ceiling_tokens_per_second=peak * 1e9 / step)
+    return out
+
+
 # --- the run ----------------------------------------------------------------------------------------------
 
 
@@ -562,6 +613,7 @@ def main() -> int:
 
     per_process = {name: medians(runs) for name, runs in samples.items()}
     paired = run_worker([*worker, "--worker", "paired", "--paired-rounds", str(args.paired_rounds)])
+    bandwidth = read_bandwidth(os.cpu_count() or 1)
     sizes = {size: models[size]["parameters"] for size in SIZES}
     layers, hidden = DIMENSIONS_1B["num_hidden_layers"], DIMENSIONS_1B["hidden_size"]
     import llama_cpp
@@ -586,6 +638,7 @@ def main() -> int:
         "per_process": per_process,
         "per_process_ratios": per_process_ratios(per_process),
         "paired": paired,
+        "roofline": roofline(size_dir, paired, bandwidth),
     }
     publish(result, args.out)
     return 0

@@ -11,6 +11,7 @@ Runtime contrib op docs (`com.microsoft.MatMulNBits`).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,7 @@ class Blocks:
     block_size: int = BLOCK
     kinds: tuple[str, ...] = ()  # the GGUF types it was read from
     raw: np.ndarray | None = None  # [N, bytes per row] uint8, the GGUF's own bytes of a RAW_KINDS weight
+    parts: tuple[Blocks, ...] = ()  # a stack of several formats: its parts as they were read (`kernel_runs`)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -233,6 +235,7 @@ def stacked(parts: list[Blocks]) -> Blocks:
     offsets = any(p.offsets is not None for p in parts)
     kinds = tuple(sorted({kind for p in parts for kind in p.kinds}))
     raw = np.concatenate([p.raw for p in parts]) if all(p.raw is not None for p in parts) and len(kinds) == 1 else None
+    read = tuple(parts) if len(kinds) > 1 else ()
     parts = [widened(p, bits, size, offsets) for p in parts]
     return Blocks(
         bits,
@@ -242,6 +245,7 @@ def stacked(parts: list[Blocks]) -> Blocks:
         size,
         kinds,
         raw,
+        read,
     )
 
 
@@ -322,6 +326,16 @@ def fits_q4_1_kernel(blocks: Blocks) -> bool:
         return all(np.isfinite(field).all() for field in q4_1_fields(blocks)[1:])
 
 
+def kernel_runs(blocks: Blocks) -> list[Blocks] | None:
+    """A stack of several formats as runs of one format each, when grains-edge's kernels run every run (Q4_K
+    q|k beside a Q6_K v: 4.5 and 6.56 bits per weight, where the widened stack takes 8-bit blocks of 16 with
+    folded offsets); else None."""
+    if not blocks.parts:
+        return None
+    runs = [stacked(list(group)) for _, group in itertools.groupby(blocks.parts, key=lambda part: part.kinds)]
+    return runs if all(fits_q4_1_kernel(run) or fits_q6_k_kernel(run) for run in runs) else None
+
+
 def q4_1_fields(blocks: Blocks) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The GGUF Q4_1 fields of 4-bit blocks with offsets, as grains_edge.Q4_1MatMul takes them: nibbles
     [N, K/2] uint8 (ggml order: level j in the low nibble of byte j, level j + 16 in the high one), d and
@@ -338,7 +352,11 @@ def q4_1_fields(blocks: Blocks) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def carried_error(blocks: Blocks, custom_kernels: bool) -> float:
     """The largest |graph weight - GGUF weight| of these blocks in the graph, in level steps (|scale| of its
     block; its largest |offset| where the scale is 0): 0 without offsets (carried as they are); else the
-    float16 fields of Q4_1MatMul (`custom_kernels` and `fits_q4_1_kernel`) or the digits of `folded`."""
+    float16 fields of Q4_1MatMul (`custom_kernels` and `fits_q4_1_kernel`) or the digits of `folded`; a
+    stack's runs each in its kernel (`kernel_runs`)."""
+    runs = kernel_runs(blocks) if custom_kernels else None
+    if runs:
+        return max(carried_error(run, custom_kernels) for run in runs)
     if blocks.offsets is None:
         return 0.0
     rows, cols = blocks.shape
@@ -366,7 +384,7 @@ def summary(blocks: dict[str, Blocks], custom_kernels: bool) -> str:
         error = carried_error(b, custom_kernels)
         if error == 0:
             how = "exact"
-        elif custom_kernels and fits_q4_1_kernel(b):
+        elif custom_kernels and (fits_q4_1_kernel(b) or kernel_runs(b)):
             how = "float16 Q4_1 kernel fields"
         else:
             how = f"offsets to {b.bits * OFFSET_DIGITS} bits"

@@ -46,6 +46,7 @@ from grains_edge.export.gguf_blocks import (
     fits_q4_1_kernel,
     fits_q6_k_kernel,
     folded,
+    kernel_runs,
     q4_1_fields,
 )
 from grains_edge.export.weights_file import WeightsFile
@@ -285,20 +286,29 @@ class GraphBuilder:
                 blocks = self.quantizer(name, weight.T)
             if blocks is None:
                 y = self.op("MatMul", x, self.weight(f"{name}.weight", weight))
-            elif self.custom_kernels and fits_q6_k_kernel(blocks):
-                rows, cols = blocks.shape  # [N, K]
-                y = self.op("Q6_KMatMul", x, self.gguf_table(name, blocks), domain=kernels.DOMAIN, K=cols, N=rows)
-            elif blocks.offsets is None:
-                y = self.block_matmul(x, name, blocks)
-            elif self.custom_kernels and fits_q4_1_kernel(blocks):
-                rows, cols = blocks.shape  # [N, K]
-                fields = [self.weight(f"{name}.{f}", v) for f, v in zip("qdm", q4_1_fields(blocks), strict=True)]
-                y = self.op("Q4_1MatMul", x, *fields, domain=kernels.DOMAIN, K=cols, N=rows)
-            else:  # offsets (Q4_1, Q4_K, Q5_*): extra K columns fed by x's block sums (gguf_blocks.folded)
-                indicator = block_sum_indicator(blocks.shape[1], blocks.block_size)
-                sums = self.block_matmul(x, f"{name}.block_sums", indicator)
-                y = self.block_matmul(self.op("Concat", x, sums, axis=-1), name, folded(blocks))
+            else:
+                y = self.block_linear(x, name, blocks)
             return y if bias is None else self.op("Add", y, self.weight(f"{name}.bias", bias))
+
+    def block_linear(self, x: str, name: str, blocks: Blocks) -> str:
+        """x @ blocks^T: Q6_K and Q4_1 blocks in grains-edge's kernels when `custom_kernels` (a stack of
+        formats as one kernel per run, side by side), others in MatMulNBits, offsets folded into it."""
+        runs = kernel_runs(blocks) if self.custom_kernels else None
+        if runs:
+            parts = [self.block_linear(x, f"{name}.{i}", run) for i, run in enumerate(runs)]
+            return self.op("Concat", *parts, axis=-1)
+        rows, cols = blocks.shape  # [N, K]
+        if self.custom_kernels and fits_q6_k_kernel(blocks):
+            return self.op("Q6_KMatMul", x, self.gguf_table(name, blocks), domain=kernels.DOMAIN, K=cols, N=rows)
+        if blocks.offsets is None:
+            return self.block_matmul(x, name, blocks)
+        if self.custom_kernels and fits_q4_1_kernel(blocks):
+            fields = [self.weight(f"{name}.{f}", v) for f, v in zip("qdm", q4_1_fields(blocks), strict=True)]
+            return self.op("Q4_1MatMul", x, *fields, domain=kernels.DOMAIN, K=cols, N=rows)
+        # offsets (Q4_1, Q4_K, Q5_*): extra K columns fed by x's block sums (gguf_blocks.folded)
+        indicator = block_sum_indicator(cols, blocks.block_size)
+        sums = self.block_matmul(x, f"{name}.block_sums", indicator)
+        return self.block_matmul(self.op("Concat", x, sums, axis=-1), name, folded(blocks))
 
     def gguf_table(self, name: str, blocks: Blocks) -> str:
         """The initializer of a weight's GGUF bytes [N, bytes per row], added once: a tied table and its head

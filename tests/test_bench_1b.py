@@ -1,11 +1,16 @@
-"""bench/bench_1b.py's pure helpers: the config it builds its model from, the parameter count its 8B
-projection scales by, and the line it projects along."""
+"""bench/bench_1b.py's helpers: the config it builds its model from, the parameter count its 8B projection
+scales by, the line it projects along, and the bytes a decode step reads (its roofline)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import bench_1b
 import pytest
 from transformers import LlamaConfig, LlamaForCausalLM
+
+from grains_edge.export import onnx_export
+from tests import test_gguf_k_quants
 
 DEFAULT = {  # what bench_1b takes from the default model's config, with a small vocabulary
     "vocab_size": 300,
@@ -57,3 +62,16 @@ def test_fitted_projects_along_the_line_through_the_points() -> None:
     fit = bench_1b.fitted([(3.4e8, line(3.4e8)), (1.07e9, line(1.07e9))], 8.03e9)
     assert fit["projected"] == pytest.approx(line(8.03e9))
     assert fit["per_billion"] == pytest.approx(4500) and fit["intercept"] == pytest.approx(1200)
+
+
+@pytest.mark.usefixtures("needs_kernels")
+def test_an_export_in_the_gguf_s_own_formats_reads_what_llama_cpp_reads(tmp_path, monkeypatch, tiny_tokenizer):
+    """Q4_1 linears (the kernel's nibbles, d and m are the GGUF's 20 bytes per 32 weights) and Q6_K ones and a
+    tied Q6_K head (the GGUF's bytes themselves): the export's step reads exactly the GGUF's matrices."""
+    layer = ("Q4_1", "Q4_1", "Q4_1", "Q6_K", "Q4_1", "Q4_1", "Q6_K")  # q, k, v, o, gate, up, down
+    monkeypatch.setattr(test_gguf_k_quants, "LAYER_KINDS", [layer, layer])
+    gguf = tmp_path / "tiny.gguf"
+    test_gguf_k_quants.write_llama_gguf(gguf, tiny_tokenizer, tied=True, table="Q6_K")
+    out = tmp_path / "out"
+    onnx_export.export(str(gguf), out, layers_spec="0-1", quantize="int4", kernels="fused")
+    assert bench_1b.export_step_bytes(Path(out)) == bench_1b.gguf_step_bytes(gguf)
