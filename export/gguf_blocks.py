@@ -189,8 +189,9 @@ DECODERS: dict[str, tuple[int, Callable[[np.ndarray], Blocks]]] = {
 }
 
 
-# GGUF types a grains-edge kernel reads as the file stores them (q6_k_matmul.cc): their bytes stay with the blocks
-RAW_KINDS = ("Q6_K",)
+# GGUF types a grains-edge kernel reads as the file stores them (k_quant_matmul.cc: `{kind}MatMul`): their bytes
+# stay with the blocks
+RAW_KINDS = ("Q4_K", "Q6_K")
 
 
 def decode(kind: str, data: np.ndarray) -> Blocks | None:
@@ -312,9 +313,10 @@ def folded(blocks: Blocks) -> Blocks:
     )
 
 
-def fits_q6_k_kernel(blocks: Blocks) -> bool:
-    """Whether grains_edge.Q6_KMatMul can run these blocks: one Q6_K weight, its GGUF bytes at hand."""
-    return blocks.kinds == ("Q6_K",) and blocks.raw is not None
+def fits_raw_kernel(blocks: Blocks) -> bool:
+    """Whether a grains-edge kernel reads these blocks' GGUF bytes as they are (`{kind}MatMul`): one weight of
+    a RAW_KINDS type, its bytes at hand."""
+    return len(blocks.kinds) == 1 and blocks.kinds[0] in RAW_KINDS and blocks.raw is not None
 
 
 def fits_q4_1_kernel(blocks: Blocks) -> bool:
@@ -333,7 +335,7 @@ def kernel_runs(blocks: Blocks) -> list[Blocks] | None:
     if not blocks.parts:
         return None
     runs = [stacked(list(group)) for _, group in itertools.groupby(blocks.parts, key=lambda part: part.kinds)]
-    return runs if all(fits_q4_1_kernel(run) or fits_q6_k_kernel(run) for run in runs) else None
+    return runs if all(fits_raw_kernel(run) or fits_q4_1_kernel(run) for run in runs) else None
 
 
 def q4_1_fields(blocks: Blocks) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -351,13 +353,14 @@ def q4_1_fields(blocks: Blocks) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def carried_error(blocks: Blocks, custom_kernels: bool) -> float:
     """The largest |graph weight - GGUF weight| of these blocks in the graph, in level steps (|scale| of its
-    block; its largest |offset| where the scale is 0): 0 without offsets (carried as they are); else the
+    block; its largest |offset| where the scale is 0): 0 without offsets or in a kernel that reads the GGUF's
+    bytes (carried as they are); else the
     float16 fields of Q4_1MatMul (`custom_kernels` and `fits_q4_1_kernel`) or the digits of `folded`; a
     stack's runs each in its kernel (`kernel_runs`)."""
     runs = kernel_runs(blocks) if custom_kernels else None
     if runs:
         return max(carried_error(run, custom_kernels) for run in runs)
-    if blocks.offsets is None:
+    if blocks.offsets is None or (custom_kernels and fits_raw_kernel(blocks)):
         return 0.0
     rows, cols = blocks.shape
     size = blocks.block_size

@@ -44,7 +44,7 @@ from grains_edge.export.gguf_blocks import (
     Blocks,
     block_sum_indicator,
     fits_q4_1_kernel,
-    fits_q6_k_kernel,
+    fits_raw_kernel,
     folded,
     kernel_runs,
     q4_1_fields,
@@ -215,7 +215,7 @@ class GraphBuilder:
     """Accumulates nodes and initializers; `op` returns the output name(s) of the node it adds, named by
     where it is (`/model/layers.3/attn/qkv/MatMul`: the scopes open around it, then its op type).
     `blocks`: weights (by linear name) already quantized, e.g. a GGUF's own (`gguf_blocks.py`);
-    `custom_kernels`: Q4_1 and Q6_K blocks and the steering go to grains-edge's own kernels (grains_edge/kernels);
+    `custom_kernels`: Q4_1, Q4_K and Q6_K blocks and the steering go to grains-edge's own kernels (grains_edge/kernels);
     `weights_file`: where each weight's bytes go as it is added (else they stay in the initializer);
     `quantizer`: quantizes each float linear not in `blocks` as it is added, so no float copy is kept."""
 
@@ -291,15 +291,16 @@ class GraphBuilder:
             return y if bias is None else self.op("Add", y, self.weight(f"{name}.bias", bias))
 
     def block_linear(self, x: str, name: str, blocks: Blocks) -> str:
-        """x @ blocks^T: Q6_K and Q4_1 blocks in grains-edge's kernels when `custom_kernels` (a stack of
+        """x @ blocks^T: Q4_K, Q6_K and Q4_1 blocks in grains-edge's kernels when `custom_kernels` (a stack of
         formats as one kernel per run, side by side), others in MatMulNBits, offsets folded into it."""
         runs = kernel_runs(blocks) if self.custom_kernels else None
         if runs:
             parts = [self.block_linear(x, f"{name}.{i}", run) for i, run in enumerate(runs)]
             return self.op("Concat", *parts, axis=-1)
         rows, cols = blocks.shape  # [N, K]
-        if self.custom_kernels and fits_q6_k_kernel(blocks):
-            return self.op("Q6_KMatMul", x, self.gguf_table(name, blocks), domain=kernels.DOMAIN, K=cols, N=rows)
+        if self.custom_kernels and fits_raw_kernel(blocks):  # Q4_KMatMul, Q6_KMatMul
+            table = self.gguf_table(name, blocks)
+            return self.op(f"{blocks.kinds[0]}MatMul", x, table, domain=kernels.DOMAIN, K=cols, N=rows)
         if blocks.offsets is None:
             return self.block_matmul(x, name, blocks)
         if self.custom_kernels and fits_q4_1_kernel(blocks):
@@ -455,7 +456,8 @@ def token_embedding(g: GraphBuilder, spec: GraphSpec, table_module, name: str) -
             if made is not None:  # the head's linear takes the same blocks
                 g.blocks["lm_head"] = made
         head_blocks = g.blocks.get("lm_head")
-        if spec.tied_head and head_blocks is not None and g.custom_kernels and fits_q6_k_kernel(head_blocks):
+        q6_k_head = head_blocks is not None and fits_raw_kernel(head_blocks) and head_blocks.kinds == ("Q6_K",)
+        if spec.tied_head and g.custom_kernels and q6_k_head:
             vocab, hidden = head_blocks.shape  # the table is the head's GGUF bytes, rows dequantized as looked up
             table = g.gguf_table("lm_head", head_blocks)
             h = g.op("Q6_KGather", table, graph_io.INPUT_IDS, domain=kernels.DOMAIN, K=hidden, N=vocab)  # [b, s, h]
@@ -685,8 +687,8 @@ def build(
     """The steered graph of `model` (a loaded HF causal LM of a FAMILIES type) as `spec` describes it.
     `separate_head` gives the LM head its own [hidden, vocab] MatMul weight even when tied, so a quantizer can
     take it; `blocks` replaces the named linears (and `lm_head`) with MatMulNBits on already-quantized weights,
-    or their Q4_1 and Q6_K ones with grains-edge's Q4_1MatMul and Q6_KMatMul when `custom_kernels`, which also
-    steers with SteeredAdd.
+    or their Q4_1, Q4_K and Q6_K ones with grains-edge's kernels when `custom_kernels`, which also steers with
+    SteeredAdd.
     With `weights_file` (the graph's model.onnx.data) each weight is written there as it is made and the
     graph holds a reference to it; `quantizer` makes the blocks of the other linears as they are added."""
     with WeightsFile(weights_file) if weights_file else contextlib.nullcontext() as sink:

@@ -63,12 +63,12 @@ def source_blocks(model_spec: str, spec: graph.GraphSpec, quantize: str) -> dict
 
 
 def use_custom_kernels(choice: str, blocks: dict[str, gguf_blocks.Blocks], quantize: str = "none") -> bool:
-    """Whether Q4_1 and Q6_K linears (those among a GGUF's `blocks`; int4's from float weights) go to
+    """Whether Q4_1 and K-quant linears (those among a GGUF's `blocks`; int4's from float weights) go to
     grains-edge's own kernels: `choice` auto (when they can be built here, and not for CUDA), fused (must be) or
     stock (never)."""
     if choice not in KERNEL_CHOICES:
         raise GrainsError(f"unknown kernels '{choice}'; fix: use one of {', '.join(KERNEL_CHOICES)}")
-    kernel_blocks = any(b.offsets is not None or gguf_blocks.fits_q6_k_kernel(b) for b in blocks.values())
+    kernel_blocks = any(b.offsets is not None or gguf_blocks.fits_raw_kernel(b) for b in blocks.values())
     if choice == "stock" or not (quantize == "int4" or kernel_blocks):
         return False
     import onnxruntime as ort
@@ -76,7 +76,7 @@ def use_custom_kernels(choice: str, blocks: dict[str, gguf_blocks.Blocks], quant
     # on the CUDA provider these CPU-only kernels would run on the CPU, with copies around each one
     if choice == "auto" and choose_providers("auto", ort.get_available_providers())[0] == CUDA:
         log(
-            "Q4_1 and Q6_K linears on stock ONNX Runtime kernels: onnxruntime-gpu is installed, so this "
+            "Q4_1 and K-quant linears on stock ONNX Runtime kernels: onnxruntime-gpu is installed, so this "
             "export is for CUDA, and grains-edge's own kernels run on the CPU only; --kernels fused for a CPU export"
         )
         return False
@@ -84,7 +84,7 @@ def use_custom_kernels(choice: str, blocks: dict[str, gguf_blocks.Blocks], quant
     if reason and choice == "fused":
         raise GrainsError(reason)
     if reason:
-        log(f"Q4_1 and Q6_K linears on stock ONNX Runtime kernels: {reason}")
+        log(f"Q4_1 and K-quant linears on stock ONNX Runtime kernels: {reason}")
     return reason is None
 
 

@@ -1,17 +1,17 @@
 """grains-edge's own ONNX Runtime kernels (C++, the `*.cc` beside this file), compiled on first use here.
 
 `Q4_1MatMul` (q4_1_matmul.cc) computes a linear layer from a GGUF's Q4_1 blocks in one kernel, where stock ONNX
-Runtime needs three for the same exact weight (export/gguf_blocks.py); `Q6_KMatMul` and `Q6_KGather`
-(q6_k_matmul.cc) read a GGUF's Q6_K super-blocks as they are (6.56 bits per weight, where MatMulNBits needs 10 for
-the same exact weight); `SteeredAdd` (steered_add.cc) does a steered layer's residual add and renormalization in
-one kernel, where stock ops need four; all are registered by register.cc in the ONNX domain "grains_edge".
-Compiling them needs a C++17 compiler (`$CXX`, else `c++`) and ONNX Runtime's C/C++ API headers, which the
-onnxruntime wheel does not ship. They are looked for in `$GRAINS_EDGE_ORT_INCLUDE`, in the virtualenv's
-`include/onnxruntime` (where `make` unpacks Debian's libonnxruntime-dev), then in /usr/include/onnxruntime and
-/usr/local/include/onnxruntime. The library is built with -march=native into grains-edge's cache folder, keyed by
-the source, the headers, the compiler and the CPU, so a second run loads it at once, and a machine that has since
-lost its compiler or headers keeps using its build. Without compiler, headers or an earlier build, exports use the
-stock kernels.
+Runtime needs three for the same exact weight (export/gguf_blocks.py); `Q4_KMatMul`, `Q6_KMatMul` and `Q6_KGather`
+(k_quant_matmul.cc) read a GGUF's Q4_K and Q6_K super-blocks as they are (4.5 and 6.56 bits per weight, exact; as
+Q4_1 fields and MatMulNBits blocks they took 5, rounded, and 10); `SteeredAdd` (steered_add.cc) does a steered
+layer's residual add and renormalization in one kernel, where stock ops need four; all are registered by
+register.cc in the ONNX domain "grains_edge". Compiling them needs a C++17 compiler (`$CXX`, else `c++`) and ONNX
+Runtime's C/C++ API headers, which the onnxruntime wheel does not ship. They are looked for in
+`$GRAINS_EDGE_ORT_INCLUDE`, in the virtualenv's `include/onnxruntime` (where `make` unpacks Debian's
+libonnxruntime-dev), then in /usr/include/onnxruntime and /usr/local/include/onnxruntime. The library is built with
+-march=native into grains-edge's cache folder, keyed by the source, the headers, the compiler and the CPU, so a
+second run loads it at once, and a machine that has since lost its compiler or headers keeps using its build.
+Without compiler, headers or an earlier build, exports use the stock kernels.
 """
 
 from __future__ import annotations

@@ -17,10 +17,14 @@
 
 // IEEE half -> float, exactly.
 inline float half_to_float(uint16_t h) {
+#if defined(GRAINS_AVX2)
+  return _cvtsh_ss(h);
+#else
   const uint32_t sign = (h & 0x8000u) << 16, exponent = (h >> 10) & 0x1f, mantissa = h & 0x3ff;
   if (exponent == 0) return std::ldexp(static_cast<float>(mantissa), -24) * (sign ? -1.f : 1.f);
   const uint32_t bits = sign | ((exponent == 31 ? 255 : exponent + 112) << 23) | (mantissa << 13);
   float value;
   std::memcpy(&value, &bits, 4);
   return value;
+#endif
 }

@@ -6,8 +6,9 @@
 #undef ORT_API_MANUAL_INIT
 
 const OrtCustomOp* q4_1_matmul_op();  // q4_1_matmul.cc
-const OrtCustomOp* q6_k_matmul_op();  // q6_k_matmul.cc
-const OrtCustomOp* q6_k_gather_op();  // q6_k_matmul.cc
+const OrtCustomOp* q4_k_matmul_op();  // k_quant_matmul.cc
+const OrtCustomOp* q6_k_matmul_op();  // k_quant_matmul.cc
+const OrtCustomOp* q6_k_gather_op();  // k_quant_matmul.cc
 const OrtCustomOp* steered_add_op();  // steered_add.cc
 
 extern "C" OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
@@ -17,6 +18,7 @@ extern "C" OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options,
     if (!domain) {  // one domain for every session of the process; it must outlive them
       domain = Ort::CustomOpDomain("grains_edge");
       domain.Add(q4_1_matmul_op());
+      domain.Add(q4_k_matmul_op());
       domain.Add(q6_k_matmul_op());
       domain.Add(q6_k_gather_op());
       domain.Add(steered_add_op());

@@ -1,6 +1,6 @@
-"""Q6_KMatMul and Q6_KGather (grains_edge/kernels/q6_k_matmul.cc) on a GGUF's Q6_K bytes: the product is its
-int8 specification (emulated in numpy, float64, from gguf_blocks' decoder) on every instruction path, single
-rows, batches and prompts; the gathered rows are gguf-py's dequantization, bit for bit."""
+"""Q4_KMatMul, Q6_KMatMul and Q6_KGather (grains_edge/kernels/k_quant_matmul.cc) on a GGUF's K-quant bytes:
+each product is its int8 specification (emulated in numpy, float64, from gguf_blocks' decoders) on every
+instruction path, single rows, batches and prompts; the gathered rows are gguf-py's dequantization, bit for bit."""
 
 import numpy as np
 import pytest
@@ -13,25 +13,32 @@ from tests.test_gguf_k_quants import random_blocks
 from tests.test_kernels import PATHS, one_node_session
 
 pytestmark = pytest.mark.usefixtures("needs_kernels")
+BYTES = {"Q4_K": 144, "Q6_K": 210}  # per super-block of 256 weights
 
 
-def specification(x: np.ndarray, raw: np.ndarray) -> np.ndarray:
-    """y = sum_j d sc_j dx_b(j) ((q_j - 32) . xq_j) in float64: x rounded to int8 per block of 32 with scale
-    max|x_b| / 127, j the sub-blocks of 16."""
-    blocks = decode("Q6_K", raw)  # levels q + 96 (zero point 128), scales d sc_j per 16
+def specification(kind: str, x: np.ndarray, raw: np.ndarray) -> np.ndarray:
+    """x rounded to int8 per block of 32 (xq, scale dx = max|x_b| / 127, float sums S_b), in float64:
+    Q4_K  y = sum_j d sc_j dx_j ((q_j - 8) . xq_j) + (8 d sc_j - dmin m_j) S_j  over its sub-blocks of 32;
+    Q6_K  y = sum_j d sc_j dx_b(j) ((q_j - 32) . xq_j)                        over its sub-blocks of 16."""
+    blocks = decode(kind, raw)  # Q4_K: levels 0..15, scales d sc_j, offsets 8 d sc_j - dmin m_j; Q6_K: q + 96 by 16
     rows, cols = blocks.shape
-    levels = blocks.q.reshape(rows, cols // 16, 16).astype(np.float64) - 128
+    size = blocks.block_size
     xb = x.astype(np.float64).reshape(*x.shape[:-1], -1, 32)  # [..., blocks, 32]
     amax = np.abs(xb).max(-1, keepdims=True)
     xq = np.rint(xb * np.divide(127, amax, out=np.zeros_like(amax), where=amax > 0))
-    dx = np.repeat(amax[..., 0] / 127, 2, axis=-1)  # [..., sub-blocks]
-    dots = np.einsum("...jk,njk->...nj", xq.reshape(*x.shape[:-1], -1, 16), levels)  # [..., N, sub-blocks]
-    return (dots * blocks.scales.astype(np.float64) * dx[..., None, :]).sum(-1)
+    dx = np.repeat(amax[..., 0] / 127, 32 // size, axis=-1)  # [..., sub-blocks]
+    levels = blocks.q.reshape(rows, cols // size, size).astype(np.float64)
+    levels -= blocks.zero_point  # Q4_K: q - 8; Q6_K: q - 32
+    dots = np.einsum("...jk,njk->...nj", xq.reshape(*x.shape[:-1], -1, size), levels)  # [..., N, sub-blocks]
+    y = (dots * blocks.scales.astype(np.float64) * dx[..., None, :]).sum(-1)
+    if kind == "Q4_K":
+        y += xb.sum(-1) @ blocks.offsets.T  # offsets: 8 d sc_j - dmin m_j
+    return y
 
 
-def matmul_session(raw: np.ndarray, flags=()):
-    rows, cols = raw.shape[0], raw.shape[1] // 210 * 256
-    node = helper.make_node("Q6_KMatMul", ["x", "w"], ["y"], domain=kernels.DOMAIN, K=cols, N=rows)
+def matmul_session(kind: str, raw: np.ndarray, flags=()):
+    rows, cols = raw.shape[0], raw.shape[1] // BYTES[kind] * 256
+    node = helper.make_node(f"{kind}MatMul", ["x", "w"], ["y"], domain=kernels.DOMAIN, K=cols, N=rows)
     return one_node_session(node, ["x"], [numpy_helper.from_array(raw, "w")], flags=flags)
 
 
@@ -44,22 +51,24 @@ def matmul_session(raw: np.ndarray, flags=()):
     ],
 )
 @pytest.mark.parametrize("path", ["native", "plain"])  # no AVX2-only path: it takes the plain one
-def test_product_is_its_int8_specification(rows, cols, shape, path):
-    raw = random_blocks("Q6_K", rows, cols, size=0.05, seed=rows)
+@pytest.mark.parametrize("kind", list(BYTES))
+def test_product_is_its_int8_specification(kind, rows, cols, shape, path):
+    raw = random_blocks(kind, rows, cols, size=0.05, seed=rows)
     x = np.random.default_rng(cols).normal(size=(*shape, cols)).astype(np.float32)
     x[..., 32:64] = 0  # an all-zero block: scale 0, no division by it
     x[..., 7] = 40.0  # an outlier: its block of 32 alone gets the coarse scale
-    y = matmul_session(raw, PATHS[path]).run(None, {"x": x})[0]
-    expected = specification(x, raw)
+    y = matmul_session(kind, raw, PATHS[path]).run(None, {"x": x})[0]
+    expected = specification(kind, x, raw)
     assert y.shape == (*shape, rows)
     np.testing.assert_allclose(y, expected, rtol=0, atol=2e-6 * np.abs(expected).max())
 
 
-def test_product_is_close_to_the_float_product():
-    raw = random_blocks("Q6_K", 96, 1024, size=0.05, seed=3)
+@pytest.mark.parametrize("kind", list(BYTES))
+def test_product_is_close_to_the_float_product(kind):
+    raw = random_blocks(kind, 96, 1024, size=0.05, seed=3)
     x = np.random.default_rng(4).normal(size=(3, 1024)).astype(np.float32)
-    exact = x @ quants.dequantize(raw, GGMLQuantizationType.Q6_K).T
-    y = matmul_session(raw).run(None, {"x": x})[0]
+    exact = x @ quants.dequantize(raw, GGMLQuantizationType[kind]).T
+    y = matmul_session(kind, raw).run(None, {"x": x})[0]
     assert np.abs(y - exact).max() < 0.01 * np.abs(exact).max()  # int8 activations: well under 1 %
 
 
@@ -76,7 +85,7 @@ def test_gathered_rows_are_gguf_s_dequantization_bit_for_bit():
 def test_wrong_shapes_and_ids_are_named():
     raw = random_blocks("Q6_K", 8, 256, size=1.0, seed=6)
     with pytest.raises(Exception, match="x's last axis must be K"):
-        matmul_session(raw).run(None, {"x": np.zeros((1, 255), np.float32)})
+        matmul_session("Q6_K", raw).run(None, {"x": np.zeros((1, 255), np.float32)})
     node = helper.make_node("Q6_KGather", ["w", "ids"], ["rows"], domain=kernels.DOMAIN, K=256, N=8)
     ids = numpy_helper.from_array(np.array([8], np.int64), "ids")
     with pytest.raises(Exception, match="an id is outside the table"):

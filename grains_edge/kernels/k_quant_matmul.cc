@@ -1,0 +1,474 @@
+// grains_edge.Q4_KMatMul and grains_edge.Q6_KMatMul: y = x @ W^T for W stored as ggml K-quant super-blocks,
+// the bytes a GGUF holds; grains_edge.Q6_KGather: rows of a Q6_K W (a tied embedding table that is also the head).
+//
+//   Q4_KMatMul  inputs  x [..., K] float32; blocks [N, K/256 * 144] uint8 (block_q4_K: float16 d and dmin,
+//                       12 bytes of 6-bit scales and minimums, qs[128])
+//   Q6_KMatMul  inputs  x [..., K] float32; blocks [N, K/256 * 210] uint8 (block_q6_K: ql[128], qh[64],
+//                       int8 scales[16], float16 d)
+//               output  y [..., N] float32;  attributes K, N
+//   Q6_KGather  inputs  blocks [N, K/256 * 210] uint8; ids [...] int64
+//               output  rows [..., K] float32, as ggml's dequantize_row_q6_K rounds them;  attributes K, N
+//
+// A super-block holds 256 weights in sub-blocks j with their own scale: Q4_K 8 of 32, w = d sc_j q - dmin m_j
+// (levels 0..15); Q6_K 16 of 16, w = d sc_j (q - 32) (levels 0..63). As in Q4_1MatMul, each row of x is first
+// quantized per block of 32 to int8 (xq, dx = max|x_b| / 127, block sums S_b kept in float), so
+//
+//   Q4_K   y[n] = sum_j d sc_j dx_j ((q_j - 8) . xq_j) + (8 d sc_j - dmin m_j) S_j
+//   Q6_K   y[n] = sum_j d sc_j dx_b(j) ((q_j - 32) . xq_j)
+//
+// centred as in Q4_1MatMul (xq's rounding errors weighed by at most 8 and 32 level steps, not 15 and 63), and
+// computed with unsigned levels against signed xq (AVX512-VNNI dpbusd): Q4_K as d sc_j (dx_j (q_j . xq_j) +
+// 8 (S_j - dx_j sum(xq_j))) - dmin m_j S_j, Q6_K as d sc_j dx_b(j) (q_j . xq_j - 32 sum(xq_j)). A super-block's levels unpack into four
+// 64-byte vectors in the format's own order (Q6_K: elements in order; Q4_K: sub-blocks 0,2 | 1,3 | 4,6 | 5,7,
+// the low and high nibbles of its 32-byte runs), so x is quantized into that order once per call. The bytes
+// are read as the GGUF stores them, one memory stream per row of W: 4.5 and 6.56 bits per weight, where
+// ONNX Runtime's MatMulNBits needs 5 (Q4_K's d sc_j and dmin m_j as Q4_1 fields, rounded to float16) and 10.
+//
+// Sources: ggml's block_q4_K and block_q6_K layouts (ggml-common.h), dequantize_row_q4_K / _q6_K and
+// get_scale_min_k4 (ggml-quants.c); ONNX Runtime's custom-op C++ API (onnxruntime_cxx_api.h, CustomOpBase).
+// Registered by register.cc.
+
+#define ORT_API_MANUAL_INIT
+#include <onnxruntime_cxx_api.h>
+#undef ORT_API_MANUAL_INIT
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "cpu.h"
+
+namespace {
+
+constexpr int64_t kSuper = 256;       // weights per super-block
+constexpr int64_t kRowsPerTask = 32;  // rows of W per parallel task
+constexpr int64_t kRowTile = 8;       // rows of W kept hot while every row of x passes over them
+
+float half_at(const uint8_t* bytes) {
+  uint16_t half;
+  std::memcpy(&half, bytes, 2);
+  return half_to_float(half);
+}
+
+uint32_t load_u32(const uint8_t* bytes) {
+  uint32_t word;
+  std::memcpy(&word, bytes, 4);
+  return word;
+}
+
+// --- the formats: where each element's level lies, the sub-block scales, the per-sub-block terms -------
+
+struct Q6_K {
+  static constexpr int64_t kBytes = 210;
+  static constexpr const char* kName = "Q6_KMatMul";
+
+  // Block b (of 32 elements) of a super-block: its place in the unpacked vectors, in blocks of 32 (in order).
+  static int slot(int b) { return b; }
+
+  // The six-bit level of element e, as dequantize_row_q6_K reads it.
+  static int level(const uint8_t* block, int e) {
+    const int half = e / 128, k = (e % 128) / 32, l = e % 32;
+    const uint8_t low = block[64 * half + l + 32 * (k & 1)], high = block[128 + 32 * half + l];
+    return ((k < 2 ? low & 15 : low >> 4) | (((high >> (2 * k)) & 3) << 4));
+  }
+
+  // Per sub-block j: the scale of x over it (that of its block of 32), and the term of x added with weight
+  // d sc_j, -32 dx_b sum(xq_j); from each block's scale dx, float sum S and the sums of its halves' levels.
+  static void sub_blocks(const float* dx, const float*, const int32_t (*levels)[2], float* scales, float* terms) {
+    for (int j = 0; j < 16; ++j) {
+      scales[j] = dx[j / 2];
+      terms[j] = -32.f * dx[j / 2] * static_cast<float>(levels[j / 2][j % 2]);
+    }
+  }
+
+  // y += sum_e scale(e) level(e) xq(e) dx(e) + weight_term_j * term_j for one super-block, plain C++.
+  static float plain(const uint8_t* block, const int8_t* xq_natural, const float* dx, const float* terms) {
+    const float d = half_at(block + 208);
+    float total = 0.f;
+    for (int j = 0; j < 16; ++j) {
+      int32_t dot = 0;
+      for (int e = 16 * j; e < 16 * j + 16; ++e) dot += level(block, e) * xq_natural[e];
+      const float scale = d * static_cast<float>(static_cast<int8_t>(block[192 + j]));
+      total += scale * (dx[j / 2] * static_cast<float>(dot) + terms[j]);
+    }
+    return total;
+  }
+};
+
+struct Q4_K {
+  static constexpr int64_t kBytes = 144;
+  static constexpr const char* kName = "Q4_KMatMul";
+
+  static int slot(int b) {
+    static constexpr int kSlot[8] = {0, 2, 1, 3, 4, 6, 5, 7};  // vectors 0..3 hold sub-blocks 0,2 | 1,3 | 4,6 | 5,7
+    return kSlot[b];
+  }
+
+  // The 6-bit scale and minimum of sub-block j (ggml's get_scale_min_k4).
+  static void scale_min(const uint8_t* packed, int j, int* scale, int* minimum) {
+    if (j < 4) {
+      *scale = packed[j] & 63;
+      *minimum = packed[j + 4] & 63;
+    } else {
+      *scale = (packed[j + 4] & 0xF) | ((packed[j - 4] >> 6) << 4);
+      *minimum = (packed[j + 4] >> 4) | ((packed[j] >> 6) << 4);
+    }
+  }
+
+  static int level(const uint8_t* block, int e) {
+    const uint8_t byte = block[16 + 32 * (e / 64) + e % 32];
+    return (e % 64) < 32 ? byte & 15 : byte >> 4;
+  }
+
+  // Per sub-block j (lanes 0..7): the scale dx_j and the rounding term 8 (S_j - dx_j sum(xq_j)), for the
+  // weight d sc_j; in lanes 8..15 of the terms, the block sums S_j, for the weights -dmin m_j.
+  static void sub_blocks(const float* dx, const float* sums, const int32_t (*levels)[2], float* scales, float* terms) {
+    for (int j = 0; j < 8; ++j) {
+      scales[j] = dx[j];
+      terms[j] = 8.f * (sums[j] - dx[j] * static_cast<float>(levels[j][0] + levels[j][1]));
+      terms[8 + j] = sums[j];
+    }
+  }
+
+  static float plain(const uint8_t* block, const int8_t* xq_natural, const float* dx, const float* terms) {
+    const float d = half_at(block), dmin = half_at(block + 2);
+    float total = 0.f;
+    for (int j = 0; j < 8; ++j) {
+      int scale, minimum;
+      scale_min(block + 4, j, &scale, &minimum);
+      int32_t dot = 0;
+      for (int e = 32 * j; e < 32 * j + 32; ++e) dot += level(block, e) * xq_natural[e];
+      total += d * static_cast<float>(scale) * (dx[j] * static_cast<float>(dot) + terms[j]) -
+               dmin * static_cast<float>(minimum) * terms[8 + j];
+    }
+    return total;
+  }
+};
+
+// Rows of x [K] quantized per block of 32. Per super-block: xq in element order (the plain path) and in
+// the format's vector order, dx per block, and per sub-block the scale of x over it and the format's terms.
+template <class F>
+struct QuantizedRows {
+  int64_t supers;
+  std::vector<int8_t> xq, ordered;  // [rows, K]
+  std::vector<float> dx;            // [rows, supers, 8]
+  std::vector<float> scales;        // [rows, supers, 16], of x over each sub-block
+  std::vector<float> terms;         // [rows, supers, 16]
+
+  QuantizedRows(const float* x, int64_t rows, int64_t k)
+      : supers(k / kSuper), xq(rows * k), ordered(rows * k), dx(rows * supers * 8), scales(rows * supers * 16, 0.f),
+        terms(rows * supers * 16, 0.f) {
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t s = 0; s < supers; ++s) {
+        const int64_t at = r * k + s * kSuper, super = r * supers + s;
+        float sums[8];
+        int32_t levels[8][2];  // per block, the sums of its two halves' levels
+        for (int b = 0; b < 8; ++b) {
+          const float* xb = x + at + 32 * b;
+          int8_t* qb = xq.data() + at + 32 * b;
+          float amax = 0.f, sum = 0.f;
+#if defined(GRAINS_AVX512)
+          // the same rounding as the loop below (nearest even), 16 elements per instruction
+          const __m512 first = _mm512_loadu_ps(xb), second = _mm512_loadu_ps(xb + 16);
+          amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(first), _mm512_abs_ps(second)));
+          sum = _mm512_reduce_add_ps(_mm512_add_ps(first, second));
+          const __m512 inverse = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+          const __m512i low = _mm512_cvtps_epi32(_mm512_mul_ps(first, inverse));
+          const __m512i high = _mm512_cvtps_epi32(_mm512_mul_ps(second, inverse));
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(qb), _mm512_cvtsepi32_epi8(low));
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(qb + 16), _mm512_cvtsepi32_epi8(high));
+          levels[b][0] = _mm512_reduce_add_epi32(low);
+          levels[b][1] = _mm512_reduce_add_epi32(high);
+#else
+          for (int j = 0; j < 32; ++j) {
+            amax = std::max(amax, std::fabs(xb[j]));
+            sum += xb[j];
+          }
+          const float inverse = amax > 0.f ? 127.f / amax : 0.f;
+          levels[b][0] = levels[b][1] = 0;
+          for (int j = 0; j < 32; ++j) {
+            qb[j] = static_cast<int8_t>(std::nearbyint(xb[j] * inverse));
+            levels[b][j / 16] += qb[j];
+          }
+#endif
+          dx[super * 8 + b] = amax / 127.f;
+          sums[b] = sum;
+          std::memcpy(ordered.data() + at + 32 * F::slot(b), qb, 32);
+        }
+        F::sub_blocks(dx.data() + super * 8, sums, levels, scales.data() + super * 16, terms.data() + super * 16);
+      }
+    }
+  }
+};
+
+#if defined(GRAINS_AVX512)
+// One super-block of W unpacked: its levels as four 64-byte vectors in the format's order, the scale of
+// each sub-block (as 16 float lanes, indexed by `spread` per vector), and the weights of the 16 terms. The
+// unpacking is forced inline: called, it kept these in memory and cleared the upper registers every step.
+struct Unpacked {
+  __m512i q[4];
+  __m512 scales;       // d sc_j
+  __m512 term_weights;  // of the QuantizedRows terms: Q6_K d sc_j; Q4_K d sc_j, then -dmin m_j
+};
+
+[[gnu::always_inline]] inline void unpack(const Q6_K&, const uint8_t* block, Unpacked* u) {
+  const __m512i nibble = _mm512_set1_epi8(0x0f), pair = _mm512_set1_epi8(0x30);
+  // the high bit pairs of elements 0..63 and 64..127 of a half: (qh << 4, qh << 2) and (qh, qh >> 2) & 0x30
+  const __m512i up = _mm512_inserti64x4(_mm512_set1_epi16(4), _mm256_set1_epi16(2), 1);
+  const __m512i down = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(2), 1);
+  u->scales = _mm512_mul_ps(  // d sc_j [16]
+      _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 192)))),
+      _mm512_set1_ps(half_at(block + 208)));
+  u->term_weights = u->scales;
+  for (int h = 0; h < 2; ++h) {
+    const __m512i low = _mm512_loadu_si512(block + 64 * h);
+    const __m512i high = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 128 + 32 * h)));
+    u->q[2 * h] = _mm512_or_si512(_mm512_and_si512(low, nibble), _mm512_and_si512(_mm512_sllv_epi16(high, up), pair));
+    u->q[2 * h + 1] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(low, 4), nibble),
+                                      _mm512_and_si512(_mm512_srlv_epi16(high, down), pair));
+  }
+}
+
+[[gnu::always_inline]] inline void unpack(const Q4_K&, const uint8_t* block, Unpacked* u) {
+  const __m512i nibble = _mm512_set1_epi8(0x0f);
+  // ggml's 12-byte packing of 8 scales and 8 minimums of 6 bits (words w0 w1 w2) -> 16 bytes: scales 0-3
+  // (w0 & 63s), 4-7 (w2's low nibbles | w0's top bit pairs << 4), minimums 0-3 (w1 & 63s), 4-7 (w2's high
+  // nibbles | w1's top bit pairs << 4), in vector registers (get_scale_min_k4 for all 8 at once)
+  const __m128i words = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 4));  // w0 w1 w2 and 4 level bytes
+  const __m128i first = _mm_shuffle_epi32(words, _MM_SHUFFLE(1, 1, 0, 0)), third = _mm_shuffle_epi32(words, _MM_SHUFFLE(2, 2, 2, 2));
+  const __m128i low = _mm_and_si128(first, _mm_set1_epi8(63));
+  const __m128i nibbles = _mm_and_si128(_mm_srlv_epi32(third, _mm_set_epi32(4, 4, 0, 0)), _mm_set1_epi8(15));
+  const __m128i tops = _mm_slli_epi32(_mm_and_si128(_mm_srli_epi32(first, 6), _mm_set1_epi8(3)), 4);
+  const __m128i bytes = _mm_blend_epi32(low, _mm_or_si128(nibbles, tops), 0b1010);
+  const __m512 both = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bytes));  // scales 0..7, then minimums 0..7
+  const __m128 halves = _mm_cvtph_ps(_mm_cvtsi32_si128(static_cast<int>(load_u32(block))));  // d, dmin
+  const __m512 weights = _mm512_permutexvar_ps(_mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0),
+                                               _mm512_castps128_ps512(halves));
+  const __m512 scaled = _mm512_mul_ps(both, weights);
+  u->scales = _mm512_mask_sub_ps(scaled, 0xff00, _mm512_setzero_ps(), scaled);  // d sc_j in lanes 0..7, -dmin m_j in 8..15
+  u->term_weights = u->scales;
+  for (int h = 0; h < 2; ++h) {
+    const __m512i packed_levels = _mm512_loadu_si512(block + 16 + 64 * h);
+    u->q[2 * h] = _mm512_and_si512(packed_levels, nibble);
+    u->q[2 * h + 1] = _mm512_and_si512(_mm512_srli_epi16(packed_levels, 4), nibble);
+  }
+}
+
+// For vector g, the lane -> sub-block scale index of `Unpacked::scales`.
+__m512i spread(const Q6_K&, int g) {  // sub-blocks of 16: lanes 4j'..4j'+3 -> 4 g + j'
+  return _mm512_add_epi32(_mm512_set1_epi32(4 * g),
+                          _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0));
+}
+
+__m512i spread(const Q4_K&, int g) {  // vectors 0..3 hold sub-blocks (0,2) (1,3) (4,6) (5,7), 8 lanes each
+  static constexpr int kFirst[4] = {0, 1, 4, 5};
+  return _mm512_add_epi32(_mm512_set1_epi32(kFirst[g]), _mm512_set_epi32(2, 2, 2, 2, 2, 2, 2, 2, 0, 0, 0, 0, 0, 0, 0, 0));
+}
+#endif
+
+// out[c * stride + i] = row n + i of W against row r + c of x, for R rows of W and C rows of x: R x C
+// accumulators; the rows of x share each unpacked super-block of W.
+template <class F, int R, int C>
+void dot_rows(const uint8_t* w, int64_t n, const QuantizedRows<F>& x, int64_t r, float* out, int64_t stride) {
+  const int64_t supers = x.supers, row_bytes = supers * F::kBytes;
+#if defined(GRAINS_AVX512)
+  const F format{};
+  const __m512i lanes[4] = {spread(format, 0), spread(format, 1), spread(format, 2), spread(format, 3)};
+  // one row of W against one of x: a sum per product, so that the multiply-adds of a super-block do not wait
+  // on each other (one chain of 5 was the decode step's limit); more rows have R x C chains already
+  constexpr int P = R * C == 1 ? 4 : 1;
+  __m512 acc[R][C][P];
+  for (int i = 0; i < R; ++i) {
+    for (int c = 0; c < C; ++c) {
+      for (int p = 0; p < P; ++p) acc[i][c][p] = _mm512_setzero_ps();
+    }
+  }
+  for (int64_t s = 0; s < supers; ++s) {
+    // unrolled, so that acc[i][c] are registers
+#pragma GCC unroll 4
+    for (int i = 0; i < R; ++i) {
+      const uint8_t* block = w + (n + i) * row_bytes + s * F::kBytes;
+      for (int64_t ahead = 0; ahead < F::kBytes; ahead += 64) {  // the same super-block R rows on
+        _mm_prefetch(reinterpret_cast<const char*>(block + R * row_bytes + ahead), _MM_HINT_T0);
+      }
+      Unpacked u;
+      unpack(format, block, &u);
+      for (int c = 0; c < C; ++c) {
+        const int64_t super = (r + c) * supers + s;
+        const int8_t* xq = x.ordered.data() + super * kSuper;
+        const __m512 scales = _mm512_mul_ps(u.scales, _mm512_loadu_ps(x.scales.data() + super * 16));  // per sub-block
+        acc[i][c][0] = _mm512_fmadd_ps(u.term_weights, _mm512_loadu_ps(x.terms.data() + super * 16), acc[i][c][0]);
+        for (int g = 0; g < 4; ++g) {
+          const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u.q[g], _mm512_loadu_si512(xq + 64 * g));
+          const __m512 scale = _mm512_permutexvar_ps(lanes[g], scales);
+          acc[i][c][g % P] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[i][c][g % P]);
+        }
+      }
+    }
+  }
+  for (int i = 0; i < R; ++i) {
+    for (int c = 0; c < C; ++c) {
+      for (int p = 1; p < P; ++p) acc[i][c][0] = _mm512_add_ps(acc[i][c][0], acc[i][c][p]);
+      out[c * stride + i] = _mm512_reduce_add_ps(acc[i][c][0]);
+    }
+  }
+#else
+  for (int i = 0; i < R; ++i) {
+    for (int c = 0; c < C; ++c) {
+      float total = 0.f;
+      for (int64_t s = 0; s < supers; ++s) {
+        const int64_t super = (r + c) * supers + s;
+        total += F::plain(w + (n + i) * row_bytes + s * F::kBytes, x.xq.data() + super * kSuper,
+                          x.dx.data() + super * 8, x.terms.data() + super * 16);
+      }
+      out[c * stride + i] = total;
+    }
+  }
+#endif
+}
+
+template <class F>
+struct Work {
+  const uint8_t* w;
+  const QuantizedRows<F>* x;
+  float* y;  // [rows, N]
+  int64_t rows, n;
+};
+
+// Rows [tile, tile_end) of W against rows [r, r + C) of x. One row of x (a decode step) takes the rows of W
+// one at a time, each over its whole K, so that a task reads its rows as one sequential stream (as in
+// q4_1_matmul.cc); several rows of x take 4 rows of W at a time, each unpacked super-block shared by them.
+template <class F, int C>
+void rows_of_x(const Work<F>& work, int64_t tile, int64_t tile_end, int64_t r) {
+  float* y = work.y + r * work.n;
+  int64_t n = tile;
+  if (C > 1) {
+    for (; n + 4 <= tile_end; n += 4) dot_rows<F, 4, C>(work.w, n, *work.x, r, y + n, work.n);
+  }
+  for (; n < tile_end; ++n) dot_rows<F, 1, C>(work.w, n, *work.x, r, y + n, work.n);
+}
+
+// Task t: rows [32 t, 32 t + 32) of W against every row of x, kRowTile rows of W at a time.
+template <class F>
+void run_task(void* data, size_t task) {
+  const Work<F>& work = *static_cast<const Work<F>*>(data);
+  const int64_t first = static_cast<int64_t>(task) * kRowsPerTask, last = std::min(first + kRowsPerTask, work.n);
+  for (int64_t tile = first; tile < last; tile += kRowTile) {
+    const int64_t tile_end = std::min(tile + kRowTile, last);
+    int64_t r = 0;
+    for (; r + 4 <= work.rows; r += 4) rows_of_x<F, 4>(work, tile, tile_end, r);
+    for (; r < work.rows; ++r) rows_of_x<F, 1>(work, tile, tile_end, r);
+  }
+}
+
+void check_blocks(const Ort::ConstValue& blocks, int64_t k, int64_t n, int64_t bytes, const std::string& op) {
+  if (k % kSuper != 0 || blocks.GetTensorTypeAndShapeInfo().GetElementCount() != static_cast<size_t>(n * (k / kSuper) * bytes)) {
+    ORT_CXX_API_THROW(op + ": K must be a multiple of 256 and blocks hold N * K/256 super-blocks", ORT_INVALID_ARGUMENT);
+  }
+}
+
+template <class F>
+struct MatMulKernel {
+  MatMulKernel(const OrtApi&, const OrtKernelInfo* info) {
+    Ort::ConstKernelInfo kernel_info(info);
+    k_ = kernel_info.GetAttribute<int64_t>("K");
+    n_ = kernel_info.GetAttribute<int64_t>("N");
+  }
+
+  void Compute(OrtKernelContext* raw_context) {
+    Ort::KernelContext context(raw_context);
+    const Ort::ConstValue x = context.GetInput(0), blocks = context.GetInput(1);
+    std::vector<int64_t> shape = x.GetTensorTypeAndShapeInfo().GetShape();
+    if (shape.empty() || shape.back() != k_) {
+      ORT_CXX_API_THROW(std::string(F::kName) + ": x's last axis must be K", ORT_INVALID_ARGUMENT);
+    }
+    check_blocks(blocks, k_, n_, F::kBytes, F::kName);
+    int64_t rows = 1;
+    for (size_t i = 0; i + 1 < shape.size(); ++i) rows *= shape[i];
+    shape.back() = n_;
+    Ort::UnownedValue y = context.GetOutput(0, shape);
+    if (rows == 0) return;
+    const QuantizedRows<F> quantized(x.GetTensorData<float>(), rows, k_);
+    Work<F> work{blocks.GetTensorData<uint8_t>(), &quantized, y.GetTensorMutableData<float>(), rows, n_};
+    context.ParallelFor(run_task<F>, static_cast<size_t>((n_ + kRowsPerTask - 1) / kRowsPerTask), 0, &work);
+  }
+
+  int64_t k_ = 0, n_ = 0;
+};
+
+struct Q6_KGatherKernel {
+  Q6_KGatherKernel(const OrtApi&, const OrtKernelInfo* info) {
+    Ort::ConstKernelInfo kernel_info(info);
+    k_ = kernel_info.GetAttribute<int64_t>("K");
+    n_ = kernel_info.GetAttribute<int64_t>("N");
+  }
+
+  void Compute(OrtKernelContext* raw_context) {
+    Ort::KernelContext context(raw_context);
+    const Ort::ConstValue blocks = context.GetInput(0), ids = context.GetInput(1);
+    check_blocks(blocks, k_, n_, Q6_K::kBytes, "Q6_KGather");
+    std::vector<int64_t> shape = ids.GetTensorTypeAndShapeInfo().GetShape();
+    const size_t count = ids.GetTensorTypeAndShapeInfo().GetElementCount();
+    shape.push_back(k_);
+    float* out = context.GetOutput(0, shape).GetTensorMutableData<float>();
+    const int64_t* id = ids.GetTensorData<int64_t>();
+    const uint8_t* table = blocks.GetTensorData<uint8_t>();
+    const int64_t supers = k_ / kSuper;
+    for (size_t t = 0; t < count; ++t) {
+      if (id[t] < 0 || id[t] >= n_) ORT_CXX_API_THROW("Q6_KGather: an id is outside the table", ORT_INVALID_ARGUMENT);
+      for (int64_t s = 0; s < supers; ++s) {
+        const uint8_t* block = table + (id[t] * supers + s) * Q6_K::kBytes;
+        const float d = half_at(block + 208);
+        for (int e = 0; e < kSuper; ++e) {
+          const float scale = d * static_cast<float>(static_cast<int8_t>(block[192 + e / 16]));
+          out[t * k_ + s * kSuper + e] = scale * static_cast<float>(Q6_K::level(block, e) - 32);
+        }
+      }
+    }
+  }
+
+  int64_t k_ = 0, n_ = 0;
+};
+
+template <class F>
+struct MatMulOp : Ort::CustomOpBase<MatMulOp<F>, MatMulKernel<F>> {
+  void* CreateKernel(const OrtApi& api, const OrtKernelInfo* info) const { return new MatMulKernel<F>(api, info); }
+  const char* GetName() const { return F::kName; }
+  size_t GetInputTypeCount() const { return 2; }
+  ONNXTensorElementDataType GetInputType(size_t index) const {
+    return index == 0 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
+  }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+};
+
+struct Q6_KGatherOp : Ort::CustomOpBase<Q6_KGatherOp, Q6_KGatherKernel> {
+  void* CreateKernel(const OrtApi& api, const OrtKernelInfo* info) const { return new Q6_KGatherKernel(api, info); }
+  const char* GetName() const { return "Q6_KGather"; }
+  size_t GetInputTypeCount() const { return 2; }
+  ONNXTensorElementDataType GetInputType(size_t index) const {
+    return index == 0 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
+  }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+};
+
+}  // namespace
+
+const OrtCustomOp* q4_k_matmul_op() {
+  static const MatMulOp<Q4_K> op;
+  return &op;
+}
+
+const OrtCustomOp* q6_k_matmul_op() {
+  static const MatMulOp<Q6_K> op;
+  return &op;
+}
+
+const OrtCustomOp* q6_k_gather_op() {
+  static const Q6_KGatherOp op;
+  return &op;
+}
