@@ -501,7 +501,8 @@ def per_process_ratios(results: dict) -> dict:
 
 # --- the roofline: bytes each decode step reads, against the machine's read bandwidth ---------------------
 
-STREAMING_OPS = {"MatMulNBits", "Q4_1MatMul", "Q6_KMatMul", "MatMul", "Gemm"}  # read their whole weight per step
+# read their whole weight per step: ONNX Runtime's and grains-edge's linears (Q4_0MatMul, Q4_KMatMul, …)
+STREAMING_OPS = ("MatMul", "MatMulNBits", "Gemm")
 
 
 def export_step_bytes(export: Path) -> int:
@@ -514,7 +515,8 @@ def export_step_bytes(export: Path) -> int:
         t.name: int(np.prod(t.dims)) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
         for t in proto.graph.initializer
     }
-    read = {name for node in proto.graph.node if node.op_type in STREAMING_OPS for name in node.input if name in sizes}
+    linears = [node for node in proto.graph.node if node.op_type in STREAMING_OPS or node.op_type.endswith("MatMul")]
+    read = {name for node in linears for name in node.input if name in sizes}
     return sum(sizes[name] for name in read)
 
 

@@ -191,7 +191,8 @@ DECODERS: dict[str, tuple[int, Callable[[np.ndarray], Blocks]]] = {
 
 # GGUF types a grains-edge kernel reads as the file stores them (k_quant_matmul.cc: `{kind}MatMul`): their bytes
 # stay with the blocks
-RAW_KINDS = ("Q4_K", "Q6_K")
+RAW_KINDS = ("Q4_0", "Q4_K", "Q6_K")
+RAW_ROW_MULTIPLE = 256  # the kernels take K in super-blocks of 256 weights (Q4_0: 8 blocks)
 
 
 def decode(kind: str, data: np.ndarray) -> Blocks | None:
@@ -315,8 +316,9 @@ def folded(blocks: Blocks) -> Blocks:
 
 def fits_raw_kernel(blocks: Blocks) -> bool:
     """Whether a grains-edge kernel reads these blocks' GGUF bytes as they are (`{kind}MatMul`): one weight of
-    a RAW_KINDS type, its bytes at hand."""
-    return len(blocks.kinds) == 1 and blocks.kinds[0] in RAW_KINDS and blocks.raw is not None
+    a RAW_KINDS type, its bytes at hand, rows of whole super-blocks."""
+    single = len(blocks.kinds) == 1 and blocks.kinds[0] in RAW_KINDS
+    return single and blocks.raw is not None and blocks.shape[1] % RAW_ROW_MULTIPLE == 0
 
 
 def fits_q4_1_kernel(blocks: Blocks) -> bool:

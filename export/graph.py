@@ -215,7 +215,8 @@ class GraphBuilder:
     """Accumulates nodes and initializers; `op` returns the output name(s) of the node it adds, named by
     where it is (`/model/layers.3/attn/qkv/MatMul`: the scopes open around it, then its op type).
     `blocks`: weights (by linear name) already quantized, e.g. a GGUF's own (`gguf_blocks.py`);
-    `custom_kernels`: Q4_1, Q4_K and Q6_K blocks and the steering go to grains-edge's own kernels (grains_edge/kernels);
+    `custom_kernels`: Q4_0, Q4_1, Q4_K and Q6_K blocks and the steering go to grains-edge's own kernels
+    (grains_edge/kernels);
     `weights_file`: where each weight's bytes go as it is added (else they stay in the initializer);
     `quantizer`: quantizes each float linear not in `blocks` as it is added, so no float copy is kept."""
 
@@ -291,14 +292,14 @@ class GraphBuilder:
             return y if bias is None else self.op("Add", y, self.weight(f"{name}.bias", bias))
 
     def block_linear(self, x: str, name: str, blocks: Blocks) -> str:
-        """x @ blocks^T: Q4_K, Q6_K and Q4_1 blocks in grains-edge's kernels when `custom_kernels` (a stack of
+        """x @ blocks^T: Q4_0, Q4_K, Q6_K and Q4_1 blocks in grains-edge's kernels when `custom_kernels` (a stack of
         formats as one kernel per run, side by side), others in MatMulNBits, offsets folded into it."""
         runs = kernel_runs(blocks) if self.custom_kernels else None
         if runs:
             parts = [self.block_linear(x, f"{name}.{i}", run) for i, run in enumerate(runs)]
             return self.op("Concat", *parts, axis=-1)
         rows, cols = blocks.shape  # [N, K]
-        if self.custom_kernels and fits_raw_kernel(blocks):  # Q4_KMatMul, Q6_KMatMul
+        if self.custom_kernels and fits_raw_kernel(blocks):  # Q4_0MatMul, Q4_KMatMul, Q6_KMatMul
             table = self.gguf_table(name, blocks)
             return self.op(f"{blocks.kinds[0]}MatMul", x, table, domain=kernels.DOMAIN, K=cols, N=rows)
         if blocks.offsets is None:
@@ -687,8 +688,8 @@ def build(
     """The steered graph of `model` (a loaded HF causal LM of a FAMILIES type) as `spec` describes it.
     `separate_head` gives the LM head its own [hidden, vocab] MatMul weight even when tied, so a quantizer can
     take it; `blocks` replaces the named linears (and `lm_head`) with MatMulNBits on already-quantized weights,
-    or their Q4_1, Q4_K and Q6_K ones with grains-edge's kernels when `custom_kernels`, which also steers with
-    SteeredAdd.
+    or their Q4_0, Q4_1, Q4_K and Q6_K ones with grains-edge's kernels when `custom_kernels`, which also steers
+    with SteeredAdd.
     With `weights_file` (the graph's model.onnx.data) each weight is written there as it is made and the
     graph holds a reference to it; `quantizer` makes the blocks of the other linears as they are added."""
     with WeightsFile(weights_file) if weights_file else contextlib.nullcontext() as sink:

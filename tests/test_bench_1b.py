@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import bench_1b
+import onnx
 import pytest
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -66,12 +67,19 @@ def test_fitted_projects_along_the_line_through_the_points() -> None:
 
 @pytest.mark.usefixtures("needs_kernels")
 def test_an_export_in_the_gguf_s_own_formats_reads_what_llama_cpp_reads(tmp_path, monkeypatch, tiny_tokenizer):
-    """Q4_1 linears (the kernel's nibbles, d and m are the GGUF's 20 bytes per 32 weights) and Q6_K ones and a
-    tied Q6_K head (the GGUF's bytes themselves): the export's step reads exactly the GGUF's matrices."""
-    layer = ("Q4_1", "Q4_1", "Q4_1", "Q6_K", "Q4_1", "Q4_1", "Q6_K")  # q, k, v, o, gate, up, down
-    monkeypatch.setattr(test_gguf_k_quants, "LAYER_KINDS", [layer, layer])
+    """Every linear in a kernel that reads the GGUF's own bytes (Q4_0, Q4_K, Q6_K and the tied Q6_K head) or its
+    fields (Q4_1's nibbles, d and m: its 20 bytes per 32 weights), a Q4_K q|k beside a Q6_K v split in two: the
+    export's step reads exactly the GGUF's matrices, and no linear is left to ONNX Runtime's own kernels."""
+    layers = [  # q, k, v, o, gate, up, down
+        ("Q4_1", "Q4_1", "Q4_1", "Q6_K", "Q4_0", "Q4_0", "Q6_K"),
+        ("Q4_K", "Q4_K", "Q6_K", "Q4_0", "Q4_1", "Q4_1", "Q4_K"),
+    ]
+    monkeypatch.setattr(test_gguf_k_quants, "LAYER_KINDS", layers)
     gguf = tmp_path / "tiny.gguf"
     test_gguf_k_quants.write_llama_gguf(gguf, tiny_tokenizer, tied=True, table="Q6_K")
     out = tmp_path / "out"
     onnx_export.export(str(gguf), out, layers_spec="0-1", quantize="int4", kernels="fused")
     assert bench_1b.export_step_bytes(Path(out)) == bench_1b.gguf_step_bytes(gguf)
+    ops = {node.op_type for node in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node}
+    assert {"Q4_0MatMul", "Q4_1MatMul", "Q4_KMatMul", "Q6_KMatMul", "Q6_KGather"} <= ops
+    assert not ops & {"MatMulNBits", "MatMul", "Gemm"}

@@ -1,6 +1,8 @@
-// grains_edge.Q4_KMatMul and grains_edge.Q6_KMatMul: y = x @ W^T for W stored as ggml K-quant super-blocks,
-// the bytes a GGUF holds; grains_edge.Q6_KGather: rows of a Q6_K W (a tied embedding table that is also the head).
+// grains_edge.Q4_0MatMul, Q4_KMatMul and Q6_KMatMul: y = x @ W^T for W stored as ggml blocks, the bytes a GGUF
+// holds; grains_edge.Q6_KGather: rows of a Q6_K W (a tied embedding table that is also the head).
 //
+//   Q4_0MatMul  inputs  x [..., K] float32; blocks [N, K/32 * 18] uint8 (block_q4_0: float16 d, qs[16]), K a
+//                       multiple of 256 (8 blocks are taken as one super-block)
 //   Q4_KMatMul  inputs  x [..., K] float32; blocks [N, K/256 * 144] uint8 (block_q4_K: float16 d and dmin,
 //                       12 bytes of 6-bit scales and minimums, qs[128])
 //   Q6_KMatMul  inputs  x [..., K] float32; blocks [N, K/256 * 210] uint8 (block_q6_K: ql[128], qh[64],
@@ -9,24 +11,28 @@
 //   Q6_KGather  inputs  blocks [N, K/256 * 210] uint8; ids [...] int64
 //               output  rows [..., K] float32, as ggml's dequantize_row_q6_K rounds them;  attributes K, N
 //
-// A super-block holds 256 weights in sub-blocks j with their own scale: Q4_K 8 of 32, w = d sc_j q - dmin m_j
-// (levels 0..15); Q6_K 16 of 16, w = d sc_j (q - 32) (levels 0..63). As in Q4_1MatMul, each row of x is first
-// quantized per block of 32 to int8 (xq, dx = max|x_b| / 127, block sums S_b kept in float), so
+// A super-block holds 256 weights in sub-blocks j with their own scale: Q4_0 8 of 32, w = d_j (q - 8); Q4_K 8
+// of 32, w = d sc_j q - dmin m_j (levels 0..15); Q6_K 16 of 16, w = d sc_j (q - 32) (levels 0..63). As in
+// Q4_1MatMul, each row of x is first quantized per block of 32 to int8 (xq, dx = max|x_b| / 127, block sums S_b
+// kept in float), so
 //
+//   Q4_0   y[n] = sum_j d_j dx_j ((q_j - 8) . xq_j)
 //   Q4_K   y[n] = sum_j d sc_j dx_j ((q_j - 8) . xq_j) + (8 d sc_j - dmin m_j) S_j
 //   Q6_K   y[n] = sum_j d sc_j dx_b(j) ((q_j - 32) . xq_j)
 //
 // centred as in Q4_1MatMul (xq's rounding errors weighed by at most 8 and 32 level steps, not 15 and 63), and
-// computed with unsigned levels against signed xq (AVX512-VNNI dpbusd): Q4_K as d sc_j (dx_j (q_j . xq_j) +
-// 8 (S_j - dx_j sum(xq_j))) - dmin m_j S_j, Q6_K as d sc_j dx_b(j) (q_j . xq_j - 32 sum(xq_j)). A super-block's levels unpack into four
-// 64-byte vectors in the format's own order (Q6_K: elements in order; Q4_K: sub-blocks 0,2 | 1,3 | 4,6 | 5,7,
-// the low and high nibbles of its 32-byte runs), so x is quantized into that order once per call. The bytes
-// are read as the GGUF stores them, one memory stream per row of W: 4.5 and 6.56 bits per weight, where
-// ONNX Runtime's MatMulNBits needs 5 (Q4_K's d sc_j and dmin m_j as Q4_1 fields, rounded to float16) and 10.
+// computed with unsigned levels against signed xq (AVX512-VNNI dpbusd): Q4_0 as d_j dx_j (q_j . xq_j - 8
+// sum(xq_j)), Q4_K as d sc_j (dx_j (q_j . xq_j) + 8 (S_j - dx_j sum(xq_j))) - dmin m_j S_j, Q6_K as d sc_j dx_b(j)
+// (q_j . xq_j - 32 sum(xq_j)). A super-block's levels unpack into four 64-byte vectors in the format's own order
+// (Q6_K: elements in order; Q4_K: sub-blocks 0,2 | 1,3 | 4,6 | 5,7, the low and high nibbles of its 32-byte runs;
+// Q4_0: the low then high nibbles of blocks 0-3, then of 4-7), so x is quantized into that order once per call.
+// The bytes are read as the GGUF stores them, one memory stream per row of W: 4.5, 4.5 and 6.56 bits per
+// weight, where ONNX Runtime's MatMulNBits needs 5 (float32 scales), 5 (Q4_K's d sc_j and dmin m_j as Q4_1
+// fields, rounded to float16) and 10.
 //
-// Sources: ggml's block_q4_K and block_q6_K layouts (ggml-common.h), dequantize_row_q4_K / _q6_K and
-// get_scale_min_k4 (ggml-quants.c); ONNX Runtime's custom-op C++ API (onnxruntime_cxx_api.h, CustomOpBase).
-// Registered by register.cc.
+// Sources: ggml's block_q4_0, block_q4_K and block_q6_K layouts (ggml-common.h), dequantize_row_q4_0 / _q4_K /
+// _q6_K and get_scale_min_k4 (ggml-quants.c); ONNX Runtime's custom-op C++ API (onnxruntime_cxx_api.h,
+// CustomOpBase). Registered by register.cc.
 
 #define ORT_API_MANUAL_INIT
 #include <onnxruntime_cxx_api.h>
@@ -47,11 +53,13 @@ constexpr int64_t kSuper = 256;       // weights per super-block
 constexpr int64_t kRowsPerTask = 32;  // rows of W per parallel task
 constexpr int64_t kRowTile = 8;       // rows of W kept hot while every row of x passes over them
 
-float half_at(const uint8_t* bytes) {
+uint16_t load_u16(const uint8_t* bytes) {
   uint16_t half;
   std::memcpy(&half, bytes, 2);
-  return half_to_float(half);
+  return half;
 }
+
+float half_at(const uint8_t* bytes) { return half_to_float(load_u16(bytes)); }
 
 uint32_t load_u32(const uint8_t* bytes) {
   uint32_t word;
@@ -65,8 +73,8 @@ struct Q6_K {
   static constexpr int64_t kBytes = 210;
   static constexpr const char* kName = "Q6_KMatMul";
 
-  // Block b (of 32 elements) of a super-block: its place in the unpacked vectors, in blocks of 32 (in order).
-  static int slot(int b) { return b; }
+  // Half h (16 elements) of block b (32) of a super-block: where it lies in the unpacked vectors (in order).
+  static int place(int b, int h) { return 32 * b + 16 * h; }
 
   // The six-bit level of element e, as dequantize_row_q6_K reads it.
   static int level(const uint8_t* block, int e) {
@@ -102,9 +110,9 @@ struct Q4_K {
   static constexpr int64_t kBytes = 144;
   static constexpr const char* kName = "Q4_KMatMul";
 
-  static int slot(int b) {
+  static int place(int b, int h) {
     static constexpr int kSlot[8] = {0, 2, 1, 3, 4, 6, 5, 7};  // vectors 0..3 hold sub-blocks 0,2 | 1,3 | 4,6 | 5,7
-    return kSlot[b];
+    return 32 * kSlot[b] + 16 * h;
   }
 
   // The 6-bit scale and minimum of sub-block j (ggml's get_scale_min_k4).
@@ -143,6 +151,39 @@ struct Q4_K {
       for (int e = 32 * j; e < 32 * j + 32; ++e) dot += level(block, e) * xq_natural[e];
       total += d * static_cast<float>(scale) * (dx[j] * static_cast<float>(dot) + terms[j]) -
                dmin * static_cast<float>(minimum) * terms[8 + j];
+    }
+    return total;
+  }
+};
+
+// Q4_0 has blocks of 32, not super-blocks: 8 of them (144 bytes, 256 weights) are taken as one.
+struct Q4_0 {
+  static constexpr int64_t kBytes = 144;
+  static constexpr const char* kName = "Q4_0MatMul";
+
+  static int place(int b, int h) {  // vectors 0..3: the low halves of blocks 0-3, their high halves, then 4-7
+    return 64 * (2 * (b / 4) + h) + 16 * (b % 4);
+  }
+
+  static int level(const uint8_t* block, int e) {
+    const uint8_t byte = block[18 * (e / 32) + 2 + e % 16];
+    return (e % 32) < 16 ? byte & 15 : byte >> 4;
+  }
+
+  // Per block j (lanes 0..7): the scale dx_j and the term -8 dx_j sum(xq_j), for the weight d_j.
+  static void sub_blocks(const float* dx, const float*, const int32_t (*levels)[2], float* scales, float* terms) {
+    for (int j = 0; j < 8; ++j) {
+      scales[j] = dx[j];
+      terms[j] = -8.f * dx[j] * static_cast<float>(levels[j][0] + levels[j][1]);
+    }
+  }
+
+  static float plain(const uint8_t* block, const int8_t* xq_natural, const float* dx, const float* terms) {
+    float total = 0.f;
+    for (int j = 0; j < 8; ++j) {
+      int32_t dot = 0;
+      for (int e = 32 * j; e < 32 * j + 32; ++e) dot += level(block, e) * xq_natural[e];
+      total += half_at(block + 18 * j) * (dx[j] * static_cast<float>(dot) + terms[j]);
     }
     return total;
   }
@@ -196,7 +237,8 @@ struct QuantizedRows {
 #endif
           dx[super * 8 + b] = amax / 127.f;
           sums[b] = sum;
-          std::memcpy(ordered.data() + at + 32 * F::slot(b), qb, 32);
+          std::memcpy(ordered.data() + at + F::place(b, 0), qb, 16);
+          std::memcpy(ordered.data() + at + F::place(b, 1), qb + 16, 16);
         }
         F::sub_blocks(dx.data() + super * 8, sums, levels, scales.data() + super * 16, terms.data() + super * 16);
       }
@@ -257,9 +299,34 @@ struct Unpacked {
   }
 }
 
+[[gnu::always_inline]] inline void unpack(const Q4_0&, const uint8_t* block, Unpacked* u) {
+  const __m512i nibble = _mm512_set1_epi8(0x0f);
+  const __m128i halves = _mm_set_epi16(  // d of blocks 7..0
+      static_cast<int16_t>(load_u16(block + 126)), static_cast<int16_t>(load_u16(block + 108)),
+      static_cast<int16_t>(load_u16(block + 90)), static_cast<int16_t>(load_u16(block + 72)),
+      static_cast<int16_t>(load_u16(block + 54)), static_cast<int16_t>(load_u16(block + 36)),
+      static_cast<int16_t>(load_u16(block + 18)), static_cast<int16_t>(load_u16(block)));
+  u->scales = _mm512_zextps256_ps512(_mm256_cvtph_ps(halves));  // d_j in lanes 0..7
+  u->term_weights = u->scales;
+  for (int four = 0; four < 2; ++four) {  // blocks 4 four..4 four + 3: 16 bytes of levels each
+    const uint8_t* first = block + 72 * four + 2;
+    __m512i levels = _mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(first)));
+    levels = _mm512_inserti32x4(levels, _mm_loadu_si128(reinterpret_cast<const __m128i*>(first + 18)), 1);
+    levels = _mm512_inserti32x4(levels, _mm_loadu_si128(reinterpret_cast<const __m128i*>(first + 36)), 2);
+    levels = _mm512_inserti32x4(levels, _mm_loadu_si128(reinterpret_cast<const __m128i*>(first + 54)), 3);
+    u->q[2 * four] = _mm512_and_si512(levels, nibble);
+    u->q[2 * four + 1] = _mm512_and_si512(_mm512_srli_epi16(levels, 4), nibble);
+  }
+}
+
 // For vector g, the lane -> sub-block scale index of `Unpacked::scales`.
 __m512i spread(const Q6_K&, int g) {  // sub-blocks of 16: lanes 4j'..4j'+3 -> 4 g + j'
   return _mm512_add_epi32(_mm512_set1_epi32(4 * g),
+                          _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0));
+}
+
+__m512i spread(const Q4_0&, int g) {  // vectors 0, 1 hold blocks 0-3, vectors 2, 3 blocks 4-7, 4 lanes each
+  return _mm512_add_epi32(_mm512_set1_epi32(4 * (g / 2)),
                           _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0));
 }
 
@@ -457,6 +524,11 @@ struct Q6_KGatherOp : Ort::CustomOpBase<Q6_KGatherOp, Q6_KGatherKernel> {
 };
 
 }  // namespace
+
+const OrtCustomOp* q4_0_matmul_op() {
+  static const MatMulOp<Q4_0> op;
+  return &op;
+}
 
 const OrtCustomOp* q4_k_matmul_op() {
   static const MatMulOp<Q4_K> op;
