@@ -52,6 +52,7 @@ namespace {
 constexpr int64_t kSuper = 256;       // weights per super-block
 constexpr int64_t kRowsPerTask = 32;  // rows of W per parallel task
 constexpr int64_t kRowTile = 8;       // rows of W kept hot while every row of x passes over them
+constexpr int64_t kUnpackOnce = 8;    // rows of x from which a task unpacks each tile of W once
 
 uint16_t load_u16(const uint8_t* bytes) {
   uint16_t half;
@@ -72,6 +73,7 @@ uint32_t load_u32(const uint8_t* bytes) {
 struct Q6_K {
   static constexpr int64_t kBytes = 210;
   static constexpr const char* kName = "Q6_KMatMul";
+  static constexpr bool kPaired = false;  // each vector's sub-blocks are its own (16 elements: 4 lanes)
 
   // Half h (16 elements) of block b (32) of a super-block: where it lies in the unpacked vectors (in order).
   static int place(int b, int h) { return 32 * b + 16 * h; }
@@ -109,10 +111,12 @@ struct Q6_K {
 struct Q4_K {
   static constexpr int64_t kBytes = 144;
   static constexpr const char* kName = "Q4_KMatMul";
+  static constexpr bool kPaired = true;  // vectors 2p and 2p + 1 hold the same sub-blocks in the same lanes
 
+  // Vectors 0, 1: elements 0-15, 16-31 of sub-blocks 0, 2, 1, 3 (a 16-byte lane each); vectors 2, 3: of 4, 6, 5, 7.
   static int place(int b, int h) {
-    static constexpr int kSlot[8] = {0, 2, 1, 3, 4, 6, 5, 7};  // vectors 0..3 hold sub-blocks 0,2 | 1,3 | 4,6 | 5,7
-    return 32 * kSlot[b] + 16 * h;
+    static constexpr int kLane[4] = {0, 2, 1, 3};
+    return 64 * (2 * (b / 4) + h) + 16 * kLane[b % 4];
   }
 
   // The 6-bit scale and minimum of sub-block j (ggml's get_scale_min_k4).
@@ -160,6 +164,7 @@ struct Q4_K {
 struct Q4_0 {
   static constexpr int64_t kBytes = 144;
   static constexpr const char* kName = "Q4_0MatMul";
+  static constexpr bool kPaired = true;  // vectors 2p and 2p + 1: the low and high halves of the same blocks
 
   static int place(int b, int h) {  // vectors 0..3: the low halves of blocks 0-3, their high halves, then 4-7
     return 64 * (2 * (b / 4) + h) + 16 * (b % 4);
@@ -292,10 +297,12 @@ struct Unpacked {
   const __m512 scaled = _mm512_mul_ps(both, weights);
   u->scales = _mm512_mask_sub_ps(scaled, 0xff00, _mm512_setzero_ps(), scaled);  // d sc_j in lanes 0..7, -dmin m_j in 8..15
   u->term_weights = u->scales;
-  for (int h = 0; h < 2; ++h) {
+  for (int h = 0; h < 2; ++h) {  // 16-byte lanes of 64 bytes of levels: runs 2h and 2h + 1, two halves each
     const __m512i packed_levels = _mm512_loadu_si512(block + 16 + 64 * h);
-    u->q[2 * h] = _mm512_and_si512(packed_levels, nibble);
-    u->q[2 * h + 1] = _mm512_and_si512(_mm512_srli_epi16(packed_levels, 4), nibble);
+    const __m512i low = _mm512_and_si512(packed_levels, nibble);  // sub-blocks 4h (lanes 0, 1), 4h + 2 (2, 3)
+    const __m512i high = _mm512_and_si512(_mm512_srli_epi16(packed_levels, 4), nibble);  // 4h + 1, 4h + 3
+    u->q[2 * h] = _mm512_shuffle_i64x2(low, high, _MM_SHUFFLE(2, 0, 2, 0));      // their elements 0-15
+    u->q[2 * h + 1] = _mm512_shuffle_i64x2(low, high, _MM_SHUFFLE(3, 1, 3, 1));  // their elements 16-31
   }
 }
 
@@ -330,16 +337,22 @@ __m512i spread(const Q4_0&, int g) {  // vectors 0, 1 hold blocks 0-3, vectors 2
                           _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0));
 }
 
-__m512i spread(const Q4_K&, int g) {  // vectors 0..3 hold sub-blocks (0,2) (1,3) (4,6) (5,7), 8 lanes each
-  static constexpr int kFirst[4] = {0, 1, 4, 5};
-  return _mm512_add_epi32(_mm512_set1_epi32(kFirst[g]), _mm512_set_epi32(2, 2, 2, 2, 2, 2, 2, 2, 0, 0, 0, 0, 0, 0, 0, 0));
+__m512i spread(const Q4_K&, int g) {  // vectors 2p, 2p + 1: sub-blocks 4p + 0, 2, 1, 3, 4 lanes each
+  return _mm512_add_epi32(_mm512_set1_epi32(4 * (g / 2)),
+                          _mm512_set_epi32(3, 3, 3, 3, 1, 1, 1, 1, 2, 2, 2, 2, 0, 0, 0, 0));
 }
 #endif
 
+#if !defined(GRAINS_AVX512)
+struct Unpacked {};  // the plain path reads the bytes themselves
+#endif
+
 // out[c * stride + i] = row n + i of W against row r + c of x, for R rows of W and C rows of x: R x C
-// accumulators; the rows of x share each unpacked super-block of W.
+// accumulators; the rows of x share each unpacked super-block of W, read from `unpacked` (rows n.., their
+// super-blocks in order) when the task unpacked its tile once for many rows of x, else from the bytes.
 template <class F, int R, int C>
-void dot_rows(const uint8_t* w, int64_t n, const QuantizedRows<F>& x, int64_t r, float* out, int64_t stride) {
+void dot_rows(const uint8_t* w, int64_t n, const Unpacked* unpacked, const QuantizedRows<F>& x, int64_t r, float* out,
+              int64_t stride) {
   const int64_t supers = x.supers, row_bytes = supers * F::kBytes;
 #if defined(GRAINS_AVX512)
   const F format{};
@@ -357,19 +370,25 @@ void dot_rows(const uint8_t* w, int64_t n, const QuantizedRows<F>& x, int64_t r,
     // unrolled, so that acc[i][c] are registers
 #pragma GCC unroll 4
     for (int i = 0; i < R; ++i) {
-      const uint8_t* block = w + (n + i) * row_bytes + s * F::kBytes;
-      for (int64_t ahead = 0; ahead < F::kBytes; ahead += 64) {  // the same super-block R rows on
-        _mm_prefetch(reinterpret_cast<const char*>(block + R * row_bytes + ahead), _MM_HINT_T0);
-      }
       Unpacked u;
-      unpack(format, block, &u);
+      if (unpacked != nullptr) {
+        u = unpacked[i * supers + s];
+      } else {
+        const uint8_t* block = w + (n + i) * row_bytes + s * F::kBytes;
+        for (int64_t ahead = 0; ahead < F::kBytes; ahead += 64) {  // the same super-block R rows on
+          _mm_prefetch(reinterpret_cast<const char*>(block + R * row_bytes + ahead), _MM_HINT_T0);
+        }
+        unpack(format, block, &u);
+      }
       for (int c = 0; c < C; ++c) {
         const int64_t super = (r + c) * supers + s;
         const int8_t* xq = x.ordered.data() + super * kSuper;
         const __m512 scales = _mm512_mul_ps(u.scales, _mm512_loadu_ps(x.scales.data() + super * 16));  // per sub-block
         acc[i][c][0] = _mm512_fmadd_ps(u.term_weights, _mm512_loadu_ps(x.terms.data() + super * 16), acc[i][c][0]);
-        for (int g = 0; g < 4; ++g) {
-          const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u.q[g], _mm512_loadu_si512(xq + 64 * g));
+        constexpr int kStep = F::kPaired ? 2 : 1;  // vectors summed in int32 before their one conversion
+        for (int g = 0; g < 4; g += kStep) {
+          __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u.q[g], _mm512_loadu_si512(xq + 64 * g));
+          if (F::kPaired) dot = _mm512_dpbusd_epi32(dot, u.q[g + 1], _mm512_loadu_si512(xq + 64 * (g + 1)));
           const __m512 scale = _mm512_permutexvar_ps(lanes[g], scales);
           acc[i][c][g % P] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[i][c][g % P]);
         }
@@ -409,25 +428,41 @@ struct Work {
 // one at a time, each over its whole K, so that a task reads its rows as one sequential stream (as in
 // q4_1_matmul.cc); several rows of x take 4 rows of W at a time, each unpacked super-block shared by them.
 template <class F, int C>
-void rows_of_x(const Work<F>& work, int64_t tile, int64_t tile_end, int64_t r) {
+void rows_of_x(const Work<F>& work, int64_t tile, int64_t tile_end, int64_t r, const Unpacked* unpacked) {
   float* y = work.y + r * work.n;
+  const int64_t supers = work.x->supers;
+  auto rows_from = [&](int64_t n) { return unpacked == nullptr ? nullptr : unpacked + (n - tile) * supers; };
   int64_t n = tile;
   if (C > 1) {
-    for (; n + 4 <= tile_end; n += 4) dot_rows<F, 4, C>(work.w, n, *work.x, r, y + n, work.n);
+    for (; n + 4 <= tile_end; n += 4) dot_rows<F, 4, C>(work.w, n, rows_from(n), *work.x, r, y + n, work.n);
   }
-  for (; n < tile_end; ++n) dot_rows<F, 1, C>(work.w, n, *work.x, r, y + n, work.n);
+  for (; n < tile_end; ++n) dot_rows<F, 1, C>(work.w, n, rows_from(n), *work.x, r, y + n, work.n);
 }
 
-// Task t: rows [32 t, 32 t + 32) of W against every row of x, kRowTile rows of W at a time.
+// Task t: rows [32 t, 32 t + 32) of W against every row of x, kRowTile rows of W at a time. For a prompt (at
+// least kUnpackOnce rows of x) each tile is unpacked once into a buffer, not once per 4 rows of x.
 template <class F>
 void run_task(void* data, size_t task) {
   const Work<F>& work = *static_cast<const Work<F>*>(data);
   const int64_t first = static_cast<int64_t>(task) * kRowsPerTask, last = std::min(first + kRowsPerTask, work.n);
+  const int64_t supers = work.x->supers;
+  std::vector<Unpacked> buffer;
+#if defined(GRAINS_AVX512)
+  if (work.rows >= kUnpackOnce) buffer.resize(kRowTile * supers);
+#endif
   for (int64_t tile = first; tile < last; tile += kRowTile) {
     const int64_t tile_end = std::min(tile + kRowTile, last);
+#if defined(GRAINS_AVX512)
+    for (int64_t n = tile; !buffer.empty() && n < tile_end; ++n) {
+      for (int64_t s = 0; s < supers; ++s) {
+        unpack(F{}, work.w + (n * supers + s) * F::kBytes, &buffer[(n - tile) * supers + s]);
+      }
+    }
+#endif
+    const Unpacked* unpacked = buffer.empty() ? nullptr : buffer.data();
     int64_t r = 0;
-    for (; r + 4 <= work.rows; r += 4) rows_of_x<F, 4>(work, tile, tile_end, r);
-    for (; r < work.rows; ++r) rows_of_x<F, 1>(work, tile, tile_end, r);
+    for (; r + 4 <= work.rows; r += 4) rows_of_x<F, 4>(work, tile, tile_end, r, unpacked);
+    for (; r < work.rows; ++r) rows_of_x<F, 1>(work, tile, tile_end, r, unpacked);
   }
 }
 
