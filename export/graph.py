@@ -528,8 +528,12 @@ def attention(
             settings["local_window_size"] = spec.windows[layer]
         if spec.attention_softcap:
             settings["softcap"] = spec.attention_softcap
+        # with grains-edge's kernels: CachedAttention, GroupQueryAttention's contract with a decode step of its own
+        op, domain = ("GroupQueryAttention", "com.microsoft")
+        if g.custom_kernels:
+            op, domain = "CachedAttention", kernels.DOMAIN
         context, _, _ = g.op(
-            "GroupQueryAttention",
+            op,
             query,
             key,
             value,
@@ -539,7 +543,7 @@ def attention(
             pre.total,
             *rope,
             outputs=[None, pre.present[2 * layer], pre.present[2 * layer + 1]],
-            domain="com.microsoft",
+            domain=domain,
             **settings,
         )  # [b, s, H*d], [b, KV, total, d] x2
         return g.linear(context, out[0], *out[1])

@@ -6,6 +6,7 @@
 #undef ORT_API_MANUAL_INIT
 
 const OrtCustomOp* q4_1_matmul_op();  // q4_1_matmul.cc
+const OrtCustomOp* cached_attention_op();  // cached_attention.cc
 const OrtCustomOp* q4_0_matmul_op();  // k_quant_matmul.cc
 const OrtCustomOp* q4_k_matmul_op();  // k_quant_matmul.cc
 const OrtCustomOp* q6_k_matmul_op();  // k_quant_matmul.cc
@@ -19,6 +20,7 @@ extern "C" OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options,
     if (!domain) {  // one domain for every session of the process; it must outlive them
       domain = Ort::CustomOpDomain("grains_edge");
       domain.Add(q4_1_matmul_op());
+      domain.Add(cached_attention_op());
       domain.Add(q4_0_matmul_op());
       domain.Add(q4_k_matmul_op());
       domain.Add(q6_k_matmul_op());

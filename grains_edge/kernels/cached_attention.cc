@@ -1,0 +1,264 @@
+// grains_edge.CachedAttention: com.microsoft.GroupQueryAttention's contract, with a kernel of its own for the
+// step that decodes one token per row into a KV cache held in place (the engine's and the server's decode
+// steps); every other step (a prompt, a cache that is not in place, attributes it does not take) runs ONNX
+// Runtime's own GroupQueryAttention, created inside this kernel.
+//
+//   inputs   query [b, 1, H d] (or q|k|v packed [b, 1, (H + 2 KV) d] with key and value absent), key and
+//            value [b, 1, KV d], past_key and past_value [b, KV, capacity, d] (the same buffers as the
+//            present outputs), seqlens_k [b] int32 (row i's tokens - 1), total_sequence_length [] int32,
+//            cos_cache and sin_cache [positions, d / 2] (rotary embedding, optional)
+//   outputs  output [b, 1, H d]; present_key, present_value [b, KV, capacity, d]
+//   attrs    num_heads, kv_num_heads, scale (0: 1/sqrt(d)), do_rotary, local_window_size (-1: none); the
+//            decode kernel takes rotary_interleaved 0 and softcap 0 only
+//
+// Row i's new token sits at position p = seqlens_k[i]: its key (rotated at p) and value are written at p in
+// the cache, and each query head attends to the keys [max(0, p - window), p] of its KV head (the last
+// window + 1, as GroupQueryAttention's local window). The KV heads of all rows are split across the session's
+// threads; each reads its keys and values once for the H / KV query heads that share them, where ONNX
+// Runtime's kernel makes one matrix product per query head.
+//
+// Sources: ONNX Runtime's contrib op docs (GroupQueryAttention) and custom-op C++ API (Ort::Op, which creates
+// and invokes its own kernels); rotary embedding: Su et al. 2021, the rotate-half form of GPT-NeoX / Llama.
+
+#define ORT_API_MANUAL_INIT
+#include <onnxruntime_cxx_api.h>
+#undef ORT_API_MANUAL_INIT
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "cpu.h"
+
+namespace {
+
+#if defined(GRAINS_AVX512)
+// e^x for x <= 0 (scores minus their maximum), 16 at a time: 2^(x log2 e) as 2^n * 2^f, |f| <= 1/2, 2^f by
+// its Taylor series to degree 7 (relative error below 1e-7), 2^n by scalef (0 below float's range).
+__m512 exp_nonpositive(__m512 x) {
+  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.693147180559945309f));  // (t - n) ln 2
+  __m512 p = _mm512_set1_ps(1.f / 5040.f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 720.f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 120.f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 24.f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 6.f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+#endif
+
+struct Step {
+  const float *q, *k, *v;        // the new token's q [b, H d], k and v [b, KV d]
+  int64_t q_row, kv_row;         // floats from one row's q (and k, v) to the next's: packed, both (H + 2 KV) d
+  float *keys, *values;          // the caches [b, KV, capacity, d]
+  const int32_t* seqlens;        // [b]
+  const float *cos, *sin;        // [positions, d / 2], or null
+  float* out;                    // [b, H d]
+  int64_t heads, kv_heads, capacity, d, window;
+  float scale;
+};
+
+// x[0 : d/2], x[d/2 : d] rotated by position p's angles, into `to` (may be x).
+void rotate(const Step& st, const float* x, int64_t p, float* to) {
+  const int64_t half = st.d / 2;
+  const float *cos = st.cos + p * half, *sin = st.sin + p * half;
+  for (int64_t i = 0; i < half; ++i) {
+    const float a = x[i], b = x[i + half];
+    to[i] = a * cos[i] - b * sin[i];
+    to[i + half] = b * cos[i] + a * sin[i];
+  }
+}
+
+// Task: row `task / kv_heads`, KV head `task % kv_heads`: append its key and value, then attend for each of
+// its query heads.
+void attend(void* data, size_t task) {
+  const Step& st = *static_cast<const Step*>(data);
+  const int64_t b = static_cast<int64_t>(task) / st.kv_heads, g = static_cast<int64_t>(task) % st.kv_heads;
+  const int64_t p = st.seqlens[b], d = st.d, group = st.heads / st.kv_heads;
+  const int64_t start = st.window >= 0 ? std::max<int64_t>(0, p - st.window) : 0, length = p + 1 - start;
+  float* keys = st.keys + ((b * st.kv_heads + g) * st.capacity) * d;
+  float* values = st.values + ((b * st.kv_heads + g) * st.capacity) * d;
+  const float *k = st.k + b * st.kv_row + g * d, *v = st.v + b * st.kv_row + g * d;
+  if (st.cos != nullptr) {
+    rotate(st, k, p, keys + p * d);
+  } else {
+    std::copy(k, k + d, keys + p * d);
+  }
+  std::copy(v, v + d, values + p * d);
+  std::vector<float> query(d), scores(length), context(d);
+  for (int64_t h = g * group; h < (g + 1) * group; ++h) {
+    const float* q = st.q + b * st.q_row + h * d;
+    if (st.cos != nullptr) {
+      rotate(st, q, p, query.data());
+    } else {
+      std::copy(q, q + d, query.begin());
+    }
+    float top = -INFINITY;
+    for (int64_t t = 0; t < length; ++t) {
+      const float* key = keys + (start + t) * d;
+#if defined(GRAINS_AVX512)
+      __m512 sum = _mm512_setzero_ps();
+      for (int64_t i = 0; i < d; i += 16) sum = _mm512_fmadd_ps(_mm512_loadu_ps(query.data() + i), _mm512_loadu_ps(key + i), sum);
+      scores[t] = st.scale * _mm512_reduce_add_ps(sum);
+#else
+      float sum = 0.f;
+      for (int64_t i = 0; i < d; ++i) sum += query[i] * key[i];
+      scores[t] = st.scale * sum;
+#endif
+      top = std::max(top, scores[t]);
+    }
+    float total = 0.f;
+    int64_t t = 0;
+#if defined(GRAINS_AVX512)
+    __m512 sums = _mm512_setzero_ps();
+    for (; t + 16 <= length; t += 16) {
+      const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(scores.data() + t), _mm512_set1_ps(top)));
+      _mm512_storeu_ps(scores.data() + t, e);
+      sums = _mm512_add_ps(sums, e);
+    }
+    total = _mm512_reduce_add_ps(sums);
+#endif
+    for (; t < length; ++t) {
+      scores[t] = std::exp(scores[t] - top);
+      total += scores[t];
+    }
+    std::fill(context.begin(), context.end(), 0.f);
+    for (int64_t s = 0; s < length; ++s) {
+      const float weight = scores[s] / total, *value = values + (start + s) * d;
+#if defined(GRAINS_AVX512)
+      const __m512 w = _mm512_set1_ps(weight);
+      for (int64_t i = 0; i < d; i += 16) {
+        _mm512_storeu_ps(context.data() + i, _mm512_fmadd_ps(w, _mm512_loadu_ps(value + i), _mm512_loadu_ps(context.data() + i)));
+      }
+#else
+      for (int64_t i = 0; i < d; ++i) context[i] += weight * value[i];
+#endif
+    }
+    std::copy(context.begin(), context.end(), st.out + b * st.heads * d + h * d);
+  }
+}
+
+int64_t attribute_or(const Ort::ConstKernelInfo& info, const char* name, int64_t fallback) {
+  try {
+    return info.GetAttribute<int64_t>(name);
+  } catch (const Ort::Exception&) {
+    return fallback;
+  }
+}
+
+float float_attribute_or(const Ort::ConstKernelInfo& info, const char* name, float fallback) {
+  try {
+    return info.GetAttribute<float>(name);
+  } catch (const Ort::Exception&) {
+    return fallback;
+  }
+}
+
+struct CachedAttentionKernel {
+  CachedAttentionKernel(const OrtApi&, const OrtKernelInfo* raw_info) {
+    Ort::ConstKernelInfo info(raw_info);
+    heads_ = info.GetAttribute<int64_t>("num_heads");
+    kv_heads_ = info.GetAttribute<int64_t>("kv_num_heads");
+    scale_ = float_attribute_or(info, "scale", 0.f);
+    rotary_ = attribute_or(info, "do_rotary", 0);
+    interleaved_ = attribute_or(info, "rotary_interleaved", 0);
+    window_ = attribute_or(info, "local_window_size", -1);
+    softcap_ = float_attribute_or(info, "softcap", 0.f);
+    inputs_ = info.GetInputCount();
+    const int64_t ints[] = {heads_, kv_heads_, rotary_, interleaved_, window_};
+    const char* int_names[] = {"num_heads", "kv_num_heads", "do_rotary", "rotary_interleaved", "local_window_size"};
+    std::vector<Ort::OpAttr> attributes;
+    for (int i = 0; i < 5; ++i) attributes.emplace_back(int_names[i], &ints[i], 1, OrtOpAttrType::ORT_OP_ATTR_INT);
+    attributes.emplace_back("scale", &scale_, 1, OrtOpAttrType::ORT_OP_ATTR_FLOAT);
+    attributes.emplace_back("softcap", &softcap_, 1, OrtOpAttrType::ORT_OP_ATTR_FLOAT);
+    const char* type_names[] = {"T", "M"};
+    const ONNXTensorElementDataType types[] = {ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32};
+    stock_ = Ort::Op::Create(raw_info, "GroupQueryAttention", "com.microsoft", 1, type_names, types, 2,
+                             attributes.data(), attributes.size(), inputs_, 3);
+  }
+
+  void Compute(OrtKernelContext* raw_context) {
+    Ort::KernelContext context(raw_context);
+    const Ort::ConstValue query = context.GetInput(0), past_key = context.GetInput(3), past_value = context.GetInput(4);
+    const Ort::ConstValue seqlens = context.GetInput(5), total = context.GetInput(6);
+    const std::vector<int64_t> shape = query.GetTensorTypeAndShapeInfo().GetShape();  // [b, s, width]
+    const std::vector<int64_t> cache = past_key.GetTensorTypeAndShapeInfo().GetShape();  // [b, KV, capacity, d]
+    const int64_t batch = shape[0], d = cache[3];
+    const int64_t total_length = total.GetTensorData<int32_t>()[0];
+    std::vector<int64_t> present = cache;
+    present[2] = std::max<int64_t>(cache[2], total_length);
+    Ort::UnownedValue output = context.GetOutput(0, {shape[0], shape[1], heads_ * d});
+    Ort::UnownedValue present_key = context.GetOutput(1, present), present_value = context.GetOutput(2, present);
+    const bool in_place = present_key.GetTensorRawData() == past_key.GetTensorRawData() &&
+                          present_value.GetTensorRawData() == past_value.GetTensorRawData();
+    const bool decode = shape[1] == 1 && in_place && total_length <= cache[2] && d % 16 == 0 &&
+                        interleaved_ == 0 && softcap_ == 0.f && (rotary_ == 0 || inputs_ > 7);
+    if (!decode) {  // ONNX Runtime's own kernel, on the same inputs and outputs
+      std::vector<const OrtValue*> inputs(inputs_);
+      for (size_t i = 0; i < inputs_; ++i) inputs[i] = context.GetInput(i);
+      OrtValue* outputs[] = {output, present_key, present_value};
+      stock_.Invoke(raw_context, inputs.data(), inputs_, outputs, 3);
+      return;
+    }
+    const bool packed = context.GetInput(1) == nullptr;
+    const float* q = query.GetTensorData<float>();
+    const int64_t packed_row = (heads_ + 2 * kv_heads_) * d;
+    const Step step{q,
+                    packed ? q + heads_ * d : context.GetInput(1).GetTensorData<float>(),
+                    packed ? q + (heads_ + kv_heads_) * d : context.GetInput(2).GetTensorData<float>(),
+                    packed ? packed_row : heads_ * d,
+                    packed ? packed_row : kv_heads_ * d,
+                    present_key.GetTensorMutableData<float>(),
+                    present_value.GetTensorMutableData<float>(),
+                    seqlens.GetTensorData<int32_t>(),
+                    rotary_ ? context.GetInput(7).GetTensorData<float>() : nullptr,
+                    rotary_ ? context.GetInput(8).GetTensorData<float>() : nullptr,
+                    output.GetTensorMutableData<float>(),
+                    heads_,
+                    kv_heads_,
+                    cache[2],
+                    d,
+                    window_,
+                    scale_ != 0.f ? scale_ : 1.f / std::sqrt(static_cast<float>(d))};
+    for (int64_t b = 0; b < batch; ++b) {
+      if (step.seqlens[b] < 0 || step.seqlens[b] >= cache[2]) {
+        ORT_CXX_API_THROW("CachedAttention: a row's position is outside its cache", ORT_INVALID_ARGUMENT);
+      }
+    }
+    context.ParallelFor(attend, static_cast<size_t>(batch * kv_heads_), 0, const_cast<Step*>(&step));
+  }
+
+  int64_t heads_ = 0, kv_heads_ = 0, rotary_ = 0, interleaved_ = 0, window_ = -1;
+  float scale_ = 0.f, softcap_ = 0.f;
+  size_t inputs_ = 0;
+  Ort::Op stock_{nullptr};
+};
+
+struct CachedAttentionOp : Ort::CustomOpBase<CachedAttentionOp, CachedAttentionKernel> {
+  void* CreateKernel(const OrtApi& api, const OrtKernelInfo* info) const { return new CachedAttentionKernel(api, info); }
+  const char* GetName() const { return "CachedAttention"; }
+  size_t GetInputTypeCount() const { return 9; }
+  ONNXTensorElementDataType GetInputType(size_t index) const {
+    return index == 5 || index == 6 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t index) const {
+    const bool optional = index == 1 || index == 2 || index == 7 || index == 8;  // packed q|k|v; no rotary
+    return optional ? OrtCustomOpInputOutputCharacteristic::INPUT_OUTPUT_OPTIONAL
+                    : OrtCustomOpInputOutputCharacteristic::INPUT_OUTPUT_REQUIRED;
+  }
+  size_t GetOutputTypeCount() const { return 3; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+};
+
+}  // namespace
+
+const OrtCustomOp* cached_attention_op() {
+  static const CachedAttentionOp op;
+  return &op;
+}
