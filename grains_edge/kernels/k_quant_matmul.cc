@@ -45,7 +45,9 @@
 #include <string>
 #include <vector>
 
+#include "block_quantize.h"
 #include "cpu.h"
+#include "linear_size.h"
 
 namespace {
 
@@ -213,35 +215,12 @@ struct QuantizedRows {
         float sums[8];
         int32_t levels[8][2];  // per block, the sums of its two halves' levels
         for (int b = 0; b < 8; ++b) {
-          const float* xb = x + at + 32 * b;
           int8_t* qb = xq.data() + at + 32 * b;
-          float amax = 0.f, sum = 0.f;
-#if defined(GRAINS_AVX512)
-          // the same rounding as the loop below (nearest even), 16 elements per instruction
-          const __m512 first = _mm512_loadu_ps(xb), second = _mm512_loadu_ps(xb + 16);
-          amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(first), _mm512_abs_ps(second)));
-          sum = _mm512_reduce_add_ps(_mm512_add_ps(first, second));
-          const __m512 inverse = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
-          const __m512i low = _mm512_cvtps_epi32(_mm512_mul_ps(first, inverse));
-          const __m512i high = _mm512_cvtps_epi32(_mm512_mul_ps(second, inverse));
-          _mm_storeu_si128(reinterpret_cast<__m128i*>(qb), _mm512_cvtsepi32_epi8(low));
-          _mm_storeu_si128(reinterpret_cast<__m128i*>(qb + 16), _mm512_cvtsepi32_epi8(high));
-          levels[b][0] = _mm512_reduce_add_epi32(low);
-          levels[b][1] = _mm512_reduce_add_epi32(high);
-#else
-          for (int j = 0; j < 32; ++j) {
-            amax = std::max(amax, std::fabs(xb[j]));
-            sum += xb[j];
-          }
-          const float inverse = amax > 0.f ? 127.f / amax : 0.f;
-          levels[b][0] = levels[b][1] = 0;
-          for (int j = 0; j < 32; ++j) {
-            qb[j] = static_cast<int8_t>(std::nearbyint(xb[j] * inverse));
-            levels[b][j / 16] += qb[j];
-          }
-#endif
-          dx[super * 8 + b] = amax / 127.f;
-          sums[b] = sum;
+          const QuantizedBlock block = quantize_block(x + at + 32 * b, qb, qb + 16);
+          dx[super * 8 + b] = block.scale;
+          sums[b] = block.sum;
+          levels[b][0] = block.levels[0];
+          levels[b][1] = block.levels[1];
           std::memcpy(ordered.data() + at + F::place(b, 0), qb, 16);
           std::memcpy(ordered.data() + at + F::place(b, 1), qb + 16, 16);
         }
@@ -474,65 +453,57 @@ void check_blocks(const Ort::ConstValue& blocks, int64_t k, int64_t n, int64_t b
 
 template <class F>
 struct MatMulKernel {
-  MatMulKernel(const OrtApi&, const OrtKernelInfo* info) {
-    Ort::ConstKernelInfo kernel_info(info);
-    k_ = kernel_info.GetAttribute<int64_t>("K");
-    n_ = kernel_info.GetAttribute<int64_t>("N");
-  }
+  MatMulKernel(const OrtApi&, const OrtKernelInfo* info) : size_(info) {}
 
   void Compute(OrtKernelContext* raw_context) {
     Ort::KernelContext context(raw_context);
     const Ort::ConstValue x = context.GetInput(0), blocks = context.GetInput(1);
     std::vector<int64_t> shape = x.GetTensorTypeAndShapeInfo().GetShape();
-    if (shape.empty() || shape.back() != k_) {
+    if (shape.empty() || shape.back() != size_.k) {
       ORT_CXX_API_THROW(std::string(F::kName) + ": x's last axis must be K", ORT_INVALID_ARGUMENT);
     }
-    check_blocks(blocks, k_, n_, F::kBytes, F::kName);
+    check_blocks(blocks, size_.k, size_.n, F::kBytes, F::kName);
     int64_t rows = 1;
     for (size_t i = 0; i + 1 < shape.size(); ++i) rows *= shape[i];
-    shape.back() = n_;
+    shape.back() = size_.n;
     Ort::UnownedValue y = context.GetOutput(0, shape);
     if (rows == 0) return;
-    const QuantizedRows<F> quantized(x.GetTensorData<float>(), rows, k_);
-    Work<F> work{blocks.GetTensorData<uint8_t>(), &quantized, y.GetTensorMutableData<float>(), rows, n_};
-    context.ParallelFor(run_task<F>, static_cast<size_t>((n_ + kRowsPerTask - 1) / kRowsPerTask), 0, &work);
+    const QuantizedRows<F> quantized(x.GetTensorData<float>(), rows, size_.k);
+    Work<F> work{blocks.GetTensorData<uint8_t>(), &quantized, y.GetTensorMutableData<float>(), rows, size_.n};
+    context.ParallelFor(run_task<F>, static_cast<size_t>((size_.n + kRowsPerTask - 1) / kRowsPerTask), 0, &work);
   }
 
-  int64_t k_ = 0, n_ = 0;
+  const LinearSize size_;
 };
 
 struct Q6_KGatherKernel {
-  Q6_KGatherKernel(const OrtApi&, const OrtKernelInfo* info) {
-    Ort::ConstKernelInfo kernel_info(info);
-    k_ = kernel_info.GetAttribute<int64_t>("K");
-    n_ = kernel_info.GetAttribute<int64_t>("N");
-  }
+  Q6_KGatherKernel(const OrtApi&, const OrtKernelInfo* info) : size_(info) {}
 
   void Compute(OrtKernelContext* raw_context) {
     Ort::KernelContext context(raw_context);
     const Ort::ConstValue blocks = context.GetInput(0), ids = context.GetInput(1);
-    check_blocks(blocks, k_, n_, Q6_K::kBytes, "Q6_KGather");
+    check_blocks(blocks, size_.k, size_.n, Q6_K::kBytes, "Q6_KGather");
     std::vector<int64_t> shape = ids.GetTensorTypeAndShapeInfo().GetShape();
     const size_t count = ids.GetTensorTypeAndShapeInfo().GetElementCount();
-    shape.push_back(k_);
+    shape.push_back(size_.k);
     float* out = context.GetOutput(0, shape).GetTensorMutableData<float>();
     const int64_t* id = ids.GetTensorData<int64_t>();
     const uint8_t* table = blocks.GetTensorData<uint8_t>();
-    const int64_t supers = k_ / kSuper;
+    const int64_t supers = size_.k / kSuper;
     for (size_t t = 0; t < count; ++t) {
-      if (id[t] < 0 || id[t] >= n_) ORT_CXX_API_THROW("Q6_KGather: an id is outside the table", ORT_INVALID_ARGUMENT);
+      if (id[t] < 0 || id[t] >= size_.n) ORT_CXX_API_THROW("Q6_KGather: an id is outside the table", ORT_INVALID_ARGUMENT);
       for (int64_t s = 0; s < supers; ++s) {
         const uint8_t* block = table + (id[t] * supers + s) * Q6_K::kBytes;
         const float d = half_at(block + 208);
         for (int e = 0; e < kSuper; ++e) {
           const float scale = d * static_cast<float>(static_cast<int8_t>(block[192 + e / 16]));
-          out[t * k_ + s * kSuper + e] = scale * static_cast<float>(Q6_K::level(block, e) - 32);
+          out[t * size_.k + s * kSuper + e] = scale * static_cast<float>(Q6_K::level(block, e) - 32);
         }
       }
     }
   }
 
-  int64_t k_ = 0, n_ = 0;
+  const LinearSize size_;
 };
 
 template <class F>

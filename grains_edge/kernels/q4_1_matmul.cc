@@ -29,7 +29,9 @@
 #include <cstring>
 #include <vector>
 
+#include "block_quantize.h"
 #include "cpu.h"
+#include "linear_size.h"
 
 namespace {
 
@@ -51,37 +53,11 @@ struct QuantizedRows {
         lo(rows * padded * 16), hi(rows * padded * 16), dx(rows * padded), sx(rows * padded), ex(rows * padded) {
     for (int64_t r = 0; r < rows; ++r) {
       for (int64_t b = 0; b < blocks; ++b) {
-        const float* xb = x + r * k + b * kBlock;
         const int64_t at = (r * padded + b) * 16;
-        float amax = 0.f, sum = 0.f;
-        int32_t levels = 0;
-#if defined(GRAINS_AVX512)
-        // The same rounding as the loop below (nearest even, the default mode), 16 elements per instruction;
-        // only the order of the float sum differs.
-        const __m512 first = _mm512_loadu_ps(xb), second = _mm512_loadu_ps(xb + 16);
-        amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(first), _mm512_abs_ps(second)));
-        sum = _mm512_reduce_add_ps(_mm512_add_ps(first, second));
-        const __m512 inverse = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
-        const __m512i low = _mm512_cvtps_epi32(_mm512_mul_ps(first, inverse));
-        const __m512i high = _mm512_cvtps_epi32(_mm512_mul_ps(second, inverse));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(lo.data() + at), _mm512_cvtsepi32_epi8(low));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(hi.data() + at), _mm512_cvtsepi32_epi8(high));
-        levels = _mm512_reduce_add_epi32(_mm512_add_epi32(low, high));
-#else
-        for (int64_t j = 0; j < kBlock; ++j) {
-          amax = std::max(amax, std::fabs(xb[j]));
-          sum += xb[j];
-        }
-        const float inverse = amax > 0.f ? 127.f / amax : 0.f;
-        for (int64_t j = 0; j < 16; ++j) {
-          lo[at + j] = static_cast<int8_t>(std::nearbyint(xb[j] * inverse));
-          hi[at + j] = static_cast<int8_t>(std::nearbyint(xb[j + 16] * inverse));
-          levels += lo[at + j] + hi[at + j];
-        }
-#endif
-        dx[r * padded + b] = amax / 127.f;
-        sx[r * padded + b] = sum;
-        ex[r * padded + b] = 8.f * (sum - amax / 127.f * static_cast<float>(levels));
+        const QuantizedBlock block = quantize_block(x + r * k + b * kBlock, lo.data() + at, hi.data() + at);
+        dx[r * padded + b] = block.scale;
+        sx[r * padded + b] = block.sum;
+        ex[r * padded + b] = 8.f * (block.sum - block.scale * static_cast<float>(block.levels[0] + block.levels[1]));
       }
     }
   }
@@ -243,20 +219,16 @@ void run_task(void* data, size_t task) {
 }
 
 struct Q4_1MatMulKernel {
-  Q4_1MatMulKernel(const OrtApi&, const OrtKernelInfo* info) {
-    Ort::ConstKernelInfo kernel_info(info);
-    k_ = kernel_info.GetAttribute<int64_t>("K");
-    n_ = kernel_info.GetAttribute<int64_t>("N");
-  }
+  Q4_1MatMulKernel(const OrtApi&, const OrtKernelInfo* info) : size_(info) {}
 
   void Compute(OrtKernelContext* raw_context) {
     Ort::KernelContext context(raw_context);
     const Ort::ConstValue x = context.GetInput(0);
     std::vector<int64_t> shape = x.GetTensorTypeAndShapeInfo().GetShape();
-    if (shape.empty() || shape.back() != k_ || k_ % kBlock != 0) {
+    if (shape.empty() || shape.back() != size_.k || size_.k % kBlock != 0) {
       ORT_CXX_API_THROW("Q4_1MatMul: x's last axis must be K, a multiple of 32", ORT_INVALID_ARGUMENT);
     }
-    const size_t blocks = static_cast<size_t>(n_ * (k_ / kBlock));
+    const size_t blocks = static_cast<size_t>(size_.n * (size_.k / kBlock));
     const Ort::ConstValue nibbles = context.GetInput(1), d = context.GetInput(2), m = context.GetInput(3);
     if (nibbles.GetTensorTypeAndShapeInfo().GetElementCount() != blocks * 16 ||
         d.GetTensorTypeAndShapeInfo().GetElementCount() != blocks ||
@@ -265,18 +237,18 @@ struct Q4_1MatMulKernel {
     }
     int64_t rows = 1;
     for (size_t i = 0; i + 1 < shape.size(); ++i) rows *= shape[i];
-    shape.back() = n_;
+    shape.back() = size_.n;
     Ort::UnownedValue y = context.GetOutput(0, shape);
     if (rows == 0) return;
 
-    const QuantizedRows quantized(x.GetTensorData<float>(), rows, k_);
+    const QuantizedRows quantized(x.GetTensorData<float>(), rows, size_.k);
     const Weights weights{nibbles.GetTensorData<uint8_t>(), reinterpret_cast<const uint16_t*>(d.GetTensorRawData()),
                           reinterpret_cast<const uint16_t*>(m.GetTensorRawData())};
-    Work work{weights, &quantized, y.GetTensorMutableData<float>(), rows, n_};
-    context.ParallelFor(run_task, static_cast<size_t>((n_ + kRowsPerTask - 1) / kRowsPerTask), 0, &work);
+    Work work{weights, &quantized, y.GetTensorMutableData<float>(), rows, size_.n};
+    context.ParallelFor(run_task, static_cast<size_t>((size_.n + kRowsPerTask - 1) / kRowsPerTask), 0, &work);
   }
 
-  int64_t k_ = 0, n_ = 0;
+  const LinearSize size_;
 };
 
 struct Q4_1MatMulOp : Ort::CustomOpBase<Q4_1MatMulOp, Q4_1MatMulKernel> {
