@@ -314,6 +314,11 @@ def folded(blocks: Blocks) -> Blocks:
     )
 
 
+def without_raw(blocks: Blocks) -> Blocks:
+    """The same blocks without their GGUF bytes (and so without a kernel that reads them)."""
+    return dataclasses.replace(blocks, raw=None, parts=tuple(without_raw(part) for part in blocks.parts))
+
+
 def fits_raw_kernel(blocks: Blocks) -> bool:
     """Whether a grains-edge kernel reads these blocks' GGUF bytes as they are (`{kind}MatMul`): one weight of
     a RAW_KINDS type, its bytes at hand, rows of whole super-blocks."""

@@ -530,7 +530,7 @@ def attention(
             settings["softcap"] = spec.attention_softcap
         # with grains-edge's kernels: CachedAttention, GroupQueryAttention's contract with a decode step of its own
         op, domain = ("GroupQueryAttention", "com.microsoft")
-        if g.custom_kernels:
+        if g.custom_kernels and kernels.vector_kernels():  # its plain C++ path is slower than the stock kernel
             op, domain = "CachedAttention", kernels.DOMAIN
         context, _, _ = g.op(
             op,

@@ -319,6 +319,8 @@ def build(model_spec: str, staging: Path, layers_spec: str, quantize: str, kerne
     log(f"writing the ONNX graph: {num_layers} layers, steering after {len(steered)} of them …")
     blocks = source_blocks(model_spec, spec, quantize)
     custom_kernels = use_custom_kernels(kernels, blocks, quantize)
+    if not (custom_kernels and kernel_library.vector_kernels()):
+        blocks = {name: gguf_blocks.without_raw(b) for name, b in blocks.items()}
     manifest.kernels = "fused" if custom_kernels else "stock"  # the manifest's name for custom kernels
     manifest.weights = write_graph(model, spec, steered, staging / MODEL_NAME, quantize, blocks, custom_kernels)
     log(f"MatMul weights: {manifest.weights}")

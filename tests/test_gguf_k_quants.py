@@ -254,3 +254,19 @@ def test_a_k_quant_gguf_exports_from_its_own_blocks(tmp_path, monkeypatch, tiny_
     assert all((ops.get(f"{scope}/Q6_KMatMul") is not None) == fused for scope in q6_k)
     checks = manifest.verification
     assert checks["zero"] < 0.05 and checks["steered"] < 0.05  # 0.011 here; q/k rows left permuted: 0.32
+
+
+@pytest.mark.usefixtures("needs_kernels")
+def test_without_avx512_vnni_the_export_keeps_kernels_with_a_vector_path(tmp_path, monkeypatch, tiny_tokenizer):
+    """On a CPU without AVX-512 VNNI the GGUF-byte kernels and CachedAttention would run plain C++, slower than
+    ONNX Runtime's: the export keeps Q4_1MatMul (it has an AVX2 path) and the stock kernels there."""
+    from grains_edge import kernels as kernel_library
+
+    monkeypatch.setattr(kernel_library, "vector_kernels", lambda: False)
+    path = tmp_path / "tiny-k.gguf"
+    write_llama_gguf(path, tiny_tokenizer, tied=True, table="Q6_K")
+    manifest = onnx_export.export(str(path), tmp_path / "out", layers_spec="0-1", quantize="int4", kernels="fused")
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "out" / "model.onnx"), load_external_data=False).graph.node}
+    assert manifest.kernels == "fused" and {"Q4_1MatMul", "SteeredAdd", "GroupQueryAttention"} <= ops
+    assert not ops & {"Q4_0MatMul", "Q4_KMatMul", "Q6_KMatMul", "Q6_KGather", "CachedAttention"}
+    assert manifest.verification["zero"] < 0.05

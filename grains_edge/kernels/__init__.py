@@ -69,6 +69,17 @@ def cpu_signature() -> str:
     return next((line for line in lines if line.startswith("flags")), "")
 
 
+# What the vector paths of k_quant_matmul.cc and cached_attention.cc need; elsewhere they run plain C++, slower
+# than ONNX Runtime's own kernels, so exports made there keep those (`vector_kernels`)
+VECTOR_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")
+
+
+def vector_kernels() -> bool:
+    """Whether this CPU runs the GGUF-byte and attention kernels' AVX-512 VNNI paths."""
+    flags = set(cpu_signature().split())
+    return all(flag in flags for flag in VECTOR_FLAGS)
+
+
 def digest(*parts: bytes | str | list[str]) -> str:
     key = hashlib.sha256()
     for part in parts:
