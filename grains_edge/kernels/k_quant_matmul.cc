@@ -96,7 +96,7 @@ struct Q6_K {
     }
   }
 
-  // y += sum_e scale(e) level(e) xq(e) dx(e) + weight_term_j * term_j for one super-block, plain C++.
+  // One super-block's share of y, one element at a time: the vector path's arithmetic in plain C++.
   static float plain(const uint8_t* block, const int8_t* xq_natural, const float* dx, const float* terms) {
     const float d = half_at(block + 208);
     float total = 0.f;
