@@ -361,9 +361,8 @@ def q4_1_fields(blocks: Blocks) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def carried_error(blocks: Blocks, custom_kernels: bool) -> float:
     """The largest |graph weight - GGUF weight| of these blocks in the graph, in level steps (|scale| of its
     block; its largest |offset| where the scale is 0): 0 without offsets or in a kernel that reads the GGUF's
-    bytes (carried as they are); else the
-    float16 fields of Q4_1MatMul (`custom_kernels` and `fits_q4_1_kernel`) or the digits of `folded`; a
-    stack's runs each in its kernel (`kernel_runs`)."""
+    bytes (carried as they are); else the float16 fields of Q4_1MatMul (`custom_kernels` and
+    `fits_q4_1_kernel`) or the digits of `folded`; a stack's runs each in its kernel (`kernel_runs`)."""
     runs = kernel_runs(blocks) if custom_kernels else None
     if runs:
         return max(carried_error(run, custom_kernels) for run in runs)

@@ -237,6 +237,8 @@ class GraphBuilder:
         self.scopes: list[str] = ["/model"]
         self.node_names: set[str] = set()
         self.tables: set[str] = set()  # initializers of GGUF bytes already added (gguf_table)
+        # CachedAttention's plain C++ path is slower than the stock kernel: only where its vector path runs
+        self.cached_attention = custom_kernels and kernels.vector_kernels()
 
     @contextlib.contextmanager
     def scope(self, name: str) -> Iterator[None]:
@@ -528,9 +530,9 @@ def attention(
             settings["local_window_size"] = spec.windows[layer]
         if spec.attention_softcap:
             settings["softcap"] = spec.attention_softcap
-        # with grains-edge's kernels: CachedAttention, GroupQueryAttention's contract with a decode step of its own
+        # CachedAttention: GroupQueryAttention's contract with a decode step of its own
         op, domain = ("GroupQueryAttention", "com.microsoft")
-        if g.custom_kernels and kernels.vector_kernels():  # its plain C++ path is slower than the stock kernel
+        if g.cached_attention:
             op, domain = "CachedAttention", kernels.DOMAIN
         context, _, _ = g.op(
             op,

@@ -75,8 +75,52 @@ void rotate(const Step& st, const float* x, int64_t p, float* to) {
   }
 }
 
-// Task: row `task / kv_heads`, KV head `task % kv_heads`: append its key and value, then attend for each of
-// its query heads.
+// dot(a, b) over d floats (d a multiple of 16 on the vector path).
+float dot(const float* a, const float* b, int64_t d) {
+#if defined(GRAINS_AVX512)
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t i = 0; i < d; i += 16) sum = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), sum);
+  return _mm512_reduce_add_ps(sum);
+#else
+  float sum = 0.f;
+  for (int64_t i = 0; i < d; ++i) sum += a[i] * b[i];
+  return sum;
+#endif
+}
+
+// to[0 : d] += weight * x[0 : d]
+void add_scaled(float* to, float weight, const float* x, int64_t d) {
+#if defined(GRAINS_AVX512)
+  const __m512 w = _mm512_set1_ps(weight);
+  for (int64_t i = 0; i < d; i += 16) _mm512_storeu_ps(to + i, _mm512_fmadd_ps(w, _mm512_loadu_ps(x + i), _mm512_loadu_ps(to + i)));
+#else
+  for (int64_t i = 0; i < d; ++i) to[i] += weight * x[i];
+#endif
+}
+
+// scores[0 : length] -> e^(score - max), in place; returns their sum.
+float exponentials(float* scores, int64_t length) {
+  const float top = *std::max_element(scores, scores + length);
+  float total = 0.f;
+  int64_t t = 0;
+#if defined(GRAINS_AVX512)
+  __m512 sums = _mm512_setzero_ps();
+  for (; t + 16 <= length; t += 16) {
+    const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(scores + t), _mm512_set1_ps(top)));
+    _mm512_storeu_ps(scores + t, e);
+    sums = _mm512_add_ps(sums, e);
+  }
+  total = _mm512_reduce_add_ps(sums);
+#endif
+  for (; t < length; ++t) {
+    scores[t] = std::exp(scores[t] - top);
+    total += scores[t];
+  }
+  return total;
+}
+
+// Task: row `task / kv_heads`, KV head `task % kv_heads`: append its key and value, then attend for its query
+// heads together, each key and value read once for all of them.
 void attend(void* data, size_t task) {
   const Step& st = *static_cast<const Step*>(data);
   const int64_t b = static_cast<int64_t>(task) / st.kv_heads, g = static_cast<int64_t>(task) % st.kv_heads;
@@ -91,56 +135,25 @@ void attend(void* data, size_t task) {
     std::copy(k, k + d, keys + p * d);
   }
   std::copy(v, v + d, values + p * d);
-  std::vector<float> query(d), scores(length), context(d);
-  for (int64_t h = g * group; h < (g + 1) * group; ++h) {
-    const float* q = st.q + b * st.q_row + h * d;
+  std::vector<float> queries(group * d), scores(group * length), totals(group);  // [group, d], [group, length]
+  for (int64_t j = 0; j < group; ++j) {
+    const float* q = st.q + b * st.q_row + (g * group + j) * d;
     if (st.cos != nullptr) {
-      rotate(st, q, p, query.data());
+      rotate(st, q, p, queries.data() + j * d);
     } else {
-      std::copy(q, q + d, query.begin());
+      std::copy(q, q + d, queries.begin() + j * d);
     }
-    float top = -INFINITY;
-    for (int64_t t = 0; t < length; ++t) {
-      const float* key = keys + (start + t) * d;
-#if defined(GRAINS_AVX512)
-      __m512 sum = _mm512_setzero_ps();
-      for (int64_t i = 0; i < d; i += 16) sum = _mm512_fmadd_ps(_mm512_loadu_ps(query.data() + i), _mm512_loadu_ps(key + i), sum);
-      scores[t] = st.scale * _mm512_reduce_add_ps(sum);
-#else
-      float sum = 0.f;
-      for (int64_t i = 0; i < d; ++i) sum += query[i] * key[i];
-      scores[t] = st.scale * sum;
-#endif
-      top = std::max(top, scores[t]);
-    }
-    float total = 0.f;
-    int64_t t = 0;
-#if defined(GRAINS_AVX512)
-    __m512 sums = _mm512_setzero_ps();
-    for (; t + 16 <= length; t += 16) {
-      const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(scores.data() + t), _mm512_set1_ps(top)));
-      _mm512_storeu_ps(scores.data() + t, e);
-      sums = _mm512_add_ps(sums, e);
-    }
-    total = _mm512_reduce_add_ps(sums);
-#endif
-    for (; t < length; ++t) {
-      scores[t] = std::exp(scores[t] - top);
-      total += scores[t];
-    }
-    std::fill(context.begin(), context.end(), 0.f);
-    for (int64_t s = 0; s < length; ++s) {
-      const float weight = scores[s] / total, *value = values + (start + s) * d;
-#if defined(GRAINS_AVX512)
-      const __m512 w = _mm512_set1_ps(weight);
-      for (int64_t i = 0; i < d; i += 16) {
-        _mm512_storeu_ps(context.data() + i, _mm512_fmadd_ps(w, _mm512_loadu_ps(value + i), _mm512_loadu_ps(context.data() + i)));
-      }
-#else
-      for (int64_t i = 0; i < d; ++i) context[i] += weight * value[i];
-#endif
-    }
-    std::copy(context.begin(), context.end(), st.out + b * st.heads * d + h * d);
+  }
+  for (int64_t t = 0; t < length; ++t) {
+    const float* key = keys + (start + t) * d;
+    for (int64_t j = 0; j < group; ++j) scores[j * length + t] = st.scale * dot(queries.data() + j * d, key, d);
+  }
+  for (int64_t j = 0; j < group; ++j) totals[j] = exponentials(scores.data() + j * length, length);
+  float* out = st.out + (b * st.heads + g * group) * d;  // [group, d], zeroed here
+  std::fill(out, out + group * d, 0.f);
+  for (int64_t t = 0; t < length; ++t) {
+    const float* value = values + (start + t) * d;
+    for (int64_t j = 0; j < group; ++j) add_scaled(out + j * d, scores[j * length + t] / totals[j], value, d);
   }
 }
 

@@ -96,15 +96,16 @@ struct Q6_K {
     }
   }
 
-  // One super-block's share of y, one element at a time: the vector path's arithmetic in plain C++.
-  static float plain(const uint8_t* block, const int8_t* xq_natural, const float* dx, const float* terms) {
+  // One super-block's share of y, one element at a time: the vector path's arithmetic in plain C++ (x's
+  // levels `xq` in the format's order, its scale and terms per sub-block).
+  static float plain(const uint8_t* block, const int8_t* xq, const float* scales, const float* terms) {
     const float d = half_at(block + 208);
     float total = 0.f;
     for (int j = 0; j < 16; ++j) {
       int32_t dot = 0;
-      for (int e = 16 * j; e < 16 * j + 16; ++e) dot += level(block, e) * xq_natural[e];
+      for (int e = 16 * j; e < 16 * j + 16; ++e) dot += level(block, e) * xq[e];  // in order: place(e) = e
       const float scale = d * static_cast<float>(static_cast<int8_t>(block[192 + j]));
-      total += scale * (dx[j / 2] * static_cast<float>(dot) + terms[j]);
+      total += scale * (scales[j] * static_cast<float>(dot) + terms[j]);
     }
     return total;
   }
@@ -147,15 +148,15 @@ struct Q4_K {
     }
   }
 
-  static float plain(const uint8_t* block, const int8_t* xq_natural, const float* dx, const float* terms) {
+  static float plain(const uint8_t* block, const int8_t* xq, const float* scales, const float* terms) {
     const float d = half_at(block), dmin = half_at(block + 2);
     float total = 0.f;
     for (int j = 0; j < 8; ++j) {
       int scale, minimum;
       scale_min(block + 4, j, &scale, &minimum);
       int32_t dot = 0;
-      for (int e = 32 * j; e < 32 * j + 32; ++e) dot += level(block, e) * xq_natural[e];
-      total += d * static_cast<float>(scale) * (dx[j] * static_cast<float>(dot) + terms[j]) -
+      for (int e = 32 * j; e < 32 * j + 32; ++e) dot += level(block, e) * xq[place(j, e % 32 / 16) + e % 16];
+      total += d * static_cast<float>(scale) * (scales[j] * static_cast<float>(dot) + terms[j]) -
                dmin * static_cast<float>(minimum) * terms[8 + j];
     }
     return total;
@@ -185,59 +186,55 @@ struct Q4_0 {
     }
   }
 
-  static float plain(const uint8_t* block, const int8_t* xq_natural, const float* dx, const float* terms) {
+  static float plain(const uint8_t* block, const int8_t* xq, const float* scales, const float* terms) {
     float total = 0.f;
     for (int j = 0; j < 8; ++j) {
       int32_t dot = 0;
-      for (int e = 32 * j; e < 32 * j + 32; ++e) dot += level(block, e) * xq_natural[e];
-      total += half_at(block + 18 * j) * (dx[j] * static_cast<float>(dot) + terms[j]);
+      for (int e = 32 * j; e < 32 * j + 32; ++e) dot += level(block, e) * xq[place(j, e % 32 / 16) + e % 16];
+      total += half_at(block + 18 * j) * (scales[j] * static_cast<float>(dot) + terms[j]);
     }
     return total;
   }
 };
 
-// Rows of x [K] quantized per block of 32. Per super-block: xq in element order (the plain path) and in
-// the format's vector order, dx per block, and per sub-block the scale of x over it and the format's terms.
+// Rows of x [K] quantized per block of 32. Per super-block: the levels in the format's vector order (each
+// half block where `place` puts it), and per sub-block the scale of x over it and the format's terms.
 template <class F>
 struct QuantizedRows {
   int64_t supers;
-  std::vector<int8_t> xq, ordered;  // [rows, K]
-  std::vector<float> dx;            // [rows, supers, 8]
-  std::vector<float> scales;        // [rows, supers, 16], of x over each sub-block
-  std::vector<float> terms;         // [rows, supers, 16]
+  std::vector<int8_t> ordered;  // [rows, K]
+  std::vector<float> scales;    // [rows, supers, 16], of x over each sub-block
+  std::vector<float> terms;     // [rows, supers, 16]
 
   QuantizedRows(const float* x, int64_t rows, int64_t k)
-      : supers(k / kSuper), xq(rows * k), ordered(rows * k), dx(rows * supers * 8), scales(rows * supers * 16, 0.f),
-        terms(rows * supers * 16, 0.f) {
+      : supers(k / kSuper), ordered(rows * k), scales(rows * supers * 16, 0.f), terms(rows * supers * 16, 0.f) {
     for (int64_t r = 0; r < rows; ++r) {
       for (int64_t s = 0; s < supers; ++s) {
         const int64_t at = r * k + s * kSuper, super = r * supers + s;
-        float sums[8];
+        float dx[8], sums[8];
         int32_t levels[8][2];  // per block, the sums of its two halves' levels
         for (int b = 0; b < 8; ++b) {
-          int8_t* qb = xq.data() + at + 32 * b;
-          const QuantizedBlock block = quantize_block(x + at + 32 * b, qb, qb + 16);
-          dx[super * 8 + b] = block.scale;
+          int8_t* into = ordered.data() + at;
+          const QuantizedBlock block = quantize_block(x + at + 32 * b, into + F::place(b, 0), into + F::place(b, 1));
+          dx[b] = block.scale;
           sums[b] = block.sum;
           levels[b][0] = block.levels[0];
           levels[b][1] = block.levels[1];
-          std::memcpy(ordered.data() + at + F::place(b, 0), qb, 16);
-          std::memcpy(ordered.data() + at + F::place(b, 1), qb + 16, 16);
         }
-        F::sub_blocks(dx.data() + super * 8, sums, levels, scales.data() + super * 16, terms.data() + super * 16);
+        F::sub_blocks(dx, sums, levels, scales.data() + super * 16, terms.data() + super * 16);
       }
     }
   }
 };
 
 #if defined(GRAINS_AVX512)
-// One super-block of W unpacked: its levels as four 64-byte vectors in the format's order, the scale of
-// each sub-block (as 16 float lanes, indexed by `spread` per vector), and the weights of the 16 terms. The
-// unpacking is forced inline: called, it kept these in memory and cleared the upper registers every step.
+// One super-block of W unpacked: its levels as four 64-byte vectors in the format's order, and the scale of
+// each sub-block (as 16 float lanes, indexed by `spread` per vector), which are also the weights of x's 16
+// terms (Q4_K: -dmin m_j in lanes 8..15, for the block sums). The unpacking is forced inline: called, it kept
+// these in memory and cleared the upper registers every step.
 struct Unpacked {
   __m512i q[4];
-  __m512 scales;       // d sc_j
-  __m512 term_weights;  // of the QuantizedRows terms: Q6_K d sc_j; Q4_K d sc_j, then -dmin m_j
+  __m512 scales;  // Q4_0: d_j; Q4_K: d sc_j, then -dmin m_j; Q6_K: d sc_j
 };
 
 [[gnu::always_inline]] inline void unpack(const Q6_K&, const uint8_t* block, Unpacked* u) {
@@ -248,7 +245,6 @@ struct Unpacked {
   u->scales = _mm512_mul_ps(  // d sc_j [16]
       _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 192)))),
       _mm512_set1_ps(half_at(block + 208)));
-  u->term_weights = u->scales;
   for (int h = 0; h < 2; ++h) {
     const __m512i low = _mm512_loadu_si512(block + 64 * h);
     const __m512i high = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 128 + 32 * h)));
@@ -275,7 +271,6 @@ struct Unpacked {
                                                _mm512_castps128_ps512(halves));
   const __m512 scaled = _mm512_mul_ps(both, weights);
   u->scales = _mm512_mask_sub_ps(scaled, 0xff00, _mm512_setzero_ps(), scaled);  // d sc_j in lanes 0..7, -dmin m_j in 8..15
-  u->term_weights = u->scales;
   for (int h = 0; h < 2; ++h) {  // 16-byte lanes of 64 bytes of levels: runs 2h and 2h + 1, two halves each
     const __m512i packed_levels = _mm512_loadu_si512(block + 16 + 64 * h);
     const __m512i low = _mm512_and_si512(packed_levels, nibble);  // sub-blocks 4h (lanes 0, 1), 4h + 2 (2, 3)
@@ -293,7 +288,6 @@ struct Unpacked {
       static_cast<int16_t>(load_u16(block + 54)), static_cast<int16_t>(load_u16(block + 36)),
       static_cast<int16_t>(load_u16(block + 18)), static_cast<int16_t>(load_u16(block)));
   u->scales = _mm512_zextps256_ps512(_mm256_cvtph_ps(halves));  // d_j in lanes 0..7
-  u->term_weights = u->scales;
   for (int four = 0; four < 2; ++four) {  // blocks 4 four..4 four + 3: 16 bytes of levels each
     const uint8_t* first = block + 72 * four + 2;
     __m512i levels = _mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(first)));
@@ -363,7 +357,7 @@ void dot_rows(const uint8_t* w, int64_t n, const Unpacked* unpacked, const Quant
         const int64_t super = (r + c) * supers + s;
         const int8_t* xq = x.ordered.data() + super * kSuper;
         const __m512 scales = _mm512_mul_ps(u.scales, _mm512_loadu_ps(x.scales.data() + super * 16));  // per sub-block
-        acc[i][c][0] = _mm512_fmadd_ps(u.term_weights, _mm512_loadu_ps(x.terms.data() + super * 16), acc[i][c][0]);
+        acc[i][c][0] = _mm512_fmadd_ps(u.scales, _mm512_loadu_ps(x.terms.data() + super * 16), acc[i][c][0]);
         constexpr int kStep = F::kPaired ? 2 : 1;  // vectors summed in int32 before their one conversion
         for (int g = 0; g < 4; g += kStep) {
           __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u.q[g], _mm512_loadu_si512(xq + 64 * g));
@@ -386,8 +380,8 @@ void dot_rows(const uint8_t* w, int64_t n, const Unpacked* unpacked, const Quant
       float total = 0.f;
       for (int64_t s = 0; s < supers; ++s) {
         const int64_t super = (r + c) * supers + s;
-        total += F::plain(w + (n + i) * row_bytes + s * F::kBytes, x.xq.data() + super * kSuper,
-                          x.dx.data() + super * 8, x.terms.data() + super * 16);
+        total += F::plain(w + (n + i) * row_bytes + s * F::kBytes, x.ordered.data() + super * kSuper,
+                          x.scales.data() + super * 16, x.terms.data() + super * 16);
       }
       out[c * stride + i] = total;
     }
