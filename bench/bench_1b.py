@@ -501,46 +501,20 @@ def per_process_ratios(results: dict) -> dict:
 
 # --- the roofline: bytes each decode step reads, against the machine's read bandwidth ---------------------
 
-# read their whole weight per step: ONNX Runtime's and grains-edge's linears (Q4_0MatMul, Q4_KMatMul, …)
-STREAMING_OPS = ("MatMul", "MatMulNBits", "Gemm")
-
-
-def export_step_bytes(export: Path) -> int:
-    """Bytes of weights a decode step of an export reads whole: the initializers of its linears (an embedding
-    lookup reads a few rows; the rope tables a few positions)."""
-    import onnx
-
-    proto = onnx.load(str(export / "model.onnx"), load_external_data=False)
-    sizes = {
-        t.name: int(np.prod(t.dims)) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-        for t in proto.graph.initializer
-    }
-    linears = [node for node in proto.graph.node if node.op_type in STREAMING_OPS or node.op_type.endswith("MatMul")]
-    read = {name for node in linears for name in node.input if name in sizes}
-    return sum(sizes[name] for name in read)
-
-
-def gguf_step_bytes(path: Path) -> int:
-    """Bytes of weights a llama.cpp decode step reads whole: every matrix but the embedding table, which it
-    reads whole only as a tied head."""
-    from gguf import GGUFReader
-
-    tensors = {t.name: int(t.n_bytes) for t in GGUFReader(str(path)).tensors if len(t.shape) >= 2}
-    skip = {"token_embd.weight"} if "output.weight" in tensors else set()
-    return sum(size for name, size in tensors.items() if name not in skip)
-
 
 def roofline(size_dir: Path, paired: dict, bandwidth: dict) -> dict:
     """Per contender: bytes per decode step, the rate it reads them at (paired median decode rate x bytes),
     that as a share of the machine's read bandwidth, and the decode rate reading at that bandwidth would give."""
+    from bench_speed import export_weight_bytes, gguf_weight_bytes
+
     out: dict = {"read_bandwidth": bandwidth}
     peak = bandwidth.get("gb_per_s")
     for name, rate in paired["decode_tokens_per_second_short_chat"].items():
         runtime, kind = CONTENDERS[name]
         step = (
-            export_step_bytes(size_dir / f"export-int4-{kind}")
+            export_weight_bytes(size_dir / f"export-int4-{kind}")
             if runtime == "engine"
-            else gguf_step_bytes(size_dir / f"model-{kind}.gguf")
+            else gguf_weight_bytes(size_dir / f"model-{kind}.gguf")
         )
         reads = step * rate / 1e9
         out[name] = {"bytes_per_step": step, "gb_per_s": reads}

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from engine_runs import engine_run, engine_stream_run
 from prompts import PROMPT
+from read_bandwidth import bytes_per_second
 from report import machine, publish
 
 from grains_edge.export.onnx_export import export
@@ -31,18 +32,6 @@ from grains_edge.model import sources
 from grains_edge.model.hooks import steering_hooks
 from grains_edge.runtime.bootstrap import ensure_export, export_dir_for
 from grains_edge.runtime.engine import Engine
-
-
-def measure_bandwidth(megabytes: int = 1024, repeats: int = 5) -> float:
-    """Bytes/s of reading a buffer larger than the last-level cache, with all cores (torch sum)."""
-    buffer = torch.ones(megabytes * 1024 * 1024 // 4)
-    buffer.sum()
-    best = float("inf")
-    for _ in range(repeats):
-        started = time.perf_counter()
-        buffer.sum()
-        best = min(best, time.perf_counter() - started)
-    return buffer.numel() * 4 / best
 
 
 def weight_bytes_per_token(model) -> int:
@@ -137,7 +126,7 @@ def main() -> int:
             "decode_tokens_per_second": median([r[1] for r in runs[name]]),
         }
 
-    bandwidth = measure_bandwidth()
+    bandwidth = bytes_per_second()
     per_token = weight_bytes_per_token(model)
     roofline = bandwidth / per_token
     result = {

@@ -201,18 +201,21 @@ def worker(name: str, tokens: int, rounds: int) -> dict:
     return result
 
 
+LOOKUPS = ("Gather", "GatherBlockQuantized", "Q6_KGather")  # an embedding lookup reads one row of its table
+ATTENTION = ("GroupQueryAttention", "CachedAttention")  # their rope tables: a row per position
+
+
 def export_weight_bytes(folder: Path) -> int:
-    """Bytes of weights one decoded token reads from an export: every initializer that a node other than
-    the embedding lookup (Gather or GatherBlockQuantized) consumes: the lookup reads one row; a tied head
-    still reads the whole table."""
+    """Bytes of weights one decoded token reads from an export: every initializer a node reads whole, so not
+    an embedding lookup's table (a tied head still reads it whole), not attention's rope tables and not the
+    graph's int64 shape constants."""
     import onnx
 
     graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
-    lookups = ("Gather", "GatherBlockQuantized")
-    read = {name for node in graph.node if node.op_type not in lookups for name in node.input}
+    read = {name for node in graph.node if node.op_type not in LOOKUPS + ATTENTION for name in node.input}
     total = 0
     for tensor in graph.initializer:
-        if tensor.name not in read:
+        if tensor.name not in read or tensor.data_type == onnx.TensorProto.INT64:
             continue
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             total += int({entry.key: entry.value for entry in tensor.external_data}["length"])
@@ -222,18 +225,21 @@ def export_weight_bytes(folder: Path) -> int:
 
 
 def gguf_weight_bytes(path: Path) -> int:
-    """Bytes of a GGUF's tensors; the default model ties its head to the embedding, so a token reads them all."""
+    """Bytes of weights one llama.cpp decode step reads from a GGUF: every tensor but the embedding table, which
+    it reads whole only as a tied head (no `output.weight`)."""
     from gguf import GGUFReader
 
-    return sum(int(tensor.n_bytes) for tensor in GGUFReader(str(path)).tensors)
+    tensors = {tensor.name: int(tensor.n_bytes) for tensor in GGUFReader(str(path)).tensors}
+    skip = {"token_embd.weight"} if "output.weight" in tensors else set()
+    return sum(size for name, size in tensors.items() if name not in skip)
 
 
 def roofline(contenders: list[str]) -> dict:
     """Measured read bandwidth and, per contender, weight bytes per token and the decode rate they allow."""
-    from bench_engine import measure_bandwidth
     from bench_llamacpp import default_gguf
+    from read_bandwidth import bytes_per_second
 
-    bandwidth = measure_bandwidth()
+    bandwidth = bytes_per_second()
     per_token = {}
     for name in contenders:
         if name in ENGINES:

@@ -43,6 +43,15 @@ def read_bandwidth(threads: int, repeats: int = 9) -> dict:
     return {"gb_per_s": statistics.median(runs), "runs": runs, "threads": threads}
 
 
+def bytes_per_second() -> float:
+    """The median read bandwidth with every core, in bytes/s, for a benchmark's roofline; without a C compiler
+    it stops, naming the fix."""
+    measured = read_bandwidth(os.cpu_count() or 1)
+    if "failed" in measured:
+        raise SystemExit(f"the read-bandwidth probe did not build ({measured['failed']}); fix: install cc or set CC")
+    return measured["gb_per_s"] * 1e9
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)

@@ -1,11 +1,13 @@
 """bench/bench_1b.py's helpers: the config it builds its model from, the parameter count its 8B projection
-scales by, the line it projects along, and the bytes a decode step reads (its roofline)."""
+scales by, the line it projects along; and the bytes a decode step reads (bench_speed's, its roofline) on an
+export in a GGUF's own formats."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import bench_1b
+import bench_speed
 import onnx
 import pytest
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -79,7 +81,7 @@ def test_an_export_in_the_gguf_s_own_formats_reads_what_llama_cpp_reads(tmp_path
     test_gguf_k_quants.write_llama_gguf(gguf, tiny_tokenizer, tied=True, table="Q6_K")
     out = tmp_path / "out"
     onnx_export.export(str(gguf), out, layers_spec="0-1", quantize="int4", kernels="fused")
-    assert bench_1b.export_step_bytes(Path(out)) == bench_1b.gguf_step_bytes(gguf)
+    assert bench_speed.export_weight_bytes(Path(out)) == bench_speed.gguf_weight_bytes(gguf)
     ops = {node.op_type for node in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node}
     assert {"Q4_0MatMul", "Q4_1MatMul", "Q4_KMatMul", "Q6_KMatMul", "Q6_KGather"} <= ops
     assert not ops & {"MatMulNBits", "MatMul", "Gemm"}
