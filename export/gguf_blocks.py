@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -187,12 +187,17 @@ DECODERS: dict[str, tuple[int, Callable[[np.ndarray], Blocks]]] = {
     "Q5_K": (176, q5_k),
     "Q6_K": (210, q6_k),
 }
+# GGUF type -> the bits of its decoded blocks (5- and 6-bit levels go to 8-bit blocks)
+BITS = {"Q8_0": 8, "Q4_0": 4, "Q4_1": 4, "Q5_0": 8, "Q5_1": 8, "Q4_K": 4, "Q5_K": 8, "Q6_K": 8}
 
 
 # GGUF types a grains-edge kernel reads as the file stores them (k_quant_matmul.cc: `{kind}MatMul`): their bytes
 # stay with the blocks
 RAW_KINDS = ("Q4_0", "Q4_K", "Q6_K")
 RAW_ROW_MULTIPLE = 256  # the kernels take K in super-blocks of 256 weights (Q4_0: 8 blocks)
+# GGUF types with a grains-edge kernel to go to: those read as stored, and the ones with offsets
+# (Q4_1MatMul, or folded offsets when it does not fit)
+KERNEL_KINDS = {*RAW_KINDS, "Q4_1", "Q5_1", "Q4_K", "Q5_K"}
 
 
 def decode(kind: str, data: np.ndarray) -> Blocks | None:
@@ -385,50 +390,110 @@ def carried_error(blocks: Blocks, custom_kernels: bool) -> float:
     return float((error / np.where(step > 0, step, 1)).max())
 
 
-def summary(blocks: dict[str, Blocks], custom_kernels: bool) -> str:
-    """How the GGUF's own blocks are carried, for the export's log and manifest."""
-    kinds = sorted({kind for b in blocks.values() for kind in b.kinds})
+def how_carried(blocks: Blocks, custom_kernels: bool) -> tuple[str, float]:
+    """How the graph carries these blocks ("exact", float16 kernel fields or folded offsets) and its
+    `carried_error`."""
+    error = carried_error(blocks, custom_kernels)
+    if error == 0:
+        return "exact", error
+    if custom_kernels and (fits_q4_1_kernel(blocks) or kernel_runs(blocks)):
+        return "float16 Q4_1 kernel fields", error
+    return f"offsets to {blocks.bits * OFFSET_DIGITS} bits", error
+
+
+def summary(carried: list[tuple[tuple[str, ...], str, float]]) -> str:
+    """The export's log and manifest line for the GGUF blocks the graph took: (kinds, how, error) each."""
+    kinds = sorted({kind for found, _, _ in carried for kind in found})
     errors: dict[str, list[float]] = {}
-    for b in blocks.values():
-        error = carried_error(b, custom_kernels)
-        if error == 0:
-            how = "exact"
-        elif custom_kernels and (fits_q4_1_kernel(b) or kernel_runs(b)):
-            how = "float16 Q4_1 kernel fields"
-        else:
-            how = f"offsets to {b.bits * OFFSET_DIGITS} bits"
+    for _, how, error in carried:
         errors.setdefault(how, []).append(error)
-    carried = [
+    ways = [
         f"{len(found)} {how}" if how == "exact" else f"{len(found)} {how} (max {max(found):.2g} of a level step)"
         for how, found in sorted(errors.items(), key=lambda item: item[0] != "exact")
     ]
-    return f"{len(blocks)} from the GGUF's own blocks ({', '.join(kinds)}; {', '.join(carried)})"
+    return f"{len(carried)} from the GGUF's own blocks ({', '.join(kinds)}; {', '.join(ways)})"
 
 
-def model_blocks(path: str | Path, family: str, num_layers: int, heads: int, kv_heads: int) -> dict[str, Blocks]:
+# --- a model's blocks, decoded as the graph takes them ----------------------------------------------
+
+
+@dataclass(frozen=True)
+class Source:
+    """One graph weight a GGUF holds in blocks: its types, the bits it decodes to, and how to decode it."""
+
+    kinds: tuple[str, ...]  # sorted GGUF types of its parts
+    bits: int  # of its decoded blocks: a stack's widest part's
+    read: Callable[[], Blocks]
+
+
+class GgufBlocks(Mapping[str, Blocks]):
+    """The graph's weights a GGUF stores in blocks (graph.py names), each decoded from the memory-mapped file
+    when it is looked up and not kept: decoded all at once, an 8B model's blocks would take 1.8 bytes a
+    parameter beside the model."""
+
+    def __init__(self, sources: dict[str, Source]) -> None:
+        self.sources = sources
+
+    @classmethod
+    def holding(cls, blocks: dict[str, Blocks]) -> GgufBlocks:
+        """Blocks already decoded (made in memory, not read from a file)."""
+        return cls({name: Source(b.kinds, b.bits, lambda b=b: b) for name, b in blocks.items()})
+
+    def __getitem__(self, name: str) -> Blocks:
+        return self.sources[name].read()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.sources)
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def kinds(self) -> set[str]:
+        """The GGUF types of all its weights, read from the file's header."""
+        return {kind for source in self.sources.values() for kind in source.kinds}
+
+    def with_bits(self, wanted: tuple[int, ...]) -> GgufBlocks:
+        """Only the weights that decode to one of these widths."""
+        return GgufBlocks({name: s for name, s in self.sources.items() if s.bits in wanted})
+
+    def without_raw(self) -> GgufBlocks:
+        """The same weights decoded without their GGUF bytes (`without_raw`)."""
+        return GgufBlocks(
+            {name: dataclasses.replace(s, read=lambda s=s: without_raw(s.read())) for name, s in self.sources.items()}
+        )
+
+
+def model_blocks(path: str | Path, family: str, num_layers: int, heads: int, kv_heads: int) -> GgufBlocks:
     """The graph's weights (graph.py names: layers.{i}.qkv|o_proj|gate_up|down_proj, lm_head) that the
     GGUF at `path` of a PERMUTED_QK family stores in a supported block format; others are absent and left to
     the quantizer."""
     from gguf import GGUFReader
 
     reader = GGUFReader(str(path))
-    tensors = {tensor.name: tensor for tensor in reader.tensors}
+    tensors = {tensor.name: tensor for tensor in reader.tensors if tensor.tensor_type.name in DECODERS}
     permuted = PERMUTED_QK[family]
 
-    def get(name: str) -> Blocks | None:
-        tensor = tensors.get(name)
-        return None if tensor is None else decode(tensor.tensor_type.name, np.asarray(tensor.data))
+    def source(*parts: tuple[str, int | None]) -> Source | None:
+        """Parts (GGUF name, heads to un-permute or None) stacked in this order, if the file has them all."""
+        if not all(name in tensors for name, _ in parts):
+            return None
+        kinds = [tensors[name].tensor_type.name for name, _ in parts]
 
-    found: dict[str, Blocks | None] = {"lm_head": get("output.weight") or get("token_embd.weight")}
+        def read() -> Blocks:
+            found = []
+            for (name, heads), kind in zip(parts, kinds, strict=True):
+                blocks = decode(kind, np.asarray(tensors[name].data))
+                found.append(unpermute_rows(blocks, heads) if heads and permuted else blocks)
+            return found[0] if len(found) == 1 else stacked(found)
+
+        return Source(tuple(sorted(set(kinds))), max(BITS[kind] for kind in kinds), read)
+
+    found = {"lm_head": source(("output.weight", None)) or source(("token_embd.weight", None))}
     for i in range(num_layers):
-        q, k, v = (get(f"blk.{i}.attn_{name}.weight") for name in ("q", "k", "v"))
-        if q and k and v:
-            if permuted:
-                q, k = unpermute_rows(q, heads), unpermute_rows(k, kv_heads)
-            found[f"layers.{i}.qkv"] = stacked([q, k, v])
-        found[f"layers.{i}.o_proj"] = get(f"blk.{i}.attn_output.weight")
-        gate, up = get(f"blk.{i}.ffn_gate.weight"), get(f"blk.{i}.ffn_up.weight")
-        if gate and up:
-            found[f"layers.{i}.gate_up"] = stacked([gate, up])
-        found[f"layers.{i}.down_proj"] = get(f"blk.{i}.ffn_down.weight")
-    return {name: blocks for name, blocks in found.items() if blocks is not None}
+        attn, ffn = f"blk.{i}.attn", f"blk.{i}.ffn"
+        qkv = ((f"{attn}_q.weight", heads), (f"{attn}_k.weight", kv_heads), (f"{attn}_v.weight", None))
+        found[f"layers.{i}.qkv"] = source(*qkv)
+        found[f"layers.{i}.o_proj"] = source((f"{attn}_output.weight", None))
+        found[f"layers.{i}.gate_up"] = source((f"{ffn}_gate.weight", None), (f"{ffn}_up.weight", None))
+        found[f"layers.{i}.down_proj"] = source((f"{ffn}_down.weight", None))
+    return GgufBlocks({name: s for name, s in found.items() if s is not None})

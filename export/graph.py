@@ -28,7 +28,7 @@ RoPE (Su et al. 2021); ONNX Runtime contrib op docs (`GroupQueryAttention`, `Sim
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -214,7 +214,8 @@ def side_by_side(*linears) -> Linear:
 class GraphBuilder:
     """Accumulates nodes and initializers; `op` returns the output name(s) of the node it adds, named by
     where it is (`/model/layers.3/attn/qkv/MatMul`: the scopes open around it, then its op type).
-    `blocks`: weights (by linear name) already quantized, e.g. a GGUF's own (`gguf_blocks.py`);
+    `blocks`: weights (by linear name) already quantized, e.g. a GGUF's own (`gguf_blocks.py`), each looked up
+    once, when its linear is added; `taken` is told of each;
     `custom_kernels`: Q4_0, Q4_1, Q4_K and Q6_K blocks and the steering go to grains-edge's own kernels
     (grains_edge/kernels);
     `weights_file`: where each weight's bytes go as it is added (else they stay in the initializer);
@@ -222,15 +223,18 @@ class GraphBuilder:
 
     def __init__(
         self,
-        blocks: dict[str, Blocks] | None = None,
+        blocks: Mapping[str, Blocks] | None = None,
         custom_kernels: bool = False,
         weights_file: WeightsFile | None = None,
         quantizer: Quantizer | None = None,
+        taken: Callable[[Blocks], None] | None = None,
     ) -> None:
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self.count = 0
-        self.blocks = dict(blocks or {})  # a copy: a tied head's blocks made here are added to it
+        self.blocks = blocks or {}
+        self.made: dict[str, Blocks] = {}  # a tied head's blocks, made here from its float table
+        self.taken = taken
         self.custom_kernels = custom_kernels
         self.weights_file = weights_file
         self.quantizer = quantizer
@@ -284,7 +288,9 @@ class GraphBuilder:
         """x @ weight (+ bias); weight is [in, out]; from self.blocks[name] when it has them, else from the
         quantizer's blocks when it makes them."""
         with self.part(name):
-            blocks = self.blocks.get(name)
+            blocks = self.made.get(name) or self.blocks.get(name)
+            if blocks is not None and name not in self.made and self.taken is not None:
+                self.taken(blocks)
             if blocks is None and self.quantizer is not None:
                 blocks = self.quantizer(name, weight.T)
             if blocks is None:
@@ -457,8 +463,8 @@ def token_embedding(g: GraphBuilder, spec: GraphSpec, table_module, name: str) -
         if spec.tied_head and "lm_head" not in g.blocks and g.quantizer is not None:
             made = g.quantizer("lm_head", array(table_module.weight))  # [vocab, hidden], the head's weight
             if made is not None:  # the head's linear takes the same blocks
-                g.blocks["lm_head"] = made
-        head_blocks = g.blocks.get("lm_head")
+                g.made["lm_head"] = made
+        head_blocks = g.made.get("lm_head") or g.blocks.get("lm_head")
         q6_k_head = head_blocks is not None and fits_raw_kernel(head_blocks) and head_blocks.kinds == ("Q6_K",)
         if spec.tied_head and g.custom_kernels and q6_k_head:
             vocab, hidden = head_blocks.shape  # the table is the head's GGUF bytes, rows dequantized as looked up
@@ -572,7 +578,7 @@ def head(g: GraphBuilder, spec: GraphSpec, pre: Prelude, model, h: str, final_no
     weight = model.get_output_embeddings().weight
     with g.scope("head"):
         flat = g.op("Reshape", x, g.const([-1, spec.hidden]))  # [b*k, hidden]
-    if separate or "lm_head" in g.blocks:
+    if separate or "lm_head" in g.blocks or "lm_head" in g.made:
         logits = g.linear(flat, "lm_head", array(weight).T, None)  # [b*k, vocab]
     else:  # the tied embedding table read in place, no transposed copy
         with g.scope("lm_head"):
@@ -686,10 +692,11 @@ def build(
     spec: GraphSpec,
     steered_layers: list[int],
     separate_head: bool = False,
-    blocks: dict[str, Blocks] | None = None,
+    blocks: Mapping[str, Blocks] | None = None,
     custom_kernels: bool = False,
     weights_file: Path | None = None,
     quantizer: Quantizer | None = None,
+    taken: Callable[[Blocks], None] | None = None,
 ) -> onnx.ModelProto:
     """The steered graph of `model` (a loaded HF causal LM of a FAMILIES type) as `spec` describes it.
     `separate_head` gives the LM head its own [hidden, vocab] MatMul weight even when tied, so a quantizer can
@@ -697,9 +704,10 @@ def build(
     or their Q4_0, Q4_1, Q4_K and Q6_K ones with grains-edge's kernels when `custom_kernels`, which also steers
     with SteeredAdd.
     With `weights_file` (the graph's model.onnx.data) each weight is written there as it is made and the
-    graph holds a reference to it; `quantizer` makes the blocks of the other linears as they are added."""
+    graph holds a reference to it; `quantizer` makes the blocks of the other linears as they are added; `taken`
+    is called with each of `blocks` as the graph takes it."""
     with WeightsFile(weights_file) if weights_file else contextlib.nullcontext() as sink:
-        g = GraphBuilder(blocks, custom_kernels, sink, quantizer)
+        g = GraphBuilder(blocks, custom_kernels, sink, quantizer, taken)
         pre = prelude(g, spec.num_layers)
         steering = Steering(g, spec, steered_layers)
         FAMILIES[spec.family](g, spec, model, pre, steering, separate_head)

@@ -50,25 +50,24 @@ QUANTIZED_TOLERANCE = {"int8": 0.15, "int4": 2.0}
 MIN_EFFECT_CORRELATION = {"none": 0.99, "int8": 0.9, "int4": 0.5}
 
 
-def source_blocks(model_spec: str, spec: graph.GraphSpec, quantize: str) -> dict[str, gguf_blocks.Blocks]:
+def source_blocks(model_spec: str, spec: graph.GraphSpec, quantize: str) -> gguf_blocks.GgufBlocks:
     """The weights a GGUF source already holds in MatMulNBits-compatible blocks, taken as they are:
     all of them (4- and 8-bit) for int4, the 8-bit ones for int8; none for other sources."""
     source = sources.resolve(model_spec)
     if quantize == "none" or source.gguf_file is None or spec.family not in gguf_blocks.PERMUTED_QK:
-        return {}
+        return gguf_blocks.GgufBlocks({})
     path = Path(source.path) / source.gguf_file
     found = gguf_blocks.model_blocks(path, spec.family, spec.num_layers, spec.heads, spec.kv_heads)
-    wanted = {"int4": (4, 8), "int8": (8,)}[quantize]
-    return {name: blocks for name, blocks in found.items() if blocks.bits in wanted}
+    return found.with_bits({"int4": (4, 8), "int8": (8,)}[quantize])
 
 
-def use_custom_kernels(choice: str, blocks: dict[str, gguf_blocks.Blocks], quantize: str = "none") -> bool:
-    """Whether Q4_1 and K-quant linears (those among a GGUF's `blocks`; int4's from float weights) go to
+def use_custom_kernels(choice: str, kinds: set[str], quantize: str = "none") -> bool:
+    """Whether Q4_1 and K-quant linears (a GGUF's blocks of these `kinds`; int4's from float weights) go to
     grains-edge's own kernels: `choice` auto (when they can be built here, and not for CUDA), fused (must be) or
     stock (never)."""
     if choice not in KERNEL_CHOICES:
         raise GrainsError(f"unknown kernels '{choice}'; fix: use one of {', '.join(KERNEL_CHOICES)}")
-    kernel_blocks = any(b.offsets is not None or gguf_blocks.fits_raw_kernel(b) for b in blocks.values())
+    kernel_blocks = bool(kinds & gguf_blocks.KERNEL_KINDS)
     if choice == "stock" or not (quantize == "int4" or kernel_blocks):
         return False
     import onnxruntime as ort
@@ -94,7 +93,7 @@ def write_graph(
     steered: list[int],
     path: Path,
     quantize: str = "none",
-    blocks=None,
+    blocks: gguf_blocks.GgufBlocks | None = None,
     custom_kernels: bool = False,
 ) -> str:
     """Build the graph and return how its MatMul weights are stored. For int8/int4, `blocks` (a GGUF's
@@ -104,6 +103,10 @@ def write_graph(
     with ONNX Runtime's block-wise MatMulNBits (round-to-nearest, block 32, symmetric). The embedding
     lookup, norms, attention, the steering input and its renormalization stay float32."""
     from_float: list[str] = []  # the kind of each linear quantized from float
+    carried: list[tuple[tuple[str, ...], str, float]] = []  # how each of the GGUF's blocks went into the graph
+
+    def taken(blocks: gguf_blocks.Blocks) -> None:
+        carried.append((blocks.kinds, *gguf_blocks.how_carried(blocks, custom_kernels)))
 
     def quantizer(name: str, weight: np.ndarray) -> gguf_blocks.Blocks | None:
         made = quantize_float.int4_block(name, weight)
@@ -124,6 +127,7 @@ def write_graph(
         custom_kernels=custom_kernels,
         weights_file=data if streamed else None,
         quantizer=quantizer if quantize == "int4" else None,
+        taken=taken,
     )
     rounded = [n for n in proto.graph.node if n.op_type == "MatMul"]
     if quantize != "none" and rounded:
@@ -148,7 +152,7 @@ def write_graph(
     )
     if quantize == "none":
         return "float32"
-    parts = [gguf_blocks.summary(blocks, custom_kernels)] if blocks else []
+    parts = [gguf_blocks.summary(carried)] if carried else []
     if from_float:
         parts.append(quantize_float.summary(from_float))
     if rounded:
@@ -318,9 +322,9 @@ def build(model_spec: str, staging: Path, layers_spec: str, quantize: str, kerne
     )
     log(f"writing the ONNX graph: {num_layers} layers, steering after {len(steered)} of them …")
     blocks = source_blocks(model_spec, spec, quantize)
-    custom_kernels = use_custom_kernels(kernels, blocks, quantize)
+    custom_kernels = use_custom_kernels(kernels, blocks.kinds(), quantize)
     if not (custom_kernels and kernel_library.vector_kernels()):
-        blocks = {name: gguf_blocks.without_raw(b) for name, b in blocks.items()}
+        blocks = blocks.without_raw()
     manifest.kernels = "fused" if custom_kernels else "stock"  # the manifest's name for custom kernels
     manifest.weights = write_graph(model, spec, steered, staging / MODEL_NAME, quantize, blocks, custom_kernels)
     log(f"MatMul weights: {manifest.weights}")

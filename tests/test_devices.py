@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import shutil
 
-import numpy as np
 import onnxruntime as ort
 import pytest
 
@@ -14,7 +13,6 @@ from grains_edge import kernels
 from grains_edge.devices import CPU, CUDA, choose_providers, device_notice
 from grains_edge.errors import GrainsError
 from grains_edge.export import onnx_export
-from grains_edge.export.gguf_blocks import Blocks
 from grains_edge.export.manifest import Manifest
 from grains_edge.runtime import engine as engine_module
 from grains_edge.runtime.engine import Engine
@@ -55,8 +53,7 @@ def test_a_session_where_it_was_asked_to_run_prints_nothing():
 
 
 def test_kernels_auto_leaves_exports_for_cuda_on_stock_kernels(monkeypatch, capsys):
-    # one Q4_1 weight [1, 32] (4-bit levels with offsets): what grains-edge's kernel would take
-    q4_1 = {"up": Blocks(4, np.zeros((1, 32), np.uint8), np.ones((1, 1), np.float32), offsets=np.ones((1, 1)))}
+    q4_1 = {"Q4_1"}  # a GGUF with Q4_1 weights: what grains-edge's kernel would take
     monkeypatch.setattr(kernels, "unavailable_reason", lambda: None)  # as if they built here
     monkeypatch.setattr(ort, "get_available_providers", lambda: CPU_ONLY)
     assert onnx_export.use_custom_kernels("auto", q4_1)

@@ -12,6 +12,7 @@ from grains_edge.errors import GrainsError
 from grains_edge.export import graph, onnx_export
 from grains_edge.export.gguf_blocks import (
     Blocks,
+    GgufBlocks,
     block_sum_indicator,
     decode,
     folded,
@@ -146,7 +147,7 @@ def test_exported_blocks_match_pytorch(tmp_path, monkeypatch, q4_1_llama, level,
     """Level 1 (float activations) differs only by the offsets' 8-bit digits (relative logit error 9e-3 on
     this tiny model); level 4 (int8 activations, the default) is close."""
     folder, blocks = q4_1_llama
-    monkeypatch.setattr(onnx_export, "source_blocks", lambda spec, model, quantize: blocks)
+    monkeypatch.setattr(onnx_export, "source_blocks", lambda spec, model, quantize: GgufBlocks.holding(blocks))
     monkeypatch.setattr(graph, "ACCURACY_LEVEL", level)
     manifest = onnx_export.export(str(folder), tmp_path / "out", layers_spec="1-2", quantize="int4", kernels="stock")
     assert manifest.weights.startswith("17 from the GGUF's own blocks (Q4_1, Q8_0; 1 exact, 16 offsets to 8 bits (max ")
@@ -162,7 +163,7 @@ def test_exported_blocks_match_pytorch(tmp_path, monkeypatch, q4_1_llama, level,
 @pytest.mark.usefixtures("needs_kernels")
 def test_fused_export_runs_each_q4_1_linear_and_each_steering_in_one_kernel(tmp_path, monkeypatch, q4_1_llama):
     folder, blocks = q4_1_llama
-    monkeypatch.setattr(onnx_export, "source_blocks", lambda spec, model, quantize: blocks)
+    monkeypatch.setattr(onnx_export, "source_blocks", lambda spec, model, quantize: GgufBlocks.holding(blocks))
     manifest = onnx_export.export(str(folder), tmp_path / "out", layers_spec="1-2", quantize="int4")
     assert manifest.kernels == "fused"
     assert manifest.weights == "17 from the GGUF's own blocks (Q4_1, Q8_0; 17 exact)"
@@ -177,7 +178,7 @@ def test_fused_export_runs_each_q4_1_linear_and_each_steering_in_one_kernel(tmp_
 
 def test_explicit_fused_kernels_that_cannot_build_fail_clearly(tmp_path, monkeypatch, q4_1_llama):
     folder, blocks = q4_1_llama
-    monkeypatch.setattr(onnx_export, "source_blocks", lambda spec, model, quantize: blocks)
+    monkeypatch.setattr(onnx_export, "source_blocks", lambda spec, model, quantize: GgufBlocks.holding(blocks))
     monkeypatch.setattr(kernels, "header_dirs", lambda: [tmp_path])
     monkeypatch.setenv("GRAINS_EDGE_CACHE", str(tmp_path / "empty-cache"))  # no earlier build to fall back on
     with pytest.raises(GrainsError, match="no ONNX Runtime headers"):

@@ -12,12 +12,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFWriter, quants
 from onnx import TensorProto, helper
 
 from grains_edge import kernels
 from grains_edge.export import graph, onnx_export
-from grains_edge.export.gguf_blocks import DECODERS, carried_error, decode, model_blocks, stacked
+from grains_edge.export.gguf_blocks import DECODERS, carried_error, decode, model_blocks, stacked, unpermute_rows
 
 # Per format: (byte offset, value per unit of weight size) of its float16 fields (ggml-common.h), so that
 # random blocks hold a weight of about ±size as ggml's quantizers write one: d > 0, a minimum near the low
@@ -270,3 +271,53 @@ def test_without_avx512_vnni_the_export_keeps_kernels_with_a_vector_path(tmp_pat
     assert manifest.kernels == "fused" and {"Q4_1MatMul", "SteeredAdd", "GroupQueryAttention"} <= ops
     assert not ops & {"Q4_0MatMul", "Q4_KMatMul", "Q6_KMatMul", "Q6_KGather", "CachedAttention"}
     assert manifest.verification["zero"] < 0.05
+
+
+def test_model_blocks_decode_each_weight_from_the_file_when_looked_up(tmp_path, tiny_tokenizer):
+    """The lazily read blocks are the file's tensors decoded, un-permuted and stacked as the eager path does,
+    their types and bits known from the header alone, and each lookup a fresh decode (nothing kept)."""
+    path = tmp_path / "tiny-k.gguf"
+    write_llama_gguf(path, tiny_tokenizer, tied=False, table="Q6_K")
+    tensors = {t.name: t for t in GGUFReader(str(path)).tensors}
+    found = model_blocks(path, "llama", LAYERS, HEADS, KV_HEADS)
+
+    def read(name: str, heads: int | None = None):
+        blocks = decode(tensors[name].tensor_type.name, np.asarray(tensors[name].data))
+        return unpermute_rows(blocks, heads) if heads else blocks
+
+    eager = {
+        "layers.1.qkv": stacked(
+            [read("blk.1.attn_q.weight", HEADS), read("blk.1.attn_k.weight", KV_HEADS)] + [read("blk.1.attn_v.weight")]
+        ),
+        "layers.0.down_proj": read("blk.0.ffn_down.weight"),
+        "lm_head": read("output.weight"),
+    }
+    for name, expected in eager.items():
+        blocks = found[name]
+        assert blocks is not found[name]  # decoded again, not kept
+        assert (found.sources[name].kinds, found.sources[name].bits) == (expected.kinds, expected.bits)
+        for field in ("q", "scales", "offsets", "raw"):
+            np.testing.assert_array_equal(getattr(blocks, field), getattr(expected, field))
+    assert found.kinds() == {kind for name in found for kind in found.sources[name].kinds}
+    assert set(found.with_bits((4,))) == {n for n in found if found.sources[n].bits == 4}
+    assert all(found.without_raw()[name].raw is None for name in found)
+
+
+def test_a_gguf_too_big_for_float32_exports_from_a_bfloat16_model(tmp_path, monkeypatch, tiny_tokenizer, capfd):
+    """With less memory than twice its float32 model, a GGUF loads in bfloat16 for a quantized export: one line
+    says so, the export verifies, and its fingerprint is that of the bfloat16 values."""
+    from grains_edge.model import sources
+
+    path = tmp_path / "tiny-k.gguf"
+    write_llama_gguf(path, tiny_tokenizer, tied=True, table="Q6_K")
+    full, _ = sources.load(str(path), keep_bfloat16=True)
+    assert full.dtype == torch.float32  # plenty of memory here
+    float32_fingerprint = sources.fingerprint(full)
+    monkeypatch.setattr(sources, "available_memory", lambda: 1 << 20)
+    assert sources.load(str(path))[0].dtype == torch.float32  # only a quantized export asks for less
+    small, _ = sources.load(str(path), keep_bfloat16=True)
+    assert small.dtype == torch.bfloat16
+    assert "is loaded in bfloat16" in capfd.readouterr().err
+    manifest = onnx_export.export(str(path), tmp_path / "out", layers_spec="0-1", quantize="int4")
+    assert manifest.weights_fingerprint == sources.fingerprint(small) != float32_fingerprint
+    assert manifest.verification["zero"] < 0.05 and manifest.verification["steering_effect_correlation"] > 0.9

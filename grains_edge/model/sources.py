@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import logging
 import os
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,8 +65,9 @@ def check_architecture(model_type: str) -> None:
 
 def load(spec: str, keep_bfloat16: bool = False):
     """Load (model, tokenizer) in float32, eval mode; with `keep_bfloat16`, a bfloat16 checkpoint stays
-    bfloat16 (the same values in half the memory, read from its files as they are needed). Raises
-    GrainsError on any user-fixable problem."""
+    bfloat16 (the same values in half the memory, read from its files as they are needed), and so does a GGUF
+    whose float32 model would not fit in memory (`float32_fits`; its values rounded to bfloat16, said in one
+    line). Raises GrainsError on any user-fixable problem."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -73,10 +76,16 @@ def load(spec: str, keep_bfloat16: bool = False):
     with reading(spec, "config"):
         config = AutoConfig.from_pretrained(source.path, **kwargs)
     check_architecture(config.model_type)
-    bfloat16 = keep_bfloat16 and source.gguf_file is None and getattr(config, "dtype", None) == torch.bfloat16
+    if source.gguf_file is None:
+        bfloat16 = keep_bfloat16 and getattr(config, "dtype", None) == torch.bfloat16
+    else:
+        with reading(spec, "weights"):
+            bfloat16 = keep_bfloat16 and not float32_fits(spec, Path(source.path) / source.gguf_file)
     with reading(spec, "tokenizer"):
         tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs)
-    with reading(spec, "weights"):
+    # transformers' advice to load a GGUF in float32 is about its own packed-block kernels, which this load,
+    # dequantizing every tensor, does not use
+    with reading(spec, "weights"), quiet("transformers.quantizers.quantizer_gguf"):
         model, info = AutoModelForCausalLM.from_pretrained(
             source.path, dtype="bfloat16" if bfloat16 else "float32", output_loading_info=True, **kwargs
         )
@@ -89,6 +98,49 @@ def load(spec: str, keep_bfloat16: bool = False):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def float32_fits(spec: str, gguf: Path) -> bool:
+    """Whether the float32 model of a GGUF (4 bytes a parameter) takes at most half the memory available now,
+    leaving the rest to an export's graph and verification; if not, says so in one line."""
+    from gguf import GGUFReader
+
+    needed = 4 * sum(int(tensor.n_elements) for tensor in GGUFReader(str(gguf)).tensors)
+    available = available_memory()
+    if needed <= available / 2:
+        return True
+    print(
+        f"[grains-edge] the float32 model of {spec} would take {needed / 1e9:.1f} GB of the {available / 1e9:.1f} GB "
+        "available: it is loaded in bfloat16 (the reference logits, the graph's norms and embeddings and the "
+        "weights' fingerprint are of its values rounded to bfloat16)",
+        file=sys.stderr,
+        flush=True,
+    )
+    return False
+
+
+def available_memory() -> int:
+    """Bytes of memory available to a new allocation now (Linux's MemAvailable; else the physical memory)."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+@contextmanager
+def quiet(logger: str):
+    """Only errors of the standard `logging` logger named `logger` are shown inside."""
+    log = logging.getLogger(logger)
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 @contextmanager
