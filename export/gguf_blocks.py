@@ -463,26 +463,47 @@ class GgufBlocks(Mapping[str, Blocks]):
         )
 
 
+@dataclass(frozen=True)
+class TensorBytes:
+    """Where a GGUF tensor's bytes are in its file."""
+
+    path: Path
+    offset: int
+    shape: tuple[int, ...]  # [N, bytes per row]
+    kind: str
+
+    def read(self) -> np.ndarray:
+        with open(self.path, "rb") as file:
+            file.seek(self.offset)
+            data = file.read(int(np.prod(self.shape)))
+        return np.frombuffer(data, np.uint8).reshape(self.shape)
+
+
 def model_blocks(path: str | Path, family: str, num_layers: int, heads: int, kv_heads: int) -> GgufBlocks:
     """The graph's weights (graph.py names: layers.{i}.qkv|o_proj|gate_up|down_proj, lm_head) that the
     GGUF at `path` of a PERMUTED_QK family stores in a supported block format; others are absent and left to
     the quantizer."""
     from gguf import GGUFReader
 
-    reader = GGUFReader(str(path))
-    tensors = {tensor.name: tensor for tensor in reader.tensors if tensor.tensor_type.name in DECODERS}
+    # each tensor's bytes are read from the file when decoded, not through the reader's mapping, whose pages
+    # would stay resident (4.9 GB for an 8B Q4_K_M) until the last block is decoded
+    tensors = {
+        tensor.name: TensorBytes(Path(path), int(tensor.data_offset), tensor.data.shape, tensor.tensor_type.name)
+        for tensor in GGUFReader(str(path)).tensors
+        if tensor.tensor_type.name in DECODERS
+    }
     permuted = PERMUTED_QK[family]
 
     def source(*parts: tuple[str, int | None]) -> Source | None:
         """Parts (GGUF name, heads to un-permute or None) stacked in this order, if the file has them all."""
         if not all(name in tensors for name, _ in parts):
             return None
-        kinds = [tensors[name].tensor_type.name for name, _ in parts]
+        kinds = [tensors[name].kind for name, _ in parts]
 
         def read() -> Blocks:
             found = []
             for (name, heads), kind in zip(parts, kinds, strict=True):
-                blocks = decode(kind, np.asarray(tensors[name].data))
+                blocks = decode(kind, tensors[name].read())
                 found.append(unpermute_rows(blocks, heads) if heads and permuted else blocks)
             return found[0] if len(found) == 1 else stacked(found)
 

@@ -1,0 +1,80 @@
+"""An 8B int4 export from a Q4_K_M GGUF on this machine, measured: does it fit a 24 GiB workstation?
+
+Steps, each cached in the work folder (`--work`, shared with bench_1b.py, whose converter it uses):
+  1. model      a random-weight Llama with Llama-3.1-8B's shape (hidden 4096, 32 layers, 32 heads, 8 KV heads,
+                MLP 14336, vocabulary 128256, untied head: 8.03B parameters; bench_1b.DIMENSIONS_8B), seeded,
+                made in bfloat16 and saved as a Hugging Face folder (16 GB)
+  2. gguf       llama.cpp's convert_hf_to_gguf.py to bf16, then llama_cpp.llama_model_quantize to Q4_K_M; the
+                folder and the bf16 GGUF are deleted after (`--keep` keeps them: 32 GB together)
+  3. export     `grains-edge export --quantize int4` from the Q4_K_M GGUF in a process of its own: wall time,
+                peak RSS and the highest RSS of each phase it logs (bench_1b.measured)
+Random weights; the memory and the time are real. Needs about 40 GB of free disk while it builds.
+
+    python bench/bench_8b_export.py [--work DIR] [--out bench/results/export_8b.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+from bench_1b import (
+    DEFAULT_WORK,
+    DIMENSIONS_8B,
+    MACHINE_GIB,
+    available_mb,
+    build_model,
+    convert,
+    exported,
+    parameter_count,
+    quantized,
+)
+from report import machine, publish
+
+KIND = "Q4_K_M"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, default=DEFAULT_WORK, help="where the model, GGUFs and export are kept")
+    parser.add_argument("--keep", action="store_true", help="keep the safetensors folder and the bf16 GGUF")
+    parser.add_argument("--export-again", action="store_true", help="re-run and re-measure the export")
+    parser.add_argument("--out", default=None, help="also write the JSON here")
+    args = parser.parse_args()
+    size_dir = args.work / "8b"
+    size_dir.mkdir(parents=True, exist_ok=True)
+    gguf = size_dir / f"model-{KIND}.gguf"
+    steps: dict = {}
+    record = size_dir / "steps.json"
+    if not gguf.is_file():
+        folder = build_model(size_dir / "hf", DIMENSIONS_8B)
+        steps["parameters"] = parameter_count(json.loads((folder / "config.json").read_text()))
+        bf16 = convert(args.work, size_dir, steps)
+        quantized(bf16, KIND, steps)
+        record.write_text(json.dumps(steps, indent=1))
+        if not args.keep:
+            shutil.rmtree(folder)
+            bf16.unlink()
+    steps = json.loads(record.read_text())
+    available_at_start = available_mb()
+    export = exported(str(gguf), size_dir / f"export-int4-{KIND}", "int4", args.export_again)
+    result = {
+        "machine": {**machine(), "available_mb_at_export_start": available_at_start},
+        "parameters": steps["parameters"],
+        "dimensions": DIMENSIONS_8B,
+        "gguf": {"kind": KIND, "bytes": gguf.stat().st_size},
+        "gguf_steps": {k: v for k, v in steps.items() if k != "parameters"},
+        "export": export,
+        "machine_gib": MACHINE_GIB,
+        "fits": "failed" not in export and export["peak_rss_mb"] / 1024 < MACHINE_GIB,
+    }
+    if "failed" not in export:
+        result["peak_rss_gib"] = export["peak_rss_mb"] / 1024
+    publish(result, args.out)
+    return 0 if result["fits"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
