@@ -7,7 +7,8 @@ Steps, each cached in the work folder (`--work`, shared with bench_1b.py, whose 
   2. gguf       llama.cpp's convert_hf_to_gguf.py to bf16, then llama_cpp.llama_model_quantize to Q4_K_M; the
                 folder and the bf16 GGUF are deleted after (`--keep` keeps them: 32 GB together)
   3. export     `grains-edge export --quantize int4` from the Q4_K_M GGUF in a process of its own: wall time,
-                peak RSS and the highest RSS of each phase it logs (bench_1b.measured)
+                peak RSS and the highest RSS of each phase it logs (bench_1b.measured); the same export of
+                bench_1b.py's 1B Q4_K_M GGUF, when its work folder has one, beside it
 Random weights; the memory and the time are real. Needs about 40 GB of free disk while it builds.
 
     python bench/bench_8b_export.py [--work DIR] [--out bench/results/export_8b.json]
@@ -60,6 +61,8 @@ def main() -> int:
     steps = json.loads(record.read_text())
     available_at_start = available_mb()
     export = exported(str(gguf), size_dir / f"export-int4-{KIND}", "int4", args.export_again)
+    small = args.work / "1b" / gguf.name
+    export_1b = exported(str(small), small.with_name(f"export-int4-{KIND}"), "int4", True) if small.is_file() else None
     result = {
         "machine": {**machine(), "available_mb_at_export_start": available_at_start},
         "parameters": steps["parameters"],
@@ -67,6 +70,7 @@ def main() -> int:
         "gguf": {"kind": KIND, "bytes": gguf.stat().st_size},
         "gguf_steps": {k: v for k, v in steps.items() if k != "parameters"},
         "export": export,
+        "export_1b": export_1b,
         "machine_gib": MACHINE_GIB,
         "fits": "failed" not in export and export["peak_rss_mb"] / 1024 < MACHINE_GIB,
     }
