@@ -170,9 +170,10 @@ def hidden_norms(folder: Path) -> list[float]:
     return norms
 
 
-def steering_file(size_dir: Path, num_layers: int, hidden: int) -> Path:
-    """bench_llamacpp.control_vector's random directions on the middle third of the layers, scaled to
-    STEERING_FRACTION of the hidden-state norm there, written as a llama.cpp control vector."""
+def steering_file(size_dir: Path, num_layers: int, hidden: int, norm: float | None = None) -> Path:
+    """bench_llamacpp.control_vector's random directions on the middle third of the layers, each of norm `norm`
+    or else STEERING_FRACTION of the hidden-state norm there (of the model in size_dir/hf), written as a
+    llama.cpp control vector."""
     from bench_llamacpp import control_vector
 
     from grains_edge.steer.control_vectors import export_gguf
@@ -181,9 +182,9 @@ def steering_file(size_dir: Path, num_layers: int, hidden: int) -> Path:
     path = size_dir / "steering.gguf"
     if path.is_file():
         return path
-    norms = hidden_norms(size_dir / "hf")
     _, start, stop = control_vector(num_layers, hidden)
-    norm = STEERING_FRACTION * float(np.mean(norms[start : stop + 1]))
+    if norm is None:
+        norm = STEERING_FRACTION * float(np.mean(hidden_norms(size_dir / "hf")[start : stop + 1]))
     vectors, _, _ = control_vector(num_layers, hidden, norm=norm)
     metadata = {"description": f"random directions of norm {norm:.3f} (bench_1b.py)"}
     profile = Profile("bench-1b-random", vectors, list(range(start, stop + 1)), 1.0, "random", metadata)
@@ -564,10 +565,11 @@ def main() -> int:
     parser.add_argument("--paired-rounds", type=int, default=8)
     parser.add_argument("--export-again", action="store_true", help="re-run and re-measure every export")
     parser.add_argument("--out", default=None, help="also write the JSON here")
+    parser.add_argument("--size", default="1b", help=argparse.SUPPRESS)  # the size folder a worker runs in
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--quantize-worker", nargs=3, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    size_dir = args.work / "1b"
+    size_dir = args.work / args.size
     if args.quantize_worker:
         quantize_worker(*args.quantize_worker)
         return 0

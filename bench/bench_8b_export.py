@@ -9,9 +9,13 @@ Steps, each cached in the work folder (`--work`, shared with bench_1b.py, whose 
   3. export     `grains-edge export --quantize int4` from the Q4_K_M GGUF in a process of its own: wall time,
                 peak RSS and the highest RSS of each phase it logs (bench_1b.measured); the same export of
                 bench_1b.py's 1B Q4_K_M GGUF, when its work folder has one, beside it
-Random weights; the memory and the time are real. Needs about 40 GB of free disk while it builds.
+  4. decode     the export and llama.cpp on the same GGUF, steered by the same random vectors (norm 4 on the
+                middle third of the layers: the speed does not depend on it), one process each per repetition,
+                alternating (bench_1b.py's workers): decode tokens/s after a short chat prompt and after a
+                512-token prompt, time to first token, peak RSS
+Random weights; the memory and the speed are real. Needs about 40 GB of free disk while it builds.
 
-    python bench/bench_8b_export.py [--work DIR] [--out bench/results/export_8b.json]
+    python bench/bench_8b_export.py [--work DIR] [--repeats 2] [--out bench/results/export_8b.json]
 """
 
 from __future__ import annotations
@@ -25,16 +29,22 @@ from bench_1b import (
     DEFAULT_WORK,
     DIMENSIONS_8B,
     MACHINE_GIB,
+    available,
     available_mb,
     build_model,
     convert,
     exported,
     parameter_count,
+    per_process_ratios,
     quantized,
+    run_worker,
+    steering_file,
 )
+from bench_speed import medians
 from report import machine, publish
 
 KIND = "Q4_K_M"
+STEERING_NORM = 4.0
 
 
 def main() -> int:
@@ -42,6 +52,8 @@ def main() -> int:
     parser.add_argument("--work", type=Path, default=DEFAULT_WORK, help="where the model, GGUFs and export are kept")
     parser.add_argument("--keep", action="store_true", help="keep the safetensors folder and the bf16 GGUF")
     parser.add_argument("--export-again", action="store_true", help="re-run and re-measure the export")
+    parser.add_argument("--repeats", type=int, default=2, help="decode runs per contender")
+    parser.add_argument("--tokens", type=int, default=32, help="tokens decoded per prompt")
     parser.add_argument("--out", default=None, help="also write the JSON here")
     args = parser.parse_args()
     size_dir = args.work / "8b"
@@ -63,6 +75,13 @@ def main() -> int:
     export = exported(str(gguf), size_dir / f"export-int4-{KIND}", "int4", args.export_again)
     small = args.work / "1b" / gguf.name
     export_1b = exported(str(small), small.with_name(f"export-int4-{KIND}"), "int4", True) if small.is_file() else None
+    steering_file(size_dir, DIMENSIONS_8B["num_hidden_layers"], DIMENSIONS_8B["hidden_size"], norm=STEERING_NORM)
+    samples: dict[str, list[dict]] = {name: [] for name in available(size_dir)}
+    for _ in range(args.repeats):
+        for name in samples:
+            worker = ["--work", str(args.work), "--size", size_dir.name, "--tokens", str(args.tokens)]
+            samples[name].append(run_worker([*worker, "--worker", name]))
+    decode = {name: medians(runs) for name, runs in samples.items()}
     result = {
         "machine": {**machine(), "available_mb_at_export_start": available_at_start},
         "parameters": steps["parameters"],
@@ -73,6 +92,8 @@ def main() -> int:
         "export_1b": export_1b,
         "machine_gib": MACHINE_GIB,
         "fits": "failed" not in export and export["peak_rss_mb"] / 1024 < MACHINE_GIB,
+        "decode": decode,
+        "decode_ratios": per_process_ratios(decode),
     }
     if "failed" not in export:
         result["peak_rss_gib"] = export["peak_rss_mb"] / 1024

@@ -480,18 +480,20 @@ class TensorBytes:
 
 
 def model_blocks(path: str | Path, family: str, num_layers: int, heads: int, kv_heads: int) -> GgufBlocks:
-    """The graph's weights (graph.py names: layers.{i}.qkv|o_proj|gate_up|down_proj, lm_head) that the
-    GGUF at `path` of a PERMUTED_QK family stores in a supported block format; others are absent and left to
-    the quantizer."""
+    """The graph's weights (graph.py names: layers.{i}.qkv|o_proj|gate_up|down_proj, lm_head, and beside an
+    untied head the `embedding` table) that the GGUF at `path` of a PERMUTED_QK family stores in a supported
+    block format; others are absent and left to the quantizer."""
     from gguf import GGUFReader
 
     # each tensor's bytes are read from the file when decoded, not through the reader's mapping, whose pages
     # would stay resident (4.9 GB for an 8B Q4_K_M) until the last block is decoded
+    every = GGUFReader(str(path)).tensors
     tensors = {
         tensor.name: TensorBytes(Path(path), int(tensor.data_offset), tensor.data.shape, tensor.tensor_type.name)
-        for tensor in GGUFReader(str(path)).tensors
+        for tensor in every
         if tensor.tensor_type.name in DECODERS
     }
+    untied = any(tensor.name == "output.weight" for tensor in every)  # in blocks or not
     permuted = PERMUTED_QK[family]
 
     def source(*parts: tuple[str, int | None]) -> Source | None:
@@ -509,7 +511,8 @@ def model_blocks(path: str | Path, family: str, num_layers: int, heads: int, kv_
 
         return Source(tuple(sorted(set(kinds))), max(BITS[kind] for kind in kinds), read)
 
-    found = {"lm_head": source(("output.weight", None)) or source(("token_embd.weight", None))}
+    table = source(("token_embd.weight", None))
+    found = {"lm_head": source(("output.weight", None)), "embedding": table} if untied else {"lm_head": table}
     for i in range(num_layers):
         attn, ffn = f"blk.{i}.attn", f"blk.{i}.ffn"
         qkv = ((f"{attn}_q.weight", heads), (f"{attn}_k.weight", kv_heads), (f"{attn}_v.weight", None))

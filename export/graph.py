@@ -464,26 +464,27 @@ def token_embedding(g: GraphBuilder, spec: GraphSpec, table_module, name: str) -
             made = g.quantizer("lm_head", array(table_module.weight))  # [vocab, hidden], the head's weight
             if made is not None:  # the head's linear takes the same blocks
                 g.made["lm_head"] = made
-        head_blocks = g.made.get("lm_head") or g.blocks.get("lm_head")
-        q6_k_head = head_blocks is not None and fits_raw_kernel(head_blocks) and head_blocks.kinds == ("Q6_K",)
-        if spec.tied_head and g.custom_kernels and q6_k_head:
-            vocab, hidden = head_blocks.shape  # the table is the head's GGUF bytes, rows dequantized as looked up
-            table = g.gguf_table("lm_head", head_blocks)
-            h = g.op("Q6_KGather", table, graph_io.INPUT_IDS, domain=kernels.DOMAIN, K=hidden, N=vocab)  # [b, s, h]
+        table_name = "lm_head" if spec.tied_head else "embedding"  # a tied table is the head's weight
+        table_blocks = g.made.get(table_name) or g.blocks.get(table_name)
+        if g.custom_kernels and table_blocks is not None and fits_raw_kernel(table_blocks):
+            vocab, hidden = table_blocks.shape  # the table is the GGUF's bytes, rows dequantized as looked up
+            table = g.gguf_table(table_name, table_blocks)
+            kind = table_blocks.kinds[0]
+            h = g.op(f"{kind}Gather", table, graph_io.INPUT_IDS, domain=kernels.DOMAIN, K=hidden, N=vocab)  # [b, s, h]
             table = ""
-        elif spec.tied_head and head_blocks is not None and head_blocks.offsets is None:
-            # the table is the head's own blocks: looked up quantized, with no float32 copy of it
-            vocab = head_blocks.shape[0]
-            table = g.weight(f"{name}.qweight", head_blocks.packed().reshape(vocab, -1))  # [vocab, hidden*bits/8]
-            scales = g.weight(f"{name}.scales", head_blocks.scales)  # [vocab, hidden/block_size]
+        elif table_blocks is not None and table_blocks.offsets is None:
+            # the table's own blocks, looked up quantized, with no float32 copy of it
+            vocab = table_blocks.shape[0]
+            table = g.weight(f"{name}.qweight", table_blocks.packed().reshape(vocab, -1))  # [vocab, hidden*bits/8]
+            scales = g.weight(f"{name}.scales", table_blocks.scales)  # [vocab, hidden/block_size]
             h = g.op(
                 "GatherBlockQuantized",
                 table,
                 graph_io.INPUT_IDS,
                 scales,
                 domain="com.microsoft",
-                bits=head_blocks.bits,
-                block_size=head_blocks.block_size,
+                bits=table_blocks.bits,
+                block_size=table_blocks.block_size,
                 gather_axis=0,
                 quantize_axis=1,
             )  # [b, s, hidden], (q - 2^(bits-1)) * scale: the default zero point, as in MatMulNBits

@@ -178,9 +178,9 @@ def permuted(raw: np.ndarray, heads: int) -> np.ndarray:
     return raw.reshape(heads, 2, rows // heads // 2, -1).swapaxes(1, 2).reshape(raw.shape)
 
 
-def write_llama_gguf(path, tokenizer, tied: bool, table: str = "Q8_0") -> None:
+def write_llama_gguf(path, tokenizer, tied: bool, table: str = "Q8_0", output: str = "Q6_K") -> None:
     """A 2-layer Llama GGUF (llama.cpp's names and q/k permutation) whose linears are LAYER_KINDS, the table
-    `table` and, untied, a Q6_K output."""
+    `table` and, untied, an `output` head (a block type, or F16)."""
     vocab = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
     tokens = sorted(vocab["vocab"], key=vocab["vocab"].get)
     writer = GGUFWriter(str(path), "llama")
@@ -206,8 +206,11 @@ def write_llama_gguf(path, tokenizer, tied: bool, table: str = "Q8_0") -> None:
         writer.add_tensor(name, raw, raw_shape=raw.shape, raw_dtype=GGMLQuantizationType[kind])
 
     add("token_embd.weight", table, len(tokens), HIDDEN, size=2.0)
-    if not tied:
-        add("output.weight", "Q6_K", len(tokens), HIDDEN, size=2.0)
+    if not tied and output == "F16":
+        head = np.random.default_rng(99).normal(0, 0.05, (len(tokens), HIDDEN)).astype(np.float16)
+        writer.add_tensor("output.weight", head)
+    elif not tied:
+        add("output.weight", output, len(tokens), HIDDEN, size=2.0)
     writer.add_tensor("output_norm.weight", np.ones(HIDDEN, np.float32))
     kv = KV_HEADS * HIDDEN // HEADS
     for i, kinds in enumerate(LAYER_KINDS):
@@ -236,7 +239,13 @@ def test_a_k_quant_gguf_exports_from_its_own_blocks(tmp_path, monkeypatch, tiny_
     monkeypatch.setattr(graph, "ACCURACY_LEVEL", 1)  # float activations on stock kernels: the weights' error only
     manifest = onnx_export.export(str(path), tmp_path / "out", layers_spec="0-1", quantize="int4", kernels=choice)
     carried = {f"layers.{i}.{name}" for i in range(LAYERS) for name in ("qkv", "o_proj", "gate_up")}
-    assert set(model_blocks(path, "llama", LAYERS, HEADS, KV_HEADS)) == {"lm_head", "layers.0.down_proj", *carried}
+    table_of_its_own = set() if tied else {"embedding"}
+    assert set(model_blocks(path, "llama", LAYERS, HEADS, KV_HEADS)) == {
+        "lm_head",
+        "layers.0.down_proj",
+        *carried,
+        *table_of_its_own,
+    }
     kinds = "Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0" if table == "Q8_0" and tied else "Q4_K, Q5_0, Q5_1, Q5_K, Q6_K"
     fused = manifest.kernels == "fused"
     exact = 6 if fused else 4  # and in their kernels, Q4_K layer 0's q|k|v and layer 1's q|k beside its Q6_K v
@@ -246,7 +255,7 @@ def test_a_k_quant_gguf_exports_from_its_own_blocks(tmp_path, monkeypatch, tiny_
     nodes = onnx.load(str(tmp_path / "out" / "model.onnx"), load_external_data=False).graph.node
     ops = {n.name: n.op_type for n in nodes}
     kernel_table = tied and table == "Q6_K" and fused  # looked up by Q6_KGather in the head's bytes
-    assert list(ops.values()).count("GatherBlockQuantized") == int(tied and not kernel_table)
+    assert list(ops.values()).count("GatherBlockQuantized") == int(not kernel_table)  # Q8_0, tied or not
     assert list(ops.values()).count("Q6_KGather") == int(kernel_table)
     assert (ops.get("/model/layers.0/attn/qkv/Q4_KMatMul") is not None) == fused
     assert (ops.get("/model/layers.1/attn/qkv/Q4_KMatMul") is not None) == fused  # q|k, beside its Q6_K v
@@ -320,4 +329,22 @@ def test_a_gguf_too_big_for_float32_exports_from_a_bfloat16_model(tmp_path, monk
     assert "is loaded in bfloat16" in capfd.readouterr().err
     manifest = onnx_export.export(str(path), tmp_path / "out", layers_spec="0-1", quantize="int4")
     assert manifest.weights_fingerprint == sources.fingerprint(small) != float32_fingerprint
+    assert manifest.verification["zero"] < 0.05 and manifest.verification["steering_effect_correlation"] > 0.9
+
+
+@pytest.mark.usefixtures("needs_kernels")
+@pytest.mark.parametrize("output", ["Q6_K", "F16"])
+def test_an_untied_table_is_looked_up_in_its_own_gguf_bytes(tmp_path, tiny_tokenizer, output):
+    """Beside an untied head (in blocks or float16) the Q4_K embedding table stays the GGUF's bytes, its rows
+    dequantized as they are looked up (Q4_KGather), with no float32 copy; a float16 head is the head, never
+    the table's blocks."""
+    path = tmp_path / "untied.gguf"
+    write_llama_gguf(path, tiny_tokenizer, tied=False, table="Q4_K", output=output)
+    found = model_blocks(path, "llama", LAYERS, HEADS, KV_HEADS)
+    assert ("lm_head" in found) == (output == "Q6_K") and found.sources["embedding"].kinds == ("Q4_K",)
+    manifest = onnx_export.export(str(path), tmp_path / "out", layers_spec="0-1", quantize="int4", kernels="fused")
+    model = onnx.load(str(tmp_path / "out" / "model.onnx"), load_external_data=False).graph
+    lookups = [n.op_type for n in model.node if "input_ids" in n.input]
+    assert lookups == ["Q4_KGather"]
+    assert not [i.name for i in model.initializer if i.data_type == TensorProto.FLOAT and i.dims[:1] == [300]]
     assert manifest.verification["zero"] < 0.05 and manifest.verification["steering_effect_correlation"] > 0.9

@@ -1,4 +1,4 @@
-"""Q4_0MatMul, Q4_KMatMul, Q6_KMatMul and Q6_KGather (grains_edge/kernels/k_quant_matmul.cc) on a GGUF's bytes:
+"""Q4_0MatMul, Q4_KMatMul, Q6_KMatMul and their Gathers (grains_edge/kernels/k_quant_matmul.cc) on a GGUF's bytes:
 each product is its int8 specification (emulated in numpy, float64, from gguf_blocks' decoders) on every
 instruction path, single rows, batches and prompts; the gathered rows are gguf-py's dequantization, bit for bit."""
 
@@ -73,13 +73,14 @@ def test_product_is_close_to_the_float_product(kind):
     assert np.abs(y - exact).max() < 0.01 * np.abs(exact).max()  # int8 activations: well under 1 %
 
 
-def test_gathered_rows_are_gguf_s_dequantization_bit_for_bit():
-    raw = random_blocks("Q6_K", 50, 512, size=2.0, seed=5)
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_K", "Q6_K"])
+def test_gathered_rows_are_gguf_s_dequantization_bit_for_bit(kind):
+    raw = random_blocks(kind, 50, 512, size=2.0, seed=5)
     ids = np.array([[3, 0, 49], [3, 7, 12]], np.int64)
-    node = helper.make_node("Q6_KGather", ["w", "ids"], ["rows"], domain=kernels.DOMAIN, K=512, N=50)
+    node = helper.make_node(f"{kind}Gather", ["w", "ids"], ["rows"], domain=kernels.DOMAIN, K=512, N=50)
     session = one_node_session(node, [], [numpy_helper.from_array(raw, "w"), numpy_helper.from_array(ids, "ids")])
     rows = session.run(None, {})[0]
-    reference = quants.dequantize(raw, GGMLQuantizationType.Q6_K)[ids]  # [2, 3, 512]
+    reference = quants.dequantize(raw, GGMLQuantizationType[kind])[ids]  # [2, 3, 512]
     np.testing.assert_array_equal(rows.view(np.uint32), reference.view(np.uint32))
 
 

@@ -1,5 +1,6 @@
 // grains_edge.Q4_0MatMul, Q4_KMatMul and Q6_KMatMul: y = x @ W^T for W stored as ggml blocks, the bytes a GGUF
-// holds; grains_edge.Q6_KGather: rows of a Q6_K W (a tied embedding table that is also the head).
+// holds; grains_edge.Q4_0Gather, Q4_KGather and Q6_KGather: rows of such a W (an embedding table, tied to the
+// head or not).
 //
 //   Q4_0MatMul  inputs  x [..., K] float32; blocks [N, K/32 * 18] uint8 (block_q4_0: float16 d, qs[16]), K a
 //                       multiple of 256 (8 blocks are taken as one super-block)
@@ -8,8 +9,8 @@
 //   Q6_KMatMul  inputs  x [..., K] float32; blocks [N, K/256 * 210] uint8 (block_q6_K: ql[128], qh[64],
 //                       int8 scales[16], float16 d)
 //               output  y [..., N] float32;  attributes K, N
-//   Q6_KGather  inputs  blocks [N, K/256 * 210] uint8; ids [...] int64
-//               output  rows [..., K] float32, as ggml's dequantize_row_q6_K rounds them;  attributes K, N
+//   {kind}Gather  inputs  blocks [N, K/256 * bytes] uint8 (as the MatMul of that kind takes them); ids [...]
+//                 int64;  output  rows [..., K] float32, as gguf-py's dequantization rounds them;  attributes K, N
 //
 // A super-block holds 256 weights in sub-blocks j with their own scale: Q4_0 8 of 32, w = d_j (q - 8); Q4_K 8
 // of 32, w = d sc_j q - dmin m_j (levels 0..15); Q6_K 16 of 16, w = d sc_j (q - 32) (levels 0..63). As in
@@ -75,6 +76,7 @@ uint32_t load_u32(const uint8_t* bytes) {
 struct Q6_K {
   static constexpr int64_t kBytes = 210;
   static constexpr const char* kName = "Q6_KMatMul";
+  static constexpr const char* kGather = "Q6_KGather";
   static constexpr bool kPaired = false;  // each vector's sub-blocks are its own (16 elements: 4 lanes)
 
   // Half h (16 elements) of block b (32) of a super-block: where it lies in the unpacked vectors (in order).
@@ -85,6 +87,14 @@ struct Q6_K {
     const int half = e / 128, k = (e % 128) / 32, l = e % 32;
     const uint8_t low = block[64 * half + l + 32 * (k & 1)], high = block[128 + 32 * half + l];
     return ((k < 2 ? low & 15 : low >> 4) | (((high >> (2 * k)) & 3) << 4));
+  }
+
+  // The 256 weights of a super-block, d sc_j (q - 32).
+  static void dequantize(const uint8_t* block, float* out) {
+    const float d = half_at(block + 208);
+    for (int e = 0; e < kSuper; ++e) {
+      out[e] = d * static_cast<float>(static_cast<int8_t>(block[192 + e / 16])) * static_cast<float>(level(block, e) - 32);
+    }
   }
 
   // Per sub-block j: the scale of x over it (that of its block of 32), and the term of x added with weight
@@ -114,6 +124,7 @@ struct Q6_K {
 struct Q4_K {
   static constexpr int64_t kBytes = 144;
   static constexpr const char* kName = "Q4_KMatMul";
+  static constexpr const char* kGather = "Q4_KGather";
   static constexpr bool kPaired = true;  // vectors 2p and 2p + 1 hold the same sub-blocks in the same lanes
 
   // Vectors 0, 1: elements 0-15, 16-31 of sub-blocks 0, 2, 1, 3 (a 16-byte lane each); vectors 2, 3: of 4, 6, 5, 7.
@@ -136,6 +147,21 @@ struct Q4_K {
   static int level(const uint8_t* block, int e) {
     const uint8_t byte = block[16 + 32 * (e / 64) + e % 32];
     return (e % 64) < 32 ? byte & 15 : byte >> 4;
+  }
+
+  // The 256 weights of a super-block, (d sc_j) q - (dmin m_j), the product rounded before the subtraction as
+  // numpy rounds it (volatile: a fused multiply-add would round once and differ from gguf-py in the last bit).
+  static void dequantize(const uint8_t* block, float* out) {
+    const float d = half_at(block), dmin = half_at(block + 2);
+    for (int j = 0; j < 8; ++j) {
+      int scale, minimum;
+      scale_min(block + 4, j, &scale, &minimum);
+      const float step = d * static_cast<float>(scale), offset = dmin * static_cast<float>(minimum);
+      for (int e = 32 * j; e < 32 * j + 32; ++e) {
+        volatile float product = step * static_cast<float>(level(block, e));
+        out[e] = product - offset;
+      }
+    }
   }
 
   // Per sub-block j (lanes 0..7): the scale dx_j and the rounding term 8 (S_j - dx_j sum(xq_j)), for the
@@ -167,6 +193,7 @@ struct Q4_K {
 struct Q4_0 {
   static constexpr int64_t kBytes = 144;
   static constexpr const char* kName = "Q4_0MatMul";
+  static constexpr const char* kGather = "Q4_0Gather";
   static constexpr bool kPaired = true;  // vectors 2p and 2p + 1: the low and high halves of the same blocks
 
   static int place(int b, int h) {  // vectors 0..3: the low halves of blocks 0-3, their high halves, then 4-7
@@ -176,6 +203,11 @@ struct Q4_0 {
   static int level(const uint8_t* block, int e) {
     const uint8_t byte = block[18 * (e / 32) + 2 + e % 16];
     return (e % 32) < 16 ? byte & 15 : byte >> 4;
+  }
+
+  // The 256 weights of 8 blocks, d_j (q - 8).
+  static void dequantize(const uint8_t* block, float* out) {
+    for (int e = 0; e < kSuper; ++e) out[e] = half_at(block + 18 * (e / 32)) * static_cast<float>(level(block, e) - 8);
   }
 
   // Per block j (lanes 0..7): the scale dx_j and the term -8 dx_j sum(xq_j), for the weight d_j.
@@ -470,13 +502,14 @@ struct MatMulKernel {
   const LinearSize size_;
 };
 
-struct Q6_KGatherKernel {
-  Q6_KGatherKernel(const OrtApi&, const OrtKernelInfo* info) : size_(info) {}
+template <class F>
+struct GatherKernel {
+  GatherKernel(const OrtApi&, const OrtKernelInfo* info) : size_(info) {}
 
   void Compute(OrtKernelContext* raw_context) {
     Ort::KernelContext context(raw_context);
     const Ort::ConstValue blocks = context.GetInput(0), ids = context.GetInput(1);
-    check_blocks(blocks, size_.k, size_.n, Q6_K::kBytes, "Q6_KGather");
+    check_blocks(blocks, size_.k, size_.n, F::kBytes, F::kGather);
     std::vector<int64_t> shape = ids.GetTensorTypeAndShapeInfo().GetShape();
     const size_t count = ids.GetTensorTypeAndShapeInfo().GetElementCount();
     shape.push_back(size_.k);
@@ -485,15 +518,10 @@ struct Q6_KGatherKernel {
     const uint8_t* table = blocks.GetTensorData<uint8_t>();
     const int64_t supers = size_.k / kSuper;
     for (size_t t = 0; t < count; ++t) {
-      if (id[t] < 0 || id[t] >= size_.n) ORT_CXX_API_THROW("Q6_KGather: an id is outside the table", ORT_INVALID_ARGUMENT);
-      for (int64_t s = 0; s < supers; ++s) {
-        const uint8_t* block = table + (id[t] * supers + s) * Q6_K::kBytes;
-        const float d = half_at(block + 208);
-        for (int e = 0; e < kSuper; ++e) {
-          const float scale = d * static_cast<float>(static_cast<int8_t>(block[192 + e / 16]));
-          out[t * size_.k + s * kSuper + e] = scale * static_cast<float>(Q6_K::level(block, e) - 32);
-        }
+      if (id[t] < 0 || id[t] >= size_.n) {
+        ORT_CXX_API_THROW(std::string(F::kGather) + ": an id is outside the table", ORT_INVALID_ARGUMENT);
       }
+      for (int64_t s = 0; s < supers; ++s) F::dequantize(table + (id[t] * supers + s) * F::kBytes, out + t * size_.k + s * kSuper);
     }
   }
 
@@ -512,9 +540,10 @@ struct MatMulOp : Ort::CustomOpBase<MatMulOp<F>, MatMulKernel<F>> {
   ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
 };
 
-struct Q6_KGatherOp : Ort::CustomOpBase<Q6_KGatherOp, Q6_KGatherKernel> {
-  void* CreateKernel(const OrtApi& api, const OrtKernelInfo* info) const { return new Q6_KGatherKernel(api, info); }
-  const char* GetName() const { return "Q6_KGather"; }
+template <class F>
+struct GatherOp : Ort::CustomOpBase<GatherOp<F>, GatherKernel<F>> {
+  void* CreateKernel(const OrtApi& api, const OrtKernelInfo* info) const { return new GatherKernel<F>(api, info); }
+  const char* GetName() const { return F::kGather; }
   size_t GetInputTypeCount() const { return 2; }
   ONNXTensorElementDataType GetInputType(size_t index) const {
     return index == 0 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
@@ -540,7 +569,17 @@ const OrtCustomOp* q6_k_matmul_op() {
   return &op;
 }
 
+const OrtCustomOp* q4_0_gather_op() {
+  static const GatherOp<Q4_0> op;
+  return &op;
+}
+
+const OrtCustomOp* q4_k_gather_op() {
+  static const GatherOp<Q4_K> op;
+  return &op;
+}
+
 const OrtCustomOp* q6_k_gather_op() {
-  static const Q6_KGatherOp op;
+  static const GatherOp<Q6_K> op;
   return &op;
 }
