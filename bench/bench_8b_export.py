@@ -12,10 +12,11 @@ Steps, each cached in the work folder (`--work`, shared with bench_1b.py, whose 
   4. decode     the export and llama.cpp on the same GGUF, steered by the same random vectors (norm 4 on the
                 middle third of the layers: the speed does not depend on it), one process each per repetition,
                 alternating (bench_1b.py's workers): decode tokens/s after a short chat prompt and after a
-                512-token prompt, time to first token, peak RSS
+                512-token prompt, time to first token, peak RSS; then one paired process alternating them
+                round after round (bench_1b.paired_worker), whose per-round ratios cancel the machine's drift
 Random weights; the memory and the speed are real. Needs about 40 GB of free disk while it builds.
 
-    python bench/bench_8b_export.py [--work DIR] [--repeats 2] [--out bench/results/export_8b.json]
+    python bench/bench_8b_export.py [--work DIR] [--repeats 2] [--paired-rounds 4] [--out bench/results/export_8b.json]
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ def main() -> int:
     parser.add_argument("--export-again", action="store_true", help="re-run and re-measure the export")
     parser.add_argument("--repeats", type=int, default=2, help="decode runs per contender")
     parser.add_argument("--tokens", type=int, default=32, help="tokens decoded per prompt")
+    parser.add_argument("--paired-rounds", type=int, default=4)
     parser.add_argument("--out", default=None, help="also write the JSON here")
     args = parser.parse_args()
     size_dir = args.work / "8b"
@@ -76,12 +78,13 @@ def main() -> int:
     small = args.work / "1b" / gguf.name
     export_1b = exported(str(small), small.with_name(f"export-int4-{KIND}"), "int4", True) if small.is_file() else None
     steering_file(size_dir, DIMENSIONS_8B["num_hidden_layers"], DIMENSIONS_8B["hidden_size"], norm=STEERING_NORM)
+    worker = ["--work", str(args.work), "--size", size_dir.name, "--tokens", str(args.tokens)]
     samples: dict[str, list[dict]] = {name: [] for name in available(size_dir)}
     for _ in range(args.repeats):
         for name in samples:
-            worker = ["--work", str(args.work), "--size", size_dir.name, "--tokens", str(args.tokens)]
             samples[name].append(run_worker([*worker, "--worker", name]))
     decode = {name: medians(runs) for name, runs in samples.items()}
+    paired = run_worker([*worker, "--worker", "paired", "--paired-rounds", str(args.paired_rounds)])
     result = {
         "machine": {**machine(), "available_mb_at_export_start": available_at_start},
         "parameters": steps["parameters"],
@@ -94,6 +97,7 @@ def main() -> int:
         "fits": "failed" not in export and export["peak_rss_mb"] / 1024 < MACHINE_GIB,
         "decode": decode,
         "decode_ratios": per_process_ratios(decode),
+        "paired": paired,
     }
     if "failed" not in export:
         result["peak_rss_gib"] = export["peak_rss_mb"] / 1024
