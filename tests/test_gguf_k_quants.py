@@ -17,6 +17,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFWriter,
 from onnx import TensorProto, helper
 
 from grains_edge import kernels
+from grains_edge.errors import GrainsError
 from grains_edge.export import graph, onnx_export
 from grains_edge.export.gguf_blocks import DECODERS, carried_error, decode, model_blocks, stacked, unpermute_rows
 
@@ -314,7 +315,8 @@ def test_model_blocks_decode_each_weight_from_the_file_when_looked_up(tmp_path, 
 
 def test_a_gguf_too_big_for_float32_exports_from_a_bfloat16_model(tmp_path, monkeypatch, tiny_tokenizer, capfd):
     """With less memory than twice its float32 model, a GGUF loads in bfloat16 for a quantized export: one line
-    says so, the export verifies, and its fingerprint is that of the bfloat16 values."""
+    says so, the export verifies, and its fingerprint is that of the bfloat16 values. With less than the float32
+    model, a float32 load is refused before it starts."""
     from grains_edge.model import sources
 
     path = tmp_path / "tiny-k.gguf"
@@ -322,11 +324,15 @@ def test_a_gguf_too_big_for_float32_exports_from_a_bfloat16_model(tmp_path, monk
     full, _ = sources.load(str(path), keep_bfloat16=True)
     assert full.dtype == torch.float32  # plenty of memory here
     float32_fingerprint = sources.fingerprint(full)
-    monkeypatch.setattr(sources, "available_memory", lambda: 1 << 20)
+    needed = 4 * sum(int(t.n_elements) for t in GGUFReader(str(path)).tensors)
+    monkeypatch.setattr(sources, "available_memory", lambda: needed * 3 // 2)
     assert sources.load(str(path))[0].dtype == torch.float32  # only a quantized export asks for less
     small, _ = sources.load(str(path), keep_bfloat16=True)
     assert small.dtype == torch.bfloat16
     assert "is loaded in bfloat16" in capfd.readouterr().err
+    monkeypatch.setattr(sources, "available_memory", lambda: needed // 2)
+    with pytest.raises(GrainsError, match="GB of memory is available; fix: free memory or use a larger machine"):
+        sources.load(str(path))
     manifest = onnx_export.export(str(path), tmp_path / "out", layers_spec="0-1", quantize="int4")
     assert manifest.weights_fingerprint == sources.fingerprint(small) != float32_fingerprint
     assert manifest.verification["zero"] < 0.05 and manifest.verification["steering_effect_correlation"] > 0.9

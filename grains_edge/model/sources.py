@@ -80,7 +80,7 @@ def load(spec: str, keep_bfloat16: bool = False):
         bfloat16 = keep_bfloat16 and getattr(config, "dtype", None) == torch.bfloat16
     else:
         with reading(spec, "weights"):
-            bfloat16 = keep_bfloat16 and not float32_fits(spec, Path(source.path) / source.gguf_file)
+            bfloat16 = gguf_in_bfloat16(spec, Path(source.path) / source.gguf_file, keep_bfloat16)
     with reading(spec, "tokenizer"):
         tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs)
     # transformers' advice to load a GGUF in float32 is about its own packed-block kernels, which this load,
@@ -100,22 +100,31 @@ def load(spec: str, keep_bfloat16: bool = False):
     return model, tokenizer
 
 
-def float32_fits(spec: str, gguf: Path) -> bool:
-    """Whether the float32 model of a GGUF (4 bytes a parameter) takes at most half the memory available now,
-    leaving the rest to an export's graph and verification; if not, says so in one line."""
+def gguf_in_bfloat16(spec: str, gguf: Path, allowed: bool) -> bool:
+    """Whether a GGUF loads in bfloat16: when `allowed` and its float32 model (4 bytes a parameter) would take
+    more than half the memory available now, leaving the rest to an export's graph and verification; said in
+    one line. A float32 model larger than all the available memory is refused before it is read."""
     from gguf import GGUFReader
 
     needed = 4 * sum(int(tensor.n_elements) for tensor in GGUFReader(str(gguf)).tensors)
     available = available_memory()
     if needed <= available / 2:
+        return False
+    if allowed:
+        print(
+            f"[grains-edge] the float32 model of {spec} would take {needed / 1e9:.1f} GB of the "
+            f"{available / 1e9:.1f} GB available: it is loaded in bfloat16 (the reference logits, the graph's "
+            "norms and embeddings and the weights' fingerprint are of its values rounded to bfloat16)",
+            file=sys.stderr,
+            flush=True,
+        )
         return True
-    print(
-        f"[grains-edge] the float32 model of {spec} would take {needed / 1e9:.1f} GB of the {available / 1e9:.1f} GB "
-        "available: it is loaded in bfloat16 (the reference logits, the graph's norms and embeddings and the "
-        "weights' fingerprint are of its values rounded to bfloat16)",
-        file=sys.stderr,
-        flush=True,
-    )
+    if needed > available:
+        raise GrainsError(
+            f"the float32 model of {spec} needs {needed / 1e9:.1f} GB and {available / 1e9:.1f} GB of memory is "
+            "available; fix: free memory or use a larger machine ('grains-edge export --quantize int4' loads "
+            "it in bfloat16)"
+        )
     return False
 
 
