@@ -214,8 +214,8 @@ def side_by_side(*linears) -> Linear:
 class GraphBuilder:
     """Accumulates nodes and initializers; `op` returns the output name(s) of the node it adds, named by
     where it is (`/model/layers.3/attn/qkv/MatMul`: the scopes open around it, then its op type).
-    `blocks`: weights (by linear name) already quantized, e.g. a GGUF's own (`gguf_blocks.py`), each looked up
-    once, when its linear is added; `taken` is told of each;
+    `blocks`: weights (by linear name, and `embedding` for an untied table) already quantized, e.g. a GGUF's own
+    (`gguf_blocks.py`, which decodes one at each lookup: none is kept here); `taken` is told of each linear's;
     `custom_kernels`: Q4_0, Q4_1, Q4_K and Q6_K blocks and the steering go to grains-edge's own kernels
     (grains_edge/kernels);
     `weights_file`: where each weight's bytes go as it is added (else they stay in the initializer);
