@@ -56,6 +56,12 @@ constexpr int64_t kSuper = 256;       // weights per super-block
 constexpr int64_t kRowsPerTask = 32;  // rows of W per parallel task
 constexpr int64_t kRowTile = 8;       // rows of W kept hot while every row of x passes over them
 constexpr int64_t kUnpackOnce = 8;    // rows of x from which a task unpacks each tile of W once
+// A single row of W is read with the next row's same super-block prefetched into L1, which holds while x's
+// row (384 bytes a super-block) stays there beside it. A row of x longer than kLongRow super-blocks (K > 8192)
+// pushes those lines out before they are read: there the next row is prefetched into L2, and only kNear bytes
+// ahead into L1 (8B's down_proj, K 14336: 63 -> 41 ms a decode step; docs/design-notes.md).
+constexpr int64_t kLongRow = 32;
+constexpr int64_t kNear = 2048;
 
 uint16_t load_u16(const uint8_t* bytes) {
   uint16_t half;
@@ -359,6 +365,7 @@ template <class F, int R, int C>
 void dot_rows(const uint8_t* w, int64_t n, const Unpacked* unpacked, const QuantizedRows<F>& x, int64_t r, float* out,
               int64_t stride) {
   const int64_t supers = x.supers, row_bytes = supers * F::kBytes;
+  const bool long_row = R == 1 && supers > kLongRow;
 #if defined(GRAINS_AVX512)
   const F format{};
   const __m512i lanes[4] = {spread(format, 0), spread(format, 1), spread(format, 2), spread(format, 3)};
@@ -380,8 +387,13 @@ void dot_rows(const uint8_t* w, int64_t n, const Unpacked* unpacked, const Quant
         u = unpacked[i * supers + s];
       } else {
         const uint8_t* block = w + (n + i) * row_bytes + s * F::kBytes;
-        for (int64_t ahead = 0; ahead < F::kBytes; ahead += 64) {  // the same super-block R rows on
-          _mm_prefetch(reinterpret_cast<const char*>(block + R * row_bytes + ahead), _MM_HINT_T0);
+        for (int64_t line = 0; line < F::kBytes; line += 64) {  // the same super-block R rows on
+          if (long_row) {
+            _mm_prefetch(reinterpret_cast<const char*>(block + kNear + line), _MM_HINT_T0);
+            _mm_prefetch(reinterpret_cast<const char*>(block + row_bytes + line), _MM_HINT_T1);
+          } else {
+            _mm_prefetch(reinterpret_cast<const char*>(block + R * row_bytes + line), _MM_HINT_T0);
+          }
         }
         unpack(format, block, &u);
       }
