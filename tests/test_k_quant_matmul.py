@@ -49,6 +49,7 @@ def matmul_session(kind: str, raw: np.ndarray, flags=()):
         (64, 512, (1, 1)),  # decode
         (37, 256, (2, 5)),  # one super-block; rows not a multiple of the 4-row step; 10 rows of x
         (70, 768, (1, 9)),  # a prompt: two 4-row passes of x and one row
+        (40, 8448, (1, 1)),  # a decode step on a long row of x (33 super-blocks: the next row prefetched to L2)
     ],
 )
 @pytest.mark.parametrize("path", ["native", "plain"])  # no AVX2-only path: it takes the plain one
