@@ -442,6 +442,9 @@ class GgufBlocks(Mapping[str, Blocks]):
     def __getitem__(self, name: str) -> Blocks:
         return self.sources[name].read()
 
+    def __contains__(self, name: object) -> bool:  # Mapping's would decode the weight to find it
+        return name in self.sources
+
     def __iter__(self) -> Iterator[str]:
         return iter(self.sources)
 

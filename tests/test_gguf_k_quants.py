@@ -19,7 +19,15 @@ from onnx import TensorProto, helper
 from grains_edge import kernels
 from grains_edge.errors import GrainsError
 from grains_edge.export import graph, onnx_export
-from grains_edge.export.gguf_blocks import DECODERS, carried_error, decode, model_blocks, stacked, unpermute_rows
+from grains_edge.export.gguf_blocks import (
+    DECODERS,
+    GgufBlocks,
+    carried_error,
+    decode,
+    model_blocks,
+    stacked,
+    unpermute_rows,
+)
 
 # Per format: (byte offset, value per unit of weight size) of its float16 fields (ggml-common.h), so that
 # random blocks hold a weight of about ±size as ggml's quantizers write one: d > 0, a minimum near the low
@@ -309,6 +317,9 @@ def test_model_blocks_decode_each_weight_from_the_file_when_looked_up(tmp_path, 
         for field in ("q", "scales", "offsets", "raw"):
             np.testing.assert_array_equal(getattr(blocks, field), getattr(expected, field))
     assert found.kinds() == {kind for name in found for kind in found.sources[name].kinds}
+    decoded = []
+    counted = GgufBlocks({n: dataclasses.replace(s, read=lambda: decoded.append(1)) for n, s in found.sources.items()})
+    assert "lm_head" in counted and "layers.9.qkv" not in counted and not decoded  # found without decoding
     assert set(found.with_bits((4,))) == {n for n in found if found.sources[n].bits == 4}
     assert all(found.without_raw()[name].raw is None for name in found)
 
