@@ -76,6 +76,7 @@ def session(rows: int, cols: int, fields, threads: int = 2, flags=()) -> ort.Inf
         (576, 1536, (2, 7)),  # 48 blocks = three whole groups; a batch of prompts
         (37, 32, (3,)),  # one block; rows not a multiple of the 4-row step or the 32-row task
         (70, 672, (1, 65)),  # 21 blocks; a long prompt
+        (40, 8224, (1, 1)),  # a decode step on a long row of x (257 blocks: the next row prefetched to L2)
     ],
 )
 @pytest.mark.parametrize("path", PATHS)

@@ -39,6 +39,11 @@ constexpr int64_t kBlock = 32;       // weights per block
 constexpr int64_t kRowsPerTask = 32; // rows of W per parallel task
 constexpr int64_t kRowTile = 8;      // rows of W kept hot while every row of x passes over them
 constexpr int64_t kGroup = 16;       // blocks per AVX-512 step
+// As in k_quant_matmul.cc: a single row of W prefetches the next row into L1 while x's row stays there beside
+// it; a row of x longer than kLongRow blocks (K > 8192) would evict those lines first, so there the next row goes
+// to L2 and only kNear bytes ahead to L1
+constexpr int64_t kLongRow = 256;
+constexpr int64_t kNear = 2048;
 
 // One row of x [K] -> its int8 levels split as the weight nibbles are, per block: lo [16 * blocks] the
 // elements 0..15, hi the elements 16..31; scales dx, block sums sx and the rounding terms ex [blocks]
@@ -114,8 +119,13 @@ void dot_rows(const Weights& w, int64_t n, const QuantizedRows& x, int64_t r, fl
         acc[i][c] = _mm512_fmadd_ps(d, _mm512_loadu_ps(ex[c] + b), _mm512_fmadd_ps(m, _mm512_loadu_ps(sx[c] + b), acc[i][c]));
       }
       const uint8_t* nibbles = w.nibbles + (row * blocks + b) * 16;
-      for (int64_t ahead = 0; ahead < 4 * 64; ahead += 64) {  // this chunk of the next R rows
-        _mm_prefetch(reinterpret_cast<const char*>(nibbles + R * blocks * 16 + ahead), _MM_HINT_T0);
+      for (int64_t line = 0; line < 4 * 64; line += 64) {  // this chunk of the next R rows
+        if (R == 1 && blocks > kLongRow) {
+          _mm_prefetch(reinterpret_cast<const char*>(nibbles + kNear + line), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(nibbles + blocks * 16 + line), _MM_HINT_T1);
+        } else {
+          _mm_prefetch(reinterpret_cast<const char*>(nibbles + R * blocks * 16 + line), _MM_HINT_T0);
+        }
       }
       for (int64_t g = 0; g < (left + 3) / 4; ++g) {
         const int64_t rest = left - 4 * g;
