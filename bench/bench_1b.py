@@ -275,10 +275,9 @@ def memory_mb(pid: int) -> dict[str, float]:
 
 
 def available_mb() -> float:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) / 1024
-    return float("inf")
+    from grains_edge.model.sources import available_memory
+
+    return available_memory() / 2**20
 
 
 def measured(command: list[str], floor_mb: float = 1500, env: dict | None = None) -> dict:

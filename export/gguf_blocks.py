@@ -187,8 +187,8 @@ DECODERS: dict[str, tuple[int, Callable[[np.ndarray], Blocks]]] = {
     "Q5_K": (176, q5_k),
     "Q6_K": (210, q6_k),
 }
-# GGUF type -> the bits of its decoded blocks (5- and 6-bit levels go to 8-bit blocks)
-BITS = {"Q8_0": 8, "Q4_0": 4, "Q4_1": 4, "Q5_0": 8, "Q5_1": 8, "Q4_K": 4, "Q5_K": 8, "Q6_K": 8}
+# GGUF type -> the bits of its decoded blocks (5- and 6-bit levels go to 8-bit blocks), as its decoder makes them
+BITS = {kind: decoder(np.zeros((1, 1, size), np.uint8)).bits for kind, (size, decoder) in DECODERS.items()}
 
 
 # GGUF types a grains-edge kernel reads as the file stores them (k_quant_matmul.cc: `{kind}MatMul`): their bytes
@@ -427,8 +427,8 @@ class Source:
 
 
 class GgufBlocks(Mapping[str, Blocks]):
-    """The graph's weights a GGUF stores in blocks (graph.py names), each decoded from the memory-mapped file
-    when it is looked up and not kept: decoded all at once, an 8B model's blocks would take 1.8 bytes a
+    """The graph's weights a GGUF stores in blocks (graph.py names), each read from the file and decoded when it
+    is looked up, and not kept: decoded all at once, an 8B model's blocks would take 1.8 bytes a
     parameter beside the model."""
 
     def __init__(self, sources: dict[str, Source]) -> None:

@@ -49,6 +49,7 @@
 #include "block_quantize.h"
 #include "cpu.h"
 #include "linear_size.h"
+#include "row_prefetch.h"
 
 namespace {
 
@@ -56,12 +57,6 @@ constexpr int64_t kSuper = 256;       // weights per super-block
 constexpr int64_t kRowsPerTask = 32;  // rows of W per parallel task
 constexpr int64_t kRowTile = 8;       // rows of W kept hot while every row of x passes over them
 constexpr int64_t kUnpackOnce = 8;    // rows of x from which a task unpacks each tile of W once
-// A single row of W is read with the next row's same super-block prefetched into L1, which holds while x's
-// row (384 bytes a super-block) stays there beside it. A row of x longer than kLongRow super-blocks (K > 8192)
-// pushes those lines out before they are read: there the next row is prefetched into L2, and only kNear bytes
-// ahead into L1 (8B's down_proj, K 14336: 63 -> 41 ms a decode step; docs/design-notes.md).
-constexpr int64_t kLongRow = 32;
-constexpr int64_t kNear = 2048;
 
 uint16_t load_u16(const uint8_t* bytes) {
   uint16_t half;
@@ -365,8 +360,8 @@ template <class F, int R, int C>
 void dot_rows(const uint8_t* w, int64_t n, const Unpacked* unpacked, const QuantizedRows<F>& x, int64_t r, float* out,
               int64_t stride) {
   const int64_t supers = x.supers, row_bytes = supers * F::kBytes;
-  const bool long_row = R == 1 && supers > kLongRow;
 #if defined(GRAINS_AVX512)
+  const bool long_row = R == 1 && supers * kSuper > kLongRowWeights;
   const F format{};
   const __m512i lanes[4] = {spread(format, 0), spread(format, 1), spread(format, 2), spread(format, 3)};
   // one row of W against one of x: a sum per product, so that the multiply-adds of a super-block do not wait
@@ -387,14 +382,7 @@ void dot_rows(const uint8_t* w, int64_t n, const Unpacked* unpacked, const Quant
         u = unpacked[i * supers + s];
       } else {
         const uint8_t* block = w + (n + i) * row_bytes + s * F::kBytes;
-        for (int64_t line = 0; line < F::kBytes; line += 64) {  // the same super-block R rows on
-          if (long_row) {
-            _mm_prefetch(reinterpret_cast<const char*>(block + kNear + line), _MM_HINT_T0);
-            _mm_prefetch(reinterpret_cast<const char*>(block + row_bytes + line), _MM_HINT_T1);
-          } else {
-            _mm_prefetch(reinterpret_cast<const char*>(block + R * row_bytes + line), _MM_HINT_T0);
-          }
-        }
+        prefetch_ahead(block, F::kBytes, R * row_bytes, long_row);  // the same super-block R rows on
         unpack(format, block, &u);
       }
       for (int c = 0; c < C; ++c) {

@@ -32,6 +32,7 @@
 #include "block_quantize.h"
 #include "cpu.h"
 #include "linear_size.h"
+#include "row_prefetch.h"
 
 namespace {
 
@@ -39,11 +40,6 @@ constexpr int64_t kBlock = 32;       // weights per block
 constexpr int64_t kRowsPerTask = 32; // rows of W per parallel task
 constexpr int64_t kRowTile = 8;      // rows of W kept hot while every row of x passes over them
 constexpr int64_t kGroup = 16;       // blocks per AVX-512 step
-// As in k_quant_matmul.cc: a single row of W prefetches the next row into L1 while x's row stays there beside
-// it; a row of x longer than kLongRow blocks (K > 8192) would evict those lines first, so there the next row goes
-// to L2 and only kNear bytes ahead to L1
-constexpr int64_t kLongRow = 256;
-constexpr int64_t kNear = 2048;
 
 // One row of x [K] -> its int8 levels split as the weight nibbles are, per block: lo [16 * blocks] the
 // elements 0..15, hi the elements 16..31; scales dx, block sums sx and the rounding terms ex [blocks]
@@ -90,6 +86,7 @@ void dot_rows(const Weights& w, int64_t n, const QuantizedRows& x, int64_t r, fl
     ex[c] = x.ex.data() + (r + c) * x.padded;
   }
 #if defined(GRAINS_AVX512)
+  const bool long_row = R == 1 && blocks * kBlock > kLongRowWeights;
   // 16 blocks per step: their scales d * dx in one register per row of x, the offset terms m * S + d * ex
   // added to the same accumulators, then 4 blocks (64 bytes of nibbles) per product, lanes 4j..4j+3 of which
   // belong to block j. Nothing but the R x C accumulators lives across steps, so 4 x 4 of them fit the 32
@@ -119,14 +116,7 @@ void dot_rows(const Weights& w, int64_t n, const QuantizedRows& x, int64_t r, fl
         acc[i][c] = _mm512_fmadd_ps(d, _mm512_loadu_ps(ex[c] + b), _mm512_fmadd_ps(m, _mm512_loadu_ps(sx[c] + b), acc[i][c]));
       }
       const uint8_t* nibbles = w.nibbles + (row * blocks + b) * 16;
-      for (int64_t line = 0; line < 4 * 64; line += 64) {  // this chunk of the next R rows
-        if (R == 1 && blocks > kLongRow) {
-          _mm_prefetch(reinterpret_cast<const char*>(nibbles + kNear + line), _MM_HINT_T0);
-          _mm_prefetch(reinterpret_cast<const char*>(nibbles + blocks * 16 + line), _MM_HINT_T1);
-        } else {
-          _mm_prefetch(reinterpret_cast<const char*>(nibbles + R * blocks * 16 + line), _MM_HINT_T0);
-        }
-      }
+      prefetch_ahead(nibbles, 4 * 64, R * blocks * 16, long_row);  // this chunk of the next R rows
       for (int64_t g = 0; g < (left + 3) / 4; ++g) {
         const int64_t rest = left - 4 * g;
         const __mmask64 bytes = rest >= 4 ? ~0ULL : (1ULL << (16 * rest)) - 1;

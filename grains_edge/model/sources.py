@@ -66,7 +66,7 @@ def check_architecture(model_type: str) -> None:
 def load(spec: str, keep_bfloat16: bool = False):
     """Load (model, tokenizer) in float32, eval mode; with `keep_bfloat16`, a bfloat16 checkpoint stays
     bfloat16 (the same values in half the memory, read from its files as they are needed), and so does a GGUF
-    whose float32 model would not fit in memory (`float32_fits`; its values rounded to bfloat16, said in one
+    whose float32 model would not fit in memory (`gguf_in_bfloat16`; its values rounded to bfloat16, said in one
     line). Raises GrainsError on any user-fixable problem."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -104,10 +104,13 @@ def gguf_in_bfloat16(spec: str, gguf: Path, allowed: bool) -> bool:
     """Whether a GGUF loads in bfloat16: when `allowed` and its float32 model (4 bytes a parameter) would take
     more than half the memory available now, leaving the rest to an export's graph and verification; said in
     one line. A float32 model larger than all the available memory is refused before it is read."""
-    from gguf import GGUFReader
+    from gguf import GGML_QUANT_SIZES, GGUFReader
 
-    needed = 4 * sum(int(tensor.n_elements) for tensor in GGUFReader(str(gguf)).tensors)
     available = available_memory()
+    fewest_bytes = min(size / weights for weights, size in GGML_QUANT_SIZES.values())  # a weight, any ggml type
+    if gguf.stat().st_size / fewest_bytes * 4 <= available / 2:
+        return False  # certain from the file's size: its header (2 s to parse for the default model) is not read
+    needed = 4 * sum(int(tensor.n_elements) for tensor in GGUFReader(str(gguf)).tensors)
     if needed <= available / 2:
         return False
     if allowed:
