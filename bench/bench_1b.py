@@ -486,6 +486,19 @@ def run_worker(arguments: list[str]) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def decode_runs(worker: list[str], size_dir: Path, repeats: int, rounds: int) -> tuple[dict, dict]:
+    """Every contender in `size_dir` decoding in a process of its own, `repeats` times, interleaved (their
+    medians), then one paired process of `rounds` rounds; `worker`: the arguments every worker process takes."""
+    from bench_speed import medians
+
+    samples: dict[str, list[dict]] = {name: [] for name in available(size_dir)}
+    for _ in range(repeats):
+        for name in samples:
+            samples[name].append(run_worker([*worker, "--worker", name]))
+    paired = run_worker([*worker, "--worker", "paired", "--paired-rounds", str(rounds)])
+    return {name: medians(runs) for name, runs in samples.items()}, paired
+
+
 def per_process_ratios(results: dict) -> dict:
     """Decode-rate ratios (above 1: grains-edge is faster) and first-token-time ratios (below 1: it answers
     sooner) of the per-process medians."""
@@ -582,14 +595,7 @@ def main() -> int:
     load_at_start = os.getloadavg()[0]
     models, exports, gguf_steps = prepare(args.work, args.export_again)
     worker = ["--work", str(args.work), "--tokens", str(args.tokens)]
-    samples: dict[str, list[dict]] = {name: [] for name in available(size_dir)}
-    for _ in range(args.repeats):
-        for name in samples:
-            samples[name].append(run_worker([*worker, "--worker", name]))
-    from bench_speed import medians
-
-    per_process = {name: medians(runs) for name, runs in samples.items()}
-    paired = run_worker([*worker, "--worker", "paired", "--paired-rounds", str(args.paired_rounds)])
+    per_process, paired = decode_runs(worker, size_dir, args.repeats, args.paired_rounds)
     bandwidth = read_bandwidth(os.cpu_count() or 1)
     sizes = {size: models[size]["parameters"] for size in SIZES}
     layers, hidden = DIMENSIONS_1B["num_hidden_layers"], DIMENSIONS_1B["hidden_size"]

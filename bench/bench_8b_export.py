@@ -30,18 +30,16 @@ from bench_1b import (
     DEFAULT_WORK,
     DIMENSIONS_8B,
     MACHINE_GIB,
-    available,
     available_mb,
     build_model,
     convert,
+    decode_runs,
     exported,
     parameter_count,
     per_process_ratios,
     quantized,
-    run_worker,
     steering_file,
 )
-from bench_speed import medians
 from report import machine, publish
 
 KIND = "Q4_K_M"
@@ -79,12 +77,7 @@ def main() -> int:
     export_1b = exported(str(small), small.with_name(f"export-int4-{KIND}"), "int4", True) if small.is_file() else None
     steering_file(size_dir, DIMENSIONS_8B["num_hidden_layers"], DIMENSIONS_8B["hidden_size"], norm=STEERING_NORM)
     worker = ["--work", str(args.work), "--size", size_dir.name, "--tokens", str(args.tokens)]
-    samples: dict[str, list[dict]] = {name: [] for name in available(size_dir)}
-    for _ in range(args.repeats):
-        for name in samples:
-            samples[name].append(run_worker([*worker, "--worker", name]))
-    decode = {name: medians(runs) for name, runs in samples.items()}
-    paired = run_worker([*worker, "--worker", "paired", "--paired-rounds", str(args.paired_rounds)])
+    decode, paired = decode_runs(worker, size_dir, args.repeats, args.paired_rounds)
     result = {
         "machine": {**machine(), "available_mb_at_export_start": available_at_start},
         "parameters": steps["parameters"],
