@@ -1,7 +1,8 @@
 """CachedAttention (grains_edge/kernels/cached_attention.cc) against ONNX Runtime's GroupQueryAttention, the op
-whose contract it keeps: a decode step into caches held in place (its own kernel) gives the same output and the
-same caches, with and without rotary embedding, a local window, packed or separate q, k, v, rows of different
-lengths; any other step (a prompt, a cache not in place) is GroupQueryAttention's own result, bit for bit."""
+whose contract it keeps: a decode step and a prompt step into caches held in place (its own kernels) give the
+same output and the same caches, with and without rotary embedding, a local window, packed or separate q, k, v,
+rows of different lengths, prompts starting a row or continuing it; any other step (right-padded prompts of
+different lengths, a cache not in place) is GroupQueryAttention's own result, bit for bit."""
 
 import numpy as np
 import onnxruntime as ort
@@ -81,13 +82,37 @@ def test_a_decode_step_in_place_is_group_query_attention_s(dim, rotary, packed, 
     np.testing.assert_array_equal(ours[2], theirs[2])
 
 
-@pytest.mark.parametrize("in_place", [True, False])
-def test_other_steps_are_group_query_attention_s_own(in_place):
-    """A 3-token step continuing a cached row, and a decode step whose caches are not held in place."""
-    lengths, tokens, cache = ([17], 3, CAPACITY) if in_place else ([5, 17, 40], 1, 41)  # a cache continues one row
-    inputs = feeds(64, lengths, tokens, rotary=True, packed=True, cache=cache)
+@pytest.mark.parametrize(
+    ("dim", "rotary", "packed", "window", "lengths", "tokens"),
+    [
+        (64, True, True, -1, [0], 37),  # a first prompt: two whole blocks of 16 and a partial one
+        (64, True, False, -1, [0, 0], 16),  # two rows' first prompts, one block each
+        (64, True, True, -1, [17], 3),  # a prompt continuing a cached row
+        (64, True, True, 5, [9], 40),  # a local window, shorter than a block
+        (32, False, True, -1, [0], 21),
+        (128, True, True, 20, [0, 0, 0], 50),  # a window spanning blocks; three rows
+    ],
+)
+def test_a_prompt_step_in_place_is_group_query_attention_s(dim, rotary, packed, window, lengths, tokens):
+    inputs = feeds(dim, lengths, tokens, rotary, packed, CAPACITY)
+    theirs = run_in_place(session("GroupQueryAttention", dim, rotary, packed, window), inputs)
+    ours = run_in_place(session("CachedAttention", dim, rotary, packed, window), inputs)
+    np.testing.assert_allclose(ours[0], theirs[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ours[1], theirs[1], rtol=1e-6, atol=1e-6)  # the new keys, rotated, in place
+    np.testing.assert_array_equal(ours[2], theirs[2])
+
+
+@pytest.mark.parametrize("step", ["padded", "not in place"])
+def test_other_steps_are_group_query_attention_s_own(step):
+    """Two rows' first prompts of different lengths (right-padded), and a decode step whose caches are not held
+    in place."""
+    if step == "padded":
+        inputs = feeds(64, [0, 0], 9, rotary=True, packed=True, cache=CAPACITY)
+        inputs["seqlens_k"] = np.array([8, 5], np.int32)
+    else:
+        inputs = feeds(64, [5, 17, 40], 1, rotary=True, packed=True, cache=41)
     theirs, ours = (session(op, 64, True, True, -1) for op in ("GroupQueryAttention", "CachedAttention"))
-    if in_place:
+    if step == "padded":
         for got, want in zip(run_in_place(ours, inputs), run_in_place(theirs, inputs), strict=True):
             np.testing.assert_array_equal(got, want)
     else:

@@ -1,11 +1,12 @@
 // Rows of x are quantized per block of 32 to int8, like llama.cpp's q8 blocks, by every linear kernel: the
 // levels round x * 127 / max|x| to nearest even, and the kernels keep the block's scale, float sum and the sums
-// of its two halves' levels for their offset and rounding terms.
+// of its two halves' levels for their offset and rounding terms. Include after onnxruntime_cxx_api.h.
 
 #pragma once
 
 #include <algorithm>
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
 
 #include "cpu.h"
@@ -48,4 +49,26 @@ inline QuantizedBlock quantize_block(const float* x, int8_t* low, int8_t* high) 
 #endif
   out.scale = amax / 127.f;
   return out;
+}
+
+constexpr int64_t kRowsPerQuantizeTask = 16;
+
+// each(r) for the rows r of x: on the session's threads for a prompt's many rows (done before the product on one
+// thread, the quantization of a 1B model's 512-token prompt left the other core idle for 0.18 s), else here.
+template <class Each>
+void for_each_row(Ort::KernelContext& context, int64_t rows, const Each& each) {
+  if (rows < 2 * kRowsPerQuantizeTask) {
+    for (int64_t r = 0; r < rows; ++r) each(r);
+    return;
+  }
+  struct Job {
+    const Each* each;
+    int64_t rows;
+  } job{&each, rows};
+  auto task = [](void* data, size_t index) {
+    const Job& job = *static_cast<const Job*>(data);
+    const int64_t first = static_cast<int64_t>(index) * kRowsPerQuantizeTask;
+    for (int64_t r = first; r < std::min(first + kRowsPerQuantizeTask, job.rows); ++r) (*job.each)(r);
+  };
+  context.ParallelFor(task, static_cast<size_t>((rows + kRowsPerQuantizeTask - 1) / kRowsPerQuantizeTask), 0, &job);
 }

@@ -30,27 +30,17 @@
 #include <string>
 #include <vector>
 
+#include "attention_math.h"
 #include "cpu.h"
+#include "prompt_attention.h"
+#include "vector_sums.h"
 
 namespace {
 
 #if defined(GRAINS_AVX512)
-// e^x for x <= 0 (scores minus their maximum), 16 at a time: 2^(x log2 e) as 2^n * 2^f, |f| <= 1/2, 2^f by
-// its Taylor series to degree 7 (relative error below 1e-7), 2^n by scalef (0 below float's range).
-__m512 exp_nonpositive(__m512 x) {
-  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
-  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.693147180559945309f));  // (t - n) ln 2
-  __m512 p = _mm512_set1_ps(1.f / 5040.f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 720.f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 120.f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 24.f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 6.f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(p, n);
-}
+constexpr bool kOwnPrompt = true;  // prompt_attention.h
+#else
+constexpr bool kOwnPrompt = false;
 #endif
 
 struct Step {
@@ -66,13 +56,7 @@ struct Step {
 
 // x[0 : d/2], x[d/2 : d] rotated by position p's angles, into `to` (may be x).
 void rotate(const Step& st, const float* x, int64_t p, float* to) {
-  const int64_t half = st.d / 2;
-  const float *cos = st.cos + p * half, *sin = st.sin + p * half;
-  for (int64_t i = 0; i < half; ++i) {
-    const float a = x[i], b = x[i + half];
-    to[i] = a * cos[i] - b * sin[i];
-    to[i + half] = b * cos[i] + a * sin[i];
-  }
+  rotate_half(x, st.cos + p * (st.d / 2), st.sin + p * (st.d / 2), st.d, to);
 }
 
 // dot(a, b) over d floats (d a multiple of 16 on the vector path).
@@ -88,13 +72,71 @@ float dot(const float* a, const float* b, int64_t d) {
 #endif
 }
 
-// to[0 : d] += weight * x[0 : d]
-void add_scaled(float* to, float weight, const float* x, int64_t d) {
+// scores [heads, length] = queries [heads, d] . keys [length, d]^T: 16 keys at a time, read from L1 by every
+// head, their 16 products summed across lanes together.
+void scores_of(const float* queries, int64_t heads, const float* keys, int64_t length, int64_t d, float* scores) {
+  int64_t t = 0;
 #if defined(GRAINS_AVX512)
-  const __m512 w = _mm512_set1_ps(weight);
-  for (int64_t i = 0; i < d; i += 16) _mm512_storeu_ps(to + i, _mm512_fmadd_ps(w, _mm512_loadu_ps(x + i), _mm512_loadu_ps(to + i)));
+  for (; t + 16 <= length; t += 16) {
+    for (int64_t j = 0; j < heads; ++j) {
+      __m512 products[16];
+      for (__m512& product : products) product = _mm512_setzero_ps();
+      for (int64_t i = 0; i < d; i += 16) {  // 16 lanes of the head's query against the same lanes of 16 keys
+        const __m512 q = _mm512_loadu_ps(queries + j * d + i);
+#pragma GCC unroll 16
+        for (int u = 0; u < 16; ++u) products[u] = _mm512_fmadd_ps(q, _mm512_loadu_ps(keys + (t + u) * d + i), products[u]);
+      }
+      _mm512_storeu_ps(scores + j * length + t, sums_of_16(products));
+    }
+  }
+#endif
+  for (; t < length; ++t) {
+    for (int64_t j = 0; j < heads; ++j) scores[j * length + t] = dot(queries + j * d, keys + t * d, d);
+  }
+}
+
+// out [heads, d] = weights [heads, length] . values [length, d] / totals [heads]: each value read once for up
+// to 4 heads, 4 x 4 vectors of out held in registers meanwhile.
+void weigh_values(const float* weights, const float* totals, int64_t heads, const float* values, int64_t length,
+                  int64_t d, float* out) {
+#if defined(GRAINS_AVX512)
+  for (int64_t first = 0; first < heads; first += 4) {
+    const int64_t some = std::min<int64_t>(4, heads - first);
+    for (int64_t at = 0; at < d; at += 64) {
+      const int64_t vectors = std::min<int64_t>(4, (d - at) / 16);
+      __m512 acc[4][4];
+      for (auto& row : acc) {
+        for (__m512& vector : row) vector = _mm512_setzero_ps();
+      }
+      for (int64_t t = 0; t < length; ++t) {
+        __m512 value[4];
+#pragma GCC unroll 4
+        for (int v = 0; v < 4; ++v) value[v] = v < vectors ? _mm512_loadu_ps(values + t * d + at + 16 * v) : _mm512_setzero_ps();
+#pragma GCC unroll 4
+        for (int h = 0; h < 4; ++h) {
+          if (h >= some) break;
+          const __m512 w = _mm512_set1_ps(weights[(first + h) * length + t]);
+#pragma GCC unroll 4
+          for (int v = 0; v < 4; ++v) acc[h][v] = _mm512_fmadd_ps(w, value[v], acc[h][v]);
+        }
+      }
+      for (int64_t h = 0; h < some; ++h) {
+        const __m512 inverse = _mm512_set1_ps(1.f / totals[first + h]);
+        for (int64_t v = 0; v < vectors; ++v) {
+          _mm512_storeu_ps(out + (first + h) * d + at + 16 * v, _mm512_mul_ps(acc[h][v], inverse));
+        }
+      }
+    }
+  }
 #else
-  for (int64_t i = 0; i < d; ++i) to[i] += weight * x[i];
+  for (int64_t j = 0; j < heads; ++j) {
+    float* row = out + j * d;
+    std::fill(row, row + d, 0.f);
+    for (int64_t t = 0; t < length; ++t) {
+      for (int64_t i = 0; i < d; ++i) row[i] += weights[j * length + t] * values[t * d + i];
+    }
+    for (int64_t i = 0; i < d; ++i) row[i] /= totals[j];
+  }
 #endif
 }
 
@@ -120,7 +162,7 @@ float exponentials(float* scores, int64_t length) {
 }
 
 // Task: row `task / kv_heads`, KV head `task % kv_heads`: append its key and value, then attend for its query
-// heads together, each key and value read once for all of them.
+// heads together (queries scaled in advance), each block of keys and each value read once for all of them.
 void attend(void* data, size_t task) {
   const Step& st = *static_cast<const Step*>(data);
   const int64_t b = static_cast<int64_t>(task) / st.kv_heads, g = static_cast<int64_t>(task) % st.kv_heads;
@@ -144,17 +186,10 @@ void attend(void* data, size_t task) {
       std::copy(q, q + d, queries.begin() + j * d);
     }
   }
-  for (int64_t t = 0; t < length; ++t) {
-    const float* key = keys + (start + t) * d;
-    for (int64_t j = 0; j < group; ++j) scores[j * length + t] = st.scale * dot(queries.data() + j * d, key, d);
-  }
+  for (float& element : queries) element *= st.scale;
+  scores_of(queries.data(), group, keys + start * d, length, d, scores.data());
   for (int64_t j = 0; j < group; ++j) totals[j] = exponentials(scores.data() + j * length, length);
-  float* out = st.out + (b * st.heads + g * group) * d;  // [group, d], zeroed here
-  std::fill(out, out + group * d, 0.f);
-  for (int64_t t = 0; t < length; ++t) {
-    const float* value = values + (start + t) * d;
-    for (int64_t j = 0; j < group; ++j) add_scaled(out + j * d, scores[j * length + t] / totals[j], value, d);
-  }
+  weigh_values(scores.data(), totals.data(), group, values + start * d, length, d, st.out + (b * st.heads + g * group) * d);
 }
 
 int64_t attribute_or(const Ort::ConstKernelInfo& info, const char* name, int64_t fallback) {
@@ -210,9 +245,13 @@ struct CachedAttentionKernel {
     Ort::UnownedValue present_key = context.GetOutput(1, present), present_value = context.GetOutput(2, present);
     const bool in_place = present_key.GetTensorRawData() == past_key.GetTensorRawData() &&
                           present_value.GetTensorRawData() == past_value.GetTensorRawData();
-    const bool decode = shape[1] == 1 && in_place && total_length <= cache[2] && d % 16 == 0 &&
-                        interleaved_ == 0 && softcap_ == 0.f && (rotary_ == 0 || inputs_ > 7);
-    if (!decode) {  // ONNX Runtime's own kernel, on the same inputs and outputs
+    const bool own = in_place && total_length <= cache[2] && d % 16 == 0 && interleaved_ == 0 && softcap_ == 0.f &&
+                     (rotary_ == 0 || inputs_ > 7);
+    const int32_t* lengths = seqlens.GetTensorData<int32_t>();
+    const bool unpadded = std::all_of(lengths, lengths + batch, [&](int32_t p) { return p + 1 == total_length; });
+    const bool decode = own && shape[1] == 1;
+    const bool prompt = own && kOwnPrompt && shape[1] > 1 && total_length >= shape[1] && unpadded;
+    if (!decode && !prompt) {  // ONNX Runtime's own kernel, on the same inputs and outputs
       std::vector<const OrtValue*> inputs(inputs_);
       for (size_t i = 0; i < inputs_; ++i) inputs[i] = context.GetInput(i);
       OrtValue* outputs[] = {output, present_key, present_value};
@@ -222,6 +261,35 @@ struct CachedAttentionKernel {
     const bool packed = context.GetInput(1) == nullptr;
     const float* q = query.GetTensorData<float>();
     const int64_t packed_row = (heads_ + 2 * kv_heads_) * d;
+    const float scale = scale_ != 0.f ? scale_ : 1.f / std::sqrt(static_cast<float>(d));
+#if defined(GRAINS_AVX512)
+    if (prompt) {
+      const PromptStep step{q,
+                            packed ? q + heads_ * d : context.GetInput(1).GetTensorData<float>(),
+                            packed ? q + (heads_ + kv_heads_) * d : context.GetInput(2).GetTensorData<float>(),
+                            packed ? packed_row : heads_ * d,
+                            packed ? packed_row : kv_heads_ * d,
+                            present_key.GetTensorMutableData<float>(),
+                            present_value.GetTensorMutableData<float>(),
+                            rotary_ ? context.GetInput(7).GetTensorData<float>() : nullptr,
+                            rotary_ ? context.GetInput(8).GetTensorData<float>() : nullptr,
+                            output.GetTensorMutableData<float>(),
+                            batch,
+                            shape[1],
+                            total_length - shape[1],
+                            heads_,
+                            kv_heads_,
+                            cache[2],
+                            d,
+                            window_,
+                            scale};
+      void* shared = const_cast<PromptStep*>(&step);
+      context.ParallelFor(append_prompt, static_cast<size_t>(batch * kv_heads_), 0, shared);
+      const size_t blocks = static_cast<size_t>((shape[1] + kQueryBlock - 1) / kQueryBlock);
+      context.ParallelFor(attend_prompt, blocks * static_cast<size_t>(batch * kv_heads_), 0, shared);
+      return;
+    }
+#endif
     const Step step{q,
                     packed ? q + heads_ * d : context.GetInput(1).GetTensorData<float>(),
                     packed ? q + (heads_ + kv_heads_) * d : context.GetInput(2).GetTensorData<float>(),
@@ -238,7 +306,7 @@ struct CachedAttentionKernel {
                     cache[2],
                     d,
                     window_,
-                    scale_ != 0.f ? scale_ : 1.f / std::sqrt(static_cast<float>(d))};
+                    scale};
     for (int64_t b = 0; b < batch; ++b) {
       if (step.seqlens[b] < 0 || step.seqlens[b] >= cache[2]) {
         ORT_CXX_API_THROW("CachedAttention: a row's position is outside its cache", ORT_INVALID_ARGUMENT);

@@ -50,6 +50,7 @@
 #include "cpu.h"
 #include "linear_size.h"
 #include "row_prefetch.h"
+#include "vector_sums.h"
 
 namespace {
 
@@ -239,9 +240,9 @@ struct QuantizedRows {
   std::vector<float> scales;    // [rows, supers, 16], of x over each sub-block
   std::vector<float> terms;     // [rows, supers, 16]
 
-  QuantizedRows(const float* x, int64_t rows, int64_t k)
+  QuantizedRows(Ort::KernelContext& context, const float* x, int64_t rows, int64_t k)
       : supers(k / kSuper), ordered(rows * k), scales(rows * supers * 16, 0.f), terms(rows * supers * 16, 0.f) {
-    for (int64_t r = 0; r < rows; ++r) {
+    for_each_row(context, rows, [&](int64_t r) {
       for (int64_t s = 0; s < supers; ++s) {
         const int64_t at = r * k + s * kSuper, super = r * supers + s;
         float dx[8], sums[8];
@@ -256,7 +257,7 @@ struct QuantizedRows {
         }
         F::sub_blocks(dx, sums, levels, scales.data() + super * 16, terms.data() + super * 16);
       }
-    }
+    });
   }
 };
 
@@ -400,10 +401,22 @@ void dot_rows(const uint8_t* w, int64_t n, const Unpacked* unpacked, const Quant
       }
     }
   }
-  for (int i = 0; i < R; ++i) {
+  if constexpr (R * C == 16) {  // lane 4c + i of one vector of sums: out[c * stride + i], 4 at a time
+    __m512 sums[16];
     for (int c = 0; c < C; ++c) {
-      for (int p = 1; p < P; ++p) acc[i][c][0] = _mm512_add_ps(acc[i][c][0], acc[i][c][p]);
-      out[c * stride + i] = _mm512_reduce_add_ps(acc[i][c][0]);
+      for (int i = 0; i < R; ++i) sums[4 * c + i] = acc[i][c][0];
+    }
+    const __m512 all = sums_of_16(sums);
+    _mm_storeu_ps(out, _mm512_extractf32x4_ps(all, 0));
+    _mm_storeu_ps(out + stride, _mm512_extractf32x4_ps(all, 1));
+    _mm_storeu_ps(out + 2 * stride, _mm512_extractf32x4_ps(all, 2));
+    _mm_storeu_ps(out + 3 * stride, _mm512_extractf32x4_ps(all, 3));
+  } else {
+    for (int i = 0; i < R; ++i) {
+      for (int c = 0; c < C; ++c) {
+        for (int p = 1; p < P; ++p) acc[i][c][0] = _mm512_add_ps(acc[i][c][0], acc[i][c][p]);
+        out[c * stride + i] = _mm512_reduce_add_ps(acc[i][c][0]);
+      }
     }
   }
 #else
@@ -494,7 +507,7 @@ struct MatMulKernel {
     shape.back() = size_.n;
     Ort::UnownedValue y = context.GetOutput(0, shape);
     if (rows == 0) return;
-    const QuantizedRows<F> quantized(x.GetTensorData<float>(), rows, size_.k);
+    const QuantizedRows<F> quantized(context, x.GetTensorData<float>(), rows, size_.k);
     Work<F> work{blocks.GetTensorData<uint8_t>(), &quantized, y.GetTensorMutableData<float>(), rows, size_.n};
     context.ParallelFor(run_task<F>, static_cast<size_t>((size_.n + kRowsPerTask - 1) / kRowsPerTask), 0, &work);
   }

@@ -49,10 +49,10 @@ struct QuantizedRows {
   std::vector<int8_t> lo, hi;
   std::vector<float> dx, sx, ex;
 
-  QuantizedRows(const float* x, int64_t rows, int64_t k)
+  QuantizedRows(Ort::KernelContext& context, const float* x, int64_t rows, int64_t k)
       : blocks(k / kBlock), padded((k / kBlock + kGroup - 1) / kGroup * kGroup),
         lo(rows * padded * 16), hi(rows * padded * 16), dx(rows * padded), sx(rows * padded), ex(rows * padded) {
-    for (int64_t r = 0; r < rows; ++r) {
+    for_each_row(context, rows, [&](int64_t r) {
       for (int64_t b = 0; b < blocks; ++b) {
         const int64_t at = (r * padded + b) * 16;
         const QuantizedBlock block = quantize_block(x + r * k + b * kBlock, lo.data() + at, hi.data() + at);
@@ -60,7 +60,7 @@ struct QuantizedRows {
         sx[r * padded + b] = block.sum;
         ex[r * padded + b] = 8.f * (block.sum - block.scale * static_cast<float>(block.levels[0] + block.levels[1]));
       }
-    }
+    });
   }
 };
 
@@ -241,7 +241,7 @@ struct Q4_1MatMulKernel {
     Ort::UnownedValue y = context.GetOutput(0, shape);
     if (rows == 0) return;
 
-    const QuantizedRows quantized(x.GetTensorData<float>(), rows, size_.k);
+    const QuantizedRows quantized(context, x.GetTensorData<float>(), rows, size_.k);
     const Weights weights{nibbles.GetTensorData<uint8_t>(), reinterpret_cast<const uint16_t*>(d.GetTensorRawData()),
                           reinterpret_cast<const uint16_t*>(m.GetTensorRawData())};
     Work work{weights, &quantized, y.GetTensorMutableData<float>(), rows, size_.n};
