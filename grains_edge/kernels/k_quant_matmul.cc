@@ -406,11 +406,7 @@ void dot_rows(const uint8_t* w, int64_t n, const Unpacked* unpacked, const Quant
     for (int c = 0; c < C; ++c) {
       for (int i = 0; i < R; ++i) sums[4 * c + i] = acc[i][c][0];
     }
-    const __m512 all = sums_of_16(sums);
-    _mm_storeu_ps(out, _mm512_extractf32x4_ps(all, 0));
-    _mm_storeu_ps(out + stride, _mm512_extractf32x4_ps(all, 1));
-    _mm_storeu_ps(out + 2 * stride, _mm512_extractf32x4_ps(all, 2));
-    _mm_storeu_ps(out + 3 * stride, _mm512_extractf32x4_ps(all, 3));
+    store_sums_4x4(sums, out, stride);
   } else {
     for (int i = 0; i < R; ++i) {
       for (int c = 0; c < C; ++c) {

@@ -1,6 +1,8 @@
-// Horizontal sums of many vectors at once (cached_attention.cc's scores, k_quant_matmul.cc's outputs).
+// Horizontal sums of many vectors at once (cached_attention.cc's scores, the linear kernels' 4 x 4 output tiles).
 
 #pragma once
+
+#include <cstdint>
 
 #include "cpu.h"
 
@@ -22,5 +24,14 @@ inline __m512 sums_of_16(const __m512 p[16]) {
   }
   return _mm512_add_ps(_mm512_shuffle_f32x4(halves[0], halves[1], _MM_SHUFFLE(2, 0, 2, 0)),
                        _mm512_shuffle_f32x4(halves[0], halves[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+// A 4 x 4 tile of outputs from its 16 accumulators: out[c * stride + i] = the sum of p[4 c + i]'s lanes.
+inline void store_sums_4x4(const __m512 p[16], float* out, int64_t stride) {
+  const __m512 all = sums_of_16(p);
+  _mm_storeu_ps(out, _mm512_extractf32x4_ps(all, 0));
+  _mm_storeu_ps(out + stride, _mm512_extractf32x4_ps(all, 1));
+  _mm_storeu_ps(out + 2 * stride, _mm512_extractf32x4_ps(all, 2));
+  _mm_storeu_ps(out + 3 * stride, _mm512_extractf32x4_ps(all, 3));
 }
 #endif
