@@ -8,13 +8,11 @@ step of the linear kernels, against which a batched step's multiply-adds say how
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import statistics
 import subprocess
-import tempfile
 from pathlib import Path
 
+from c_probe import ProbeUnavailable, compiled
 from report import machine, publish
 
 SOURCE = Path(__file__).with_name("dot_rate.c")
@@ -22,19 +20,13 @@ SOURCE = Path(__file__).with_name("dot_rate.c")
 
 def dot_rate(repeats: int = 5) -> dict:
     """{"register_per_ns", "memory_per_ns": medians, "runs": [[register, memory], ...]}; {"failed": why}."""
-    compiler = shutil.which(os.environ.get("CC", "cc"))
-    if compiler is None:
-        return {"failed": "no C compiler (set CC)"}
-    with tempfile.TemporaryDirectory() as folder:
-        binary = Path(folder) / "dot_rate"
-        built = subprocess.run(
-            [compiler, "-O2", "-march=native", str(SOURCE), "-o", str(binary)], capture_output=True, text=True
-        )
-        if built.returncode:
-            return {"failed": built.stderr.strip().splitlines()[-1][:200]}
-        done = subprocess.run([str(binary), str(repeats)], capture_output=True, text=True)
-        if done.returncode:
-            return {"failed": done.stderr.strip()[:200]}
+    try:
+        with compiled(SOURCE) as binary:
+            done = subprocess.run([str(binary), str(repeats)], capture_output=True, text=True, check=False)
+    except ProbeUnavailable as error:
+        return {"failed": str(error)}
+    if done.returncode:
+        return {"failed": done.stderr.strip()[:200]}
     runs = [[float(value) for value in line.split()[:2]] for line in done.stdout.splitlines()]
     return {
         "register_per_ns": statistics.median(run[0] for run in runs),

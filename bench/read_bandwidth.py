@@ -10,11 +10,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
-import tempfile
 from pathlib import Path
+
+from c_probe import ProbeUnavailable, compiled
 
 SOURCE = Path(__file__).with_name("read_bandwidth.c")
 BUFFER_MB = 1024  # far beyond any last-level cache here (32 MB)
@@ -22,23 +22,14 @@ BUFFER_MB = 1024  # far beyond any last-level cache here (32 MB)
 
 def read_bandwidth(threads: int, repeats: int = 9) -> dict:
     """{"gb_per_s": median, "runs": [...], "threads": n}; {"failed": why} without a C compiler."""
-    compiler = shutil.which(os.environ.get("CC", "cc"))
-    if compiler is None:
-        return {"failed": "no C compiler (set CC)"}
-    with tempfile.TemporaryDirectory() as folder:
-        binary = Path(folder) / "read_bandwidth"
-        built = subprocess.run(
-            [compiler, "-O2", "-march=native", "-fopenmp", str(SOURCE), "-o", str(binary)],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if built.returncode:
-            return {"failed": built.stderr.strip().splitlines()[-1][:200]}
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "OMP_PROC_BIND": "spread"}
-        done = subprocess.run(
-            [str(binary), str(BUFFER_MB), str(repeats)], capture_output=True, text=True, check=True, env=env
-        )
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "OMP_PROC_BIND": "spread"}
+    try:
+        with compiled(SOURCE, "-fopenmp") as binary:
+            done = subprocess.run(
+                [str(binary), str(BUFFER_MB), str(repeats)], capture_output=True, text=True, check=True, env=env
+            )
+    except ProbeUnavailable as error:
+        return {"failed": str(error)}
     runs = [float(line.split()[0]) for line in done.stdout.splitlines()]
     return {"gb_per_s": statistics.median(runs), "runs": runs, "threads": threads}
 

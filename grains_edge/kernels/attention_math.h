@@ -1,10 +1,24 @@
-// The arithmetic both of CachedAttention's own steps use (cached_attention.cc, prompt_attention.h).
+// What both of CachedAttention's own steps use (cached_attention.cc, prompt_attention.h): their inputs and
+// outputs, and their arithmetic.
 
 #pragma once
 
 #include <cstdint>
 
 #include "cpu.h"
+
+// One step's tensors, as the kernels read them. A decode step has one token a row, at the position seqlens[b];
+// a prompt step `tokens` a row, at past .. past + tokens - 1.
+struct AttentionStep {
+  const float *q, *k, *v;  // token t of row b: q at (b tokens + t) q_row, k and v at (b tokens + t) kv_row
+  int64_t q_row, kv_row;
+  float *keys, *values;    // the caches [b, KV, capacity, d]
+  const int32_t* seqlens;  // [b]
+  const float *cos, *sin;  // [positions, d / 2], or null
+  float* out;              // [b, tokens, H d]
+  int64_t batch, tokens, past, heads, kv_heads, capacity, d, window;
+  float scale;
+};
 
 #if defined(GRAINS_AVX512)
 // e^x for x <= 0 (scores minus their maximum), 16 at a time: 2^(x log2 e) as 2^n * 2^f, |f| <= 1/2, 2^f by

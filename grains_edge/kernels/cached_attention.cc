@@ -1,17 +1,18 @@
-// grains_edge.CachedAttention: com.microsoft.GroupQueryAttention's contract, with a kernel of its own for the
-// step that decodes one token per row into a KV cache held in place (the engine's and the server's decode
-// steps); every other step (a prompt, a cache that is not in place, attributes it does not take) runs ONNX
-// Runtime's own GroupQueryAttention, created inside this kernel.
+// grains_edge.CachedAttention: com.microsoft.GroupQueryAttention's contract, with kernels of its own for the
+// steps into a KV cache held in place: a decode step, one token per row (the engine's and the server's), and a
+// prompt step whose rows all have the same length (prompt_attention.h); every other step (right-padded
+// prompts, a cache that is not in place, attributes it does not take) runs ONNX Runtime's own
+// GroupQueryAttention, created inside this kernel.
 //
-//   inputs   query [b, 1, H d] (or q|k|v packed [b, 1, (H + 2 KV) d] with key and value absent), key and
-//            value [b, 1, KV d], past_key and past_value [b, KV, capacity, d] (the same buffers as the
+//   inputs   query [b, s, H d] (or q|k|v packed [b, s, (H + 2 KV) d] with key and value absent), key and
+//            value [b, s, KV d], past_key and past_value [b, KV, capacity, d] (the same buffers as the
 //            present outputs), seqlens_k [b] int32 (row i's tokens - 1), total_sequence_length [] int32,
 //            cos_cache and sin_cache [positions, d / 2] (rotary embedding, optional)
-//   outputs  output [b, 1, H d]; present_key, present_value [b, KV, capacity, d]
+//   outputs  output [b, s, H d]; present_key, present_value [b, KV, capacity, d]
 //   attrs    num_heads, kv_num_heads, scale (0: 1/sqrt(d)), do_rotary, local_window_size (-1: none); the
-//            decode kernel takes rotary_interleaved 0 and softcap 0 only
+//            own kernels take rotary_interleaved 0 and softcap 0 only
 //
-// Row i's new token sits at position p = seqlens_k[i]: its key (rotated at p) and value are written at p in
+// Decoding, row i's new token sits at position p = seqlens_k[i]: its key (rotated at p) and value are written at p in
 // the cache, and each query head attends to the keys [max(0, p - window), p] of its KV head (the last
 // window + 1, as GroupQueryAttention's local window). The KV heads of all rows are split across the session's
 // threads; each reads its keys and values once for the H / KV query heads that share them, where ONNX
@@ -43,19 +44,8 @@ constexpr bool kOwnPrompt = true;  // prompt_attention.h
 constexpr bool kOwnPrompt = false;
 #endif
 
-struct Step {
-  const float *q, *k, *v;        // the new token's q [b, H d], k and v [b, KV d]
-  int64_t q_row, kv_row;         // floats from one row's q (and k, v) to the next's: packed, both (H + 2 KV) d
-  float *keys, *values;          // the caches [b, KV, capacity, d]
-  const int32_t* seqlens;        // [b]
-  const float *cos, *sin;        // [positions, d / 2], or null
-  float* out;                    // [b, H d]
-  int64_t heads, kv_heads, capacity, d, window;
-  float scale;
-};
-
 // x[0 : d/2], x[d/2 : d] rotated by position p's angles, into `to` (may be x).
-void rotate(const Step& st, const float* x, int64_t p, float* to) {
+void rotate(const AttentionStep& st, const float* x, int64_t p, float* to) {
   rotate_half(x, st.cos + p * (st.d / 2), st.sin + p * (st.d / 2), st.d, to);
 }
 
@@ -164,7 +154,7 @@ float exponentials(float* scores, int64_t length) {
 // Task: row `task / kv_heads`, KV head `task % kv_heads`: append its key and value, then attend for its query
 // heads together (queries scaled in advance), each block of keys and each value read once for all of them.
 void attend(void* data, size_t task) {
-  const Step& st = *static_cast<const Step*>(data);
+  const AttentionStep& st = *static_cast<const AttentionStep*>(data);
   const int64_t b = static_cast<int64_t>(task) / st.kv_heads, g = static_cast<int64_t>(task) % st.kv_heads;
   const int64_t p = st.seqlens[b], d = st.d, group = st.heads / st.kv_heads;
   const int64_t start = st.window >= 0 ? std::max<int64_t>(0, p - st.window) : 0, length = p + 1 - start;
@@ -261,58 +251,41 @@ struct CachedAttentionKernel {
     const bool packed = context.GetInput(1) == nullptr;
     const float* q = query.GetTensorData<float>();
     const int64_t packed_row = (heads_ + 2 * kv_heads_) * d;
-    const float scale = scale_ != 0.f ? scale_ : 1.f / std::sqrt(static_cast<float>(d));
+    const AttentionStep step{q,
+                             packed ? q + heads_ * d : context.GetInput(1).GetTensorData<float>(),
+                             packed ? q + (heads_ + kv_heads_) * d : context.GetInput(2).GetTensorData<float>(),
+                             packed ? packed_row : heads_ * d,
+                             packed ? packed_row : kv_heads_ * d,
+                             present_key.GetTensorMutableData<float>(),
+                             present_value.GetTensorMutableData<float>(),
+                             lengths,
+                             rotary_ ? context.GetInput(7).GetTensorData<float>() : nullptr,
+                             rotary_ ? context.GetInput(8).GetTensorData<float>() : nullptr,
+                             output.GetTensorMutableData<float>(),
+                             batch,
+                             shape[1],
+                             total_length - shape[1],
+                             heads_,
+                             kv_heads_,
+                             cache[2],
+                             d,
+                             window_,
+                             scale_ != 0.f ? scale_ : 1.f / std::sqrt(static_cast<float>(d))};
+    void* shared = const_cast<AttentionStep*>(&step);
 #if defined(GRAINS_AVX512)
     if (prompt) {
-      const PromptStep step{q,
-                            packed ? q + heads_ * d : context.GetInput(1).GetTensorData<float>(),
-                            packed ? q + (heads_ + kv_heads_) * d : context.GetInput(2).GetTensorData<float>(),
-                            packed ? packed_row : heads_ * d,
-                            packed ? packed_row : kv_heads_ * d,
-                            present_key.GetTensorMutableData<float>(),
-                            present_value.GetTensorMutableData<float>(),
-                            rotary_ ? context.GetInput(7).GetTensorData<float>() : nullptr,
-                            rotary_ ? context.GetInput(8).GetTensorData<float>() : nullptr,
-                            output.GetTensorMutableData<float>(),
-                            batch,
-                            shape[1],
-                            total_length - shape[1],
-                            heads_,
-                            kv_heads_,
-                            cache[2],
-                            d,
-                            window_,
-                            scale};
-      void* shared = const_cast<PromptStep*>(&step);
       context.ParallelFor(append_prompt, static_cast<size_t>(batch * kv_heads_), 0, shared);
       const size_t blocks = static_cast<size_t>((shape[1] + kQueryBlock - 1) / kQueryBlock);
       context.ParallelFor(attend_prompt, blocks * static_cast<size_t>(batch * kv_heads_), 0, shared);
       return;
     }
 #endif
-    const Step step{q,
-                    packed ? q + heads_ * d : context.GetInput(1).GetTensorData<float>(),
-                    packed ? q + (heads_ + kv_heads_) * d : context.GetInput(2).GetTensorData<float>(),
-                    packed ? packed_row : heads_ * d,
-                    packed ? packed_row : kv_heads_ * d,
-                    present_key.GetTensorMutableData<float>(),
-                    present_value.GetTensorMutableData<float>(),
-                    seqlens.GetTensorData<int32_t>(),
-                    rotary_ ? context.GetInput(7).GetTensorData<float>() : nullptr,
-                    rotary_ ? context.GetInput(8).GetTensorData<float>() : nullptr,
-                    output.GetTensorMutableData<float>(),
-                    heads_,
-                    kv_heads_,
-                    cache[2],
-                    d,
-                    window_,
-                    scale};
     for (int64_t b = 0; b < batch; ++b) {
-      if (step.seqlens[b] < 0 || step.seqlens[b] >= cache[2]) {
+      if (lengths[b] < 0 || lengths[b] >= cache[2]) {
         ORT_CXX_API_THROW("CachedAttention: a row's position is outside its cache", ORT_INVALID_ARGUMENT);
       }
     }
-    context.ParallelFor(attend, static_cast<size_t>(batch * kv_heads_), 0, const_cast<Step*>(&step));
+    context.ParallelFor(attend, static_cast<size_t>(batch * kv_heads_), 0, shared);
   }
 
   int64_t heads_ = 0, kv_heads_ = 0, rotary_ = 0, interleaved_ = 0, window_ = -1;

@@ -28,23 +28,13 @@
 
 #if defined(GRAINS_AVX512)
 
-struct PromptStep {
-  const float *q, *k, *v;  // token t of row b: q at (b tokens + t) q_row, k and v at (b tokens + t) kv_row
-  int64_t q_row, kv_row;
-  float *keys, *values;    // the caches [b, KV, capacity, d]
-  const float *cos, *sin;  // [positions, d / 2], or null
-  float* out;              // [b, tokens, H d]
-  int64_t batch, tokens, past, heads, kv_heads, capacity, d, window;
-  float scale;
-};
-
 constexpr int64_t kQueryBlock = 16;  // positions per task
 constexpr int64_t kKeyBlock = 16;    // keys per pass, one per lane
 
 // Task: row `task / kv_heads`, KV head `task % kv_heads`: its new keys (rotated at their positions) and values
 // into the cache.
 inline void append_prompt(void* data, size_t task) {
-  const PromptStep& st = *static_cast<const PromptStep*>(data);
+  const AttentionStep& st = *static_cast<const AttentionStep*>(data);
   const int64_t b = static_cast<int64_t>(task) / st.kv_heads, g = static_cast<int64_t>(task) % st.kv_heads, d = st.d;
   float* keys = st.keys + (b * st.kv_heads + g) * st.capacity * d;
   float* values = st.values + (b * st.kv_heads + g) * st.capacity * d;
@@ -93,7 +83,7 @@ inline void add_weighted_values(float* sums, int64_t d, const float* shrink, con
 // Task: a block of 16 positions of one row and KV head, the blocks nearest the end (the most keys) first, so
 // that the threads finish together. Rows r of the task: position r / group, query head g group + r % group.
 inline void attend_prompt(void* data, size_t task) {
-  const PromptStep& st = *static_cast<const PromptStep*>(data);
+  const AttentionStep& st = *static_cast<const AttentionStep*>(data);
   const int64_t pairs = st.batch * st.kv_heads, blocks = (st.tokens + kQueryBlock - 1) / kQueryBlock;
   const int64_t block = blocks - 1 - static_cast<int64_t>(task) / pairs, pair = static_cast<int64_t>(task) % pairs;
   const int64_t b = pair / st.kv_heads, g = pair % st.kv_heads, d = st.d, group = st.heads / st.kv_heads;
