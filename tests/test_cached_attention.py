@@ -4,6 +4,8 @@ same output and the same caches, with and without rotary embedding, a local wind
 rows of different lengths, prompts starting a row or continuing it; any other step (right-padded prompts of
 different lengths, a cache not in place) is GroupQueryAttention's own result, bit for bit."""
 
+import sys
+
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -62,11 +64,12 @@ def run_in_place(sess: ort.InferenceSession, inputs: dict) -> tuple[np.ndarray, 
     for name, value in inputs.items():
         array = {"past_key": keys, "past_value": values}.get(name, value)
         binding.bind_input(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
-    for name, array in (("present_key", keys), ("present_value", values)):
+    rows, tokens = inputs["query"].shape[:2]
+    output = np.full((rows, tokens, HEADS * keys.shape[-1]), np.nan, np.float32)  # NaN: any element left unwritten
+    for name, array in (("present_key", keys), ("present_value", values), ("output", output)):
         binding.bind_output(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
-    binding.bind_output("output", "cpu")
     sess.run_with_iobinding(binding)
-    return binding.get_outputs()[0].numpy(), keys, values
+    return output, keys, values
 
 
 @pytest.mark.parametrize(
@@ -100,6 +103,20 @@ def test_a_prompt_step_in_place_is_group_query_attention_s(dim, rotary, packed, 
     np.testing.assert_allclose(ours[0], theirs[0], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(ours[1], theirs[1], rtol=1e-6, atol=1e-6)  # the new keys, rotated, in place
     np.testing.assert_array_equal(ours[2], theirs[2])
+
+
+@pytest.mark.parametrize("tokens", [1, 23])  # a decode step, a prompt
+def test_six_query_heads_a_kv_head_and_a_partial_chunk_of_d(tokens, monkeypatch):
+    """12 query heads on 2 KV heads (the value loop takes 4 heads at a time: 4 + 2) and d 48 (not a multiple of
+    the 64 floats a value chunk holds)."""
+    monkeypatch.setattr(sys.modules[__name__], "HEADS", 12)
+    monkeypatch.setattr(sys.modules[__name__], "KV_HEADS", 2)
+    inputs = feeds(48, [30, 7] if tokens == 1 else [0, 0], tokens, rotary=True, packed=False, cache=CAPACITY)
+    theirs = run_in_place(session("GroupQueryAttention", 48, True, False, -1), inputs)
+    ours = run_in_place(session("CachedAttention", 48, True, False, -1), inputs)
+    assert ours[0].shape == (2, tokens, 12 * 48)
+    np.testing.assert_allclose(ours[0], theirs[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ours[1], theirs[1], rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("step", ["padded", "not in place"])

@@ -12,11 +12,11 @@
 //   attrs    num_heads, kv_num_heads, scale (0: 1/sqrt(d)), do_rotary, local_window_size (-1: none); the
 //            own kernels take rotary_interleaved 0 and softcap 0 only
 //
-// Decoding, row i's new token sits at position p = seqlens_k[i]: its key (rotated at p) and value are written at p in
-// the cache, and each query head attends to the keys [max(0, p - window), p] of its KV head (the last
-// window + 1, as GroupQueryAttention's local window). The KV heads of all rows are split across the session's
-// threads; each reads its keys and values once for the H / KV query heads that share them, where ONNX
-// Runtime's kernel makes one matrix product per query head.
+// Decoding, row i's new token sits at position p = seqlens_k[i]: its key (rotated at p) and value are written at
+// p in the cache, and each query head attends to the keys [max(0, p - window + 1), p] of its KV head (the last
+// `window`, as GroupQueryAttention's local window and a Hugging Face sliding window). The KV heads of all rows
+// are split across the session's threads; each reads its keys and values once for the H / KV query heads that
+// share them, where ONNX Runtime's kernel makes one matrix product per query head.
 //
 // Sources: ONNX Runtime's contrib op docs (GroupQueryAttention) and custom-op C++ API (Ort::Op, which creates
 // and invokes its own kernels); rotary embedding: Su et al. 2021, the rotate-half form of GPT-NeoX / Llama.
@@ -85,37 +85,49 @@ void scores_of(const float* queries, int64_t heads, const float* keys, int64_t l
   }
 }
 
+#if defined(GRAINS_AVX512)
+// 16 V floats of the outputs of `some` (up to 4) heads: out = weights . values / totals, over `length` values
+// (rows d apart), the heads' weights `length` apart; 4 V accumulators in registers (a count known at compile
+// time: indexed by a run-time one they were kept in memory).
+template <int V>
+void weigh_chunk(const float* weights, const float* totals, int64_t some, const float* values, int64_t length,
+                 int64_t d, float* out) {
+  __m512 acc[4][V];
+  for (auto& row : acc) {
+    for (__m512& vector : row) vector = _mm512_setzero_ps();
+  }
+  for (int64_t t = 0; t < length; ++t) {
+    __m512 value[V];
+    for (int v = 0; v < V; ++v) value[v] = _mm512_loadu_ps(values + t * d + 16 * v);
+    for (int h = 0; h < 4; ++h) {
+      if (h < some) {
+        const __m512 w = _mm512_set1_ps(weights[h * length + t]);
+        for (int v = 0; v < V; ++v) acc[h][v] = _mm512_fmadd_ps(w, value[v], acc[h][v]);
+      }
+    }
+  }
+  for (int64_t h = 0; h < some; ++h) {
+    const __m512 inverse = _mm512_set1_ps(1.f / totals[h]);
+    for (int v = 0; v < V; ++v) _mm512_storeu_ps(out + h * d + 16 * v, _mm512_mul_ps(acc[h][v], inverse));
+  }
+}
+#endif
+
 // out [heads, d] = weights [heads, length] . values [length, d] / totals [heads]: each value read once for up
-// to 4 heads, 4 x 4 vectors of out held in registers meanwhile.
+// to 4 heads.
 void weigh_values(const float* weights, const float* totals, int64_t heads, const float* values, int64_t length,
                   int64_t d, float* out) {
 #if defined(GRAINS_AVX512)
   for (int64_t first = 0; first < heads; first += 4) {
     const int64_t some = std::min<int64_t>(4, heads - first);
-    for (int64_t at = 0; at < d; at += 64) {
-      const int64_t vectors = std::min<int64_t>(4, (d - at) / 16);
-      __m512 acc[4][4];
-      for (auto& row : acc) {
-        for (__m512& vector : row) vector = _mm512_setzero_ps();
-      }
-      for (int64_t t = 0; t < length; ++t) {
-        __m512 value[4];
-#pragma GCC unroll 4
-        for (int v = 0; v < 4; ++v) value[v] = v < vectors ? _mm512_loadu_ps(values + t * d + at + 16 * v) : _mm512_setzero_ps();
-#pragma GCC unroll 4
-        for (int h = 0; h < 4; ++h) {
-          if (h >= some) break;
-          const __m512 w = _mm512_set1_ps(weights[(first + h) * length + t]);
-#pragma GCC unroll 4
-          for (int v = 0; v < 4; ++v) acc[h][v] = _mm512_fmadd_ps(w, value[v], acc[h][v]);
-        }
-      }
-      for (int64_t h = 0; h < some; ++h) {
-        const __m512 inverse = _mm512_set1_ps(1.f / totals[first + h]);
-        for (int64_t v = 0; v < vectors; ++v) {
-          _mm512_storeu_ps(out + (first + h) * d + at + 16 * v, _mm512_mul_ps(acc[h][v], inverse));
-        }
-      }
+    const float *w = weights + first * length, *total = totals + first;
+    int64_t at = 0;
+    for (; at + 64 <= d; at += 64) weigh_chunk<4>(w, total, some, values + at, length, d, out + first * d + at);
+    switch ((d - at) / 16) {
+      case 3: weigh_chunk<3>(w, total, some, values + at, length, d, out + first * d + at); break;
+      case 2: weigh_chunk<2>(w, total, some, values + at, length, d, out + first * d + at); break;
+      case 1: weigh_chunk<1>(w, total, some, values + at, length, d, out + first * d + at); break;
+      default: break;
     }
   }
 #else
@@ -157,7 +169,7 @@ void attend(void* data, size_t task) {
   const AttentionStep& st = *static_cast<const AttentionStep*>(data);
   const int64_t b = static_cast<int64_t>(task) / st.kv_heads, g = static_cast<int64_t>(task) % st.kv_heads;
   const int64_t p = st.seqlens[b], d = st.d, group = st.heads / st.kv_heads;
-  const int64_t start = st.window >= 0 ? std::max<int64_t>(0, p - st.window) : 0, length = p + 1 - start;
+  const int64_t start = st.window > 0 ? std::max<int64_t>(0, p - st.window + 1) : 0, length = p + 1 - start;
   float* keys = st.keys + ((b * st.kv_heads + g) * st.capacity) * d;
   float* values = st.values + ((b * st.kv_heads + g) * st.capacity) * d;
   const float *k = st.k + b * st.kv_row + g * d, *v = st.v + b * st.kv_row + g * d;
@@ -236,7 +248,7 @@ struct CachedAttentionKernel {
     const bool in_place = present_key.GetTensorRawData() == past_key.GetTensorRawData() &&
                           present_value.GetTensorRawData() == past_value.GetTensorRawData();
     const bool own = in_place && total_length <= cache[2] && d % 16 == 0 && interleaved_ == 0 && softcap_ == 0.f &&
-                     (rotary_ == 0 || inputs_ > 7);
+                     (rotary_ == 0 || inputs_ > 7) && window_ != 0;
     const int32_t* lengths = seqlens.GetTensorData<int32_t>();
     const bool unpadded = std::all_of(lengths, lengths + batch, [&](int32_t p) { return p + 1 == total_length; });
     const bool decode = own && shape[1] == 1;

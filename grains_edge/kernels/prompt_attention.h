@@ -1,6 +1,6 @@
 // CachedAttention's own prompt step (cached_attention.cc): every row's s new tokens at positions past .. past +
 // s - 1 (one past for all rows: no padding), appended to caches held in place, each query attending to the
-// keys [max(0, p - window), p] of its KV head.
+// keys [max(0, p - window + 1), p] of its KV head (window -1: all).
 //
 // As FlashAttention does (Dao et al. 2022), blocks of 16 keys pass over a block of queries (16 positions, every
 // query head of the KV head), each query keeping a running maximum, sum of exponentials and weighted sum of
@@ -50,10 +50,10 @@ inline void append_prompt(void* data, size_t task) {
   }
 }
 
-// The lanes of keys t0 .. t0 + n - 1 that the query at position p sees: [p - window, p], or none for p < 0.
+// The lanes of keys t0 .. t0 + n - 1 that the query at position p sees: [p - window + 1, p], or none for p < 0.
 inline __mmask16 visible_keys(int64_t p, int64_t window, int64_t t0, int64_t n) {
   if (p < 0) return 0;
-  const int64_t from = std::max<int64_t>(window >= 0 ? p - window - t0 : 0, 0), to = std::min<int64_t>(p - t0, n - 1);
+  const int64_t from = std::max<int64_t>(window > 0 ? p - window + 1 - t0 : 0, 0), to = std::min<int64_t>(p - t0, n - 1);
   if (from > to) return 0;
   return static_cast<__mmask16>(((1u << (to + 1)) - 1) & ~((1u << from) - 1));
 }
@@ -107,7 +107,7 @@ inline void attend_prompt(void* data, size_t task) {
   const float* keys = st.keys + (b * st.kv_heads + g) * st.capacity * d;
   const float* values = st.values + (b * st.kv_heads + g) * st.capacity * d;
   const int64_t last = st.past + first + count - 1;
-  const int64_t earliest = st.window >= 0 ? std::max<int64_t>(0, st.past + first - st.window) : 0;
+  const int64_t earliest = st.window > 0 ? std::max<int64_t>(0, st.past + first - st.window + 1) : 0;
   alignas(64) float weights[4][kKeyBlock];
   for (int64_t t0 = earliest / kKeyBlock * kKeyBlock; t0 <= last; t0 += kKeyBlock) {
     const int64_t n = std::min(kKeyBlock, last + 1 - t0);
