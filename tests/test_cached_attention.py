@@ -1,8 +1,8 @@
 """CachedAttention (grains_edge/kernels/cached_attention.cc) against ONNX Runtime's GroupQueryAttention, the op
 whose contract it keeps: a decode step and a prompt step into caches held in place (its own kernels) give the
 same output and the same caches, with and without rotary embedding, a local window, packed or separate q, k, v,
-rows of different lengths, prompts starting a row or continuing it; any other step (right-padded prompts of
-different lengths, a cache not in place) is GroupQueryAttention's own result, bit for bit."""
+rows of different lengths, prompts starting a row (right-padded to the longest, too) or continuing it; any other
+step (a cache not in place) is GroupQueryAttention's own result, bit for bit."""
 
 import sys
 
@@ -119,22 +119,29 @@ def test_six_query_heads_a_kv_head_and_a_partial_chunk_of_d(tokens, monkeypatch)
     np.testing.assert_allclose(ours[1], theirs[1], rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("step", ["padded", "not in place"])
-def test_other_steps_are_group_query_attention_s_own(step):
-    """Two rows' first prompts of different lengths (right-padded), and a decode step whose caches are not held
-    in place."""
-    if step == "padded":
-        inputs = feeds(64, [0, 0], 9, rotary=True, packed=True, cache=CAPACITY)
-        inputs["seqlens_k"] = np.array([8, 5], np.int32)
-    else:
-        inputs = feeds(64, [5, 17, 40], 1, rotary=True, packed=True, cache=41)
+@pytest.mark.parametrize("window", [-1, 4])
+def test_first_prompts_padded_to_the_longest_are_group_query_attention_s_where_real(window):
+    """Three rows' first prompts of 37, 30 and 17 tokens in one step (the server's newcomers): every real
+    position's output and cached key and value as GroupQueryAttention's; the padding's outputs finite."""
+    real = [37, 30, 17]
+    inputs = feeds(64, [0, 0, 0], 37, rotary=True, packed=True, cache=CAPACITY)
+    inputs["seqlens_k"] = np.array(real, np.int32) - 1
+    theirs = run_in_place(session("GroupQueryAttention", 64, True, True, window), inputs)
+    ours = run_in_place(session("CachedAttention", 64, True, True, window), inputs)
+    assert np.isfinite(ours[0]).all()
+    for row, length in enumerate(real):
+        np.testing.assert_allclose(ours[0][row, :length], theirs[0][row, :length], rtol=1e-5, atol=1e-5)
+        for got, want in zip(ours[1:], theirs[1:], strict=True):  # keys and values
+            np.testing.assert_allclose(got[row, :, :length], want[row, :, :length], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("tokens", [1, 9])
+def test_steps_whose_caches_are_not_in_place_are_group_query_attention_s_own(tokens):
+    """A decode step and a prompt step whose present caches are not the past ones (the export's verification)."""
+    inputs = feeds(64, [5, 17, 40] if tokens == 1 else [0, 0, 0], tokens, rotary=True, packed=True, cache=41)
     theirs, ours = (session(op, 64, True, True, -1) for op in ("GroupQueryAttention", "CachedAttention"))
-    if step == "padded":
-        for got, want in zip(run_in_place(ours, inputs), run_in_place(theirs, inputs), strict=True):
-            np.testing.assert_array_equal(got, want)
-    else:
-        for got, want in zip(ours.run(None, inputs), theirs.run(None, inputs), strict=True):
-            np.testing.assert_array_equal(got, want)
+    for got, want in zip(ours.run(None, inputs), theirs.run(None, inputs), strict=True):
+        np.testing.assert_array_equal(got, want)
 
 
 def test_a_position_outside_the_cache_is_named():

@@ -1,8 +1,8 @@
 // grains_edge.CachedAttention: com.microsoft.GroupQueryAttention's contract, with kernels of its own for the
 // steps into a KV cache held in place: a decode step, one token per row (the engine's and the server's), and a
-// prompt step whose rows all have the same length (prompt_attention.h); every other step (right-padded
-// prompts, a cache that is not in place, attributes it does not take) runs ONNX Runtime's own
-// GroupQueryAttention, created inside this kernel.
+// prompt step (prompt_attention.h) whose rows all have the same length or are first prompts right-padded to the
+// longest (the server's newcomers); every other step (a padded prompt continuing a cache, a cache that is not
+// in place, attributes it does not take) runs ONNX Runtime's own GroupQueryAttention, created inside this kernel.
 //
 //   inputs   query [b, s, H d] (or q|k|v packed [b, s, (H + 2 KV) d] with key and value absent), key and
 //            value [b, s, KV d], past_key and past_value [b, KV, capacity, d] (the same buffers as the
@@ -250,9 +250,13 @@ struct CachedAttentionKernel {
     const bool own = in_place && total_length <= cache[2] && d % 16 == 0 && interleaved_ == 0 && softcap_ == 0.f &&
                      (rotary_ == 0 || inputs_ > 7) && window_ != 0;
     const int32_t* lengths = seqlens.GetTensorData<int32_t>();
+    // a prompt step's rows: all as long as the step (any past), or first prompts right-padded to the longest,
+    // whose real positions see only real keys (causal), so that the padding's own outputs matter to nothing
     const bool unpadded = std::all_of(lengths, lengths + batch, [&](int32_t p) { return p + 1 == total_length; });
+    const bool padded_first = total_length == shape[1] &&
+                              std::all_of(lengths, lengths + batch, [&](int32_t p) { return 0 <= p && p < total_length; });
     const bool decode = own && shape[1] == 1;
-    const bool prompt = own && kOwnPrompt && shape[1] > 1 && total_length >= shape[1] && unpadded;
+    const bool prompt = own && kOwnPrompt && shape[1] > 1 && total_length >= shape[1] && (unpadded || padded_first);
     if (!decode && !prompt) {  // ONNX Runtime's own kernel, on the same inputs and outputs
       std::vector<const OrtValue*> inputs(inputs_);
       for (size_t i = 0; i < inputs_; ++i) inputs[i] = context.GetInput(i);

@@ -1,6 +1,7 @@
 // CachedAttention's own prompt step (cached_attention.cc): every row's s new tokens at positions past .. past +
-// s - 1 (one past for all rows: no padding), appended to caches held in place, each query attending to the
-// keys [max(0, p - window + 1), p] of its KV head (window -1: all).
+// s - 1, appended to caches held in place, each query attending to the keys [max(0, p - window + 1), p] of its
+// KV head (window -1: all). The rows share one past; first prompts (past 0) may be right-padded to the longest,
+// whose real positions then see only real keys, and whose padding is computed like any position and ignored.
 //
 // As FlashAttention does (Dao et al. 2022), blocks of 16 keys pass over a block of queries (16 positions, every
 // query head of the KV head), each query keeping a running maximum, sum of exponentials and weighted sum of
