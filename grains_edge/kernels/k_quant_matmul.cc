@@ -383,7 +383,7 @@ void dot_rows(const uint8_t* w, int64_t n, const Unpacked* unpacked, const Quant
         u = unpacked[i * supers + s];
       } else {
         const uint8_t* block = w + (n + i) * row_bytes + s * F::kBytes;
-        prefetch_ahead(block, F::kBytes, R * row_bytes, long_row);  // the same super-block R rows on
+        prefetch_ahead(block, F::kBytes, row_bytes, long_row);  // the same super-block a few rows on
         unpack(format, block, &u);
       }
       for (int c = 0; c < C; ++c) {

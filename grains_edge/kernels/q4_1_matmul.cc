@@ -116,7 +116,7 @@ void dot_rows(const Weights& w, int64_t n, const QuantizedRows& x, int64_t r, fl
         acc[i][c] = _mm512_fmadd_ps(d, _mm512_loadu_ps(ex[c] + b), _mm512_fmadd_ps(m, _mm512_loadu_ps(sx[c] + b), acc[i][c]));
       }
       const uint8_t* nibbles = w.nibbles + (row * blocks + b) * 16;
-      prefetch_ahead(nibbles, 4 * 64, R * blocks * 16, long_row);  // this chunk of the next R rows
+      prefetch_ahead(nibbles, 4 * 64, blocks * 16, long_row);  // this chunk a few rows on
       for (int64_t g = 0; g < (left + 3) / 4; ++g) {
         const int64_t rest = left - 4 * g;
         const __mmask64 bytes = rest >= 4 ? ~0ULL : (1ULL << (16 * rest)) - 1;
