@@ -193,7 +193,7 @@ BITS = {kind: decoder(np.zeros((1, 1, size), np.uint8)).bits for kind, (size, de
 
 # GGUF types a grains-edge kernel reads as the file stores them (k_quant_matmul.cc: `{kind}MatMul`): their bytes
 # stay with the blocks
-RAW_KINDS = ("Q4_0", "Q4_K", "Q6_K")
+RAW_KINDS = ("Q4_0", "Q4_K", "Q5_K", "Q6_K")
 RAW_ROW_MULTIPLE = 256  # the kernels take K in super-blocks of 256 weights (Q4_0: 8 blocks)
 # GGUF types with a grains-edge kernel to go to: those read as stored, and the ones with offsets
 # (Q4_1MatMul, or folded offsets when it does not fit)

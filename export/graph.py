@@ -300,14 +300,14 @@ class GraphBuilder:
             return y if bias is None else self.op("Add", y, self.weight(f"{name}.bias", bias))
 
     def block_linear(self, x: str, name: str, blocks: Blocks) -> str:
-        """x @ blocks^T: Q4_0, Q4_K, Q6_K and Q4_1 blocks in grains-edge's kernels when `custom_kernels` (a stack of
-        formats as one kernel per run, side by side), others in MatMulNBits, offsets folded into it."""
+        """x @ blocks^T: Q4_0, Q4_K, Q5_K, Q6_K and Q4_1 blocks in grains-edge's kernels when `custom_kernels` (a
+        stack of formats as one kernel per run, side by side), others in MatMulNBits, offsets folded into it."""
         runs = kernel_runs(blocks) if self.custom_kernels else None
         if runs:
             parts = [self.block_linear(x, f"{name}.{i}", run) for i, run in enumerate(runs)]
             return self.op("Concat", *parts, axis=-1)
         rows, cols = blocks.shape  # [N, K]
-        if self.custom_kernels and fits_raw_kernel(blocks):  # Q4_0MatMul, Q4_KMatMul, Q6_KMatMul
+        if self.custom_kernels and fits_raw_kernel(blocks):  # Q4_0MatMul, Q4_KMatMul, Q5_KMatMul, Q6_KMatMul
             table = self.gguf_table(name, blocks)
             return self.op(f"{blocks.kinds[0]}MatMul", x, table, domain=kernels.DOMAIN, K=cols, N=rows)
         if blocks.offsets is None:

@@ -241,8 +241,8 @@ def write_llama_gguf(path, tokenizer, tied: bool, table: str = "Q8_0", output: s
 )
 def test_a_k_quant_gguf_exports_from_its_own_blocks(tmp_path, monkeypatch, tiny_tokenizer, tied, table, choice):
     """Every linear with a decoder is carried (exact, or folded offsets within their reported error), so the
-    graph matches PyTorch's dequantized model closely; where the kernels build, the Q4_K q|k|v runs in the Q4_1
-    kernel and every Q6_K linear in the Q6_K one, a tied Q6_K table looked up in the head's own bytes."""
+    graph matches PyTorch's dequantized model closely; where the kernels build, the Q4_K q|k|v, the Q5_K o_proj and
+    every Q6_K linear run in the kernels of their formats, a tied Q6_K table looked up in the head's own bytes."""
     path = tmp_path / "tiny-k.gguf"
     write_llama_gguf(path, tiny_tokenizer, tied, table)
     monkeypatch.setattr(graph, "ACCURACY_LEVEL", 1)  # float activations on stock kernels: the weights' error only
@@ -257,9 +257,9 @@ def test_a_k_quant_gguf_exports_from_its_own_blocks(tmp_path, monkeypatch, tiny_
     }
     kinds = "Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0" if table == "Q8_0" and tied else "Q4_K, Q5_0, Q5_1, Q5_K, Q6_K"
     fused = manifest.kernels == "fused"
-    exact = 6 if fused else 4  # and in their kernels, Q4_K layer 0's q|k|v and layer 1's q|k beside its Q6_K v
+    exact = 7 if fused else 4  # and in their kernels: Q4_K layer 0's q|k|v, layer 1's q|k beside its Q6_K v, Q5_K
     assert manifest.weights.startswith(f"8 from the GGUF's own blocks ({kinds}; {exact} exact, ")
-    folded = 2 if fused else 3  # Q5_K, Q5_1 (and, on stock kernels, layer 1's q|k|v widened to 8 bits)
+    folded = 1 if fused else 3  # Q5_1 (and, on stock kernels, Q5_K and layer 1's q|k|v widened to 8 bits)
     assert f"{folded} offsets to 16 bits" in manifest.weights and "); 1 " in manifest.weights  # 1: the Q2_K down
     nodes = onnx.load(str(tmp_path / "out" / "model.onnx"), load_external_data=False).graph.node
     ops = {n.name: n.op_type for n in nodes}
@@ -271,6 +271,7 @@ def test_a_k_quant_gguf_exports_from_its_own_blocks(tmp_path, monkeypatch, tiny_
     q6_k = ["/model/layers.0/mlp/down_proj", "/model/layers.1/attn/o_proj", "/model/layers.1/attn/qkv"]
     q6_k += ["/model/lm_head"] if not tied or table == "Q6_K" else []
     assert all((ops.get(f"{scope}/Q6_KMatMul") is not None) == fused for scope in q6_k)
+    assert (ops.get("/model/layers.0/attn/o_proj/Q5_KMatMul") is not None) == fused
     checks = manifest.verification
     assert checks["zero"] < 0.05 and checks["steered"] < 0.05  # 0.011 here; q/k rows left permuted: 0.32
 

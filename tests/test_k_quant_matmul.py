@@ -1,5 +1,5 @@
-"""Q4_0MatMul, Q4_KMatMul, Q6_KMatMul and their Gathers (grains_edge/kernels/k_quant_matmul.cc) on a GGUF's bytes:
-each product is its int8 specification (emulated in numpy, float64, from gguf_blocks' decoders) on every
+"""Q4_0MatMul, Q4_KMatMul, Q5_KMatMul, Q6_KMatMul and their Gathers (grains_edge/kernels/k_quant_matmul.cc) on a
+GGUF's bytes: each product is its int8 specification (emulated in numpy, float64, from gguf_blocks' decoders) on every
 instruction path, single rows, batches and prompts; the gathered rows are gguf-py's dequantization, bit for bit."""
 
 import numpy as np
@@ -13,15 +13,16 @@ from tests.test_gguf_k_quants import random_blocks
 from tests.test_kernels import PATHS, one_node_session
 
 pytestmark = pytest.mark.usefixtures("needs_kernels")
-BYTES = {"Q4_0": 144, "Q4_K": 144, "Q6_K": 210}  # per 256 weights
+BYTES = {"Q4_0": 144, "Q4_K": 144, "Q5_K": 176, "Q6_K": 210}  # per 256 weights
 
 
 def specification(kind: str, x: np.ndarray, raw: np.ndarray) -> np.ndarray:
     """x rounded to int8 per block of 32 (xq, scale dx = max|x_b| / 127, float sums S_b), in float64:
     Q4_0  y = sum_j d_j dx_j ((q_j - 8) . xq_j)                                over its blocks of 32;
     Q4_K  y = sum_j d sc_j dx_j ((q_j - 8) . xq_j) + (8 d sc_j - dmin m_j) S_j  over its sub-blocks of 32;
+    Q5_K  the same with 5-bit levels centred on 16;
     Q6_K  y = sum_j d sc_j dx_b(j) ((q_j - 32) . xq_j)                        over its sub-blocks of 16."""
-    blocks = decode(kind, raw)  # levels q (Q6_K: q + 96) and scales per (sub-)block; Q4_K: offsets 8 d sc_j - dmin m_j
+    blocks = decode(kind, raw)  # levels q (Q5_K: q + 112, Q6_K: q + 96) and scales per (sub-)block; offsets
     rows, cols = blocks.shape
     size = blocks.block_size
     xb = x.astype(np.float64).reshape(*x.shape[:-1], -1, 32)  # [..., blocks, 32]
@@ -29,11 +30,11 @@ def specification(kind: str, x: np.ndarray, raw: np.ndarray) -> np.ndarray:
     xq = np.rint(xb * np.divide(127, amax, out=np.zeros_like(amax), where=amax > 0))
     dx = np.repeat(amax[..., 0] / 127, 32 // size, axis=-1)  # [..., sub-blocks]
     levels = blocks.q.reshape(rows, cols // size, size).astype(np.float64)
-    levels -= blocks.zero_point  # Q4_0, Q4_K: q - 8; Q6_K: q - 32
+    levels -= blocks.zero_point  # Q4_0, Q4_K: q - 8; Q5_K: q - 16; Q6_K: q - 32
     dots = np.einsum("...jk,njk->...nj", xq.reshape(*x.shape[:-1], -1, size), levels)  # [..., N, sub-blocks]
     y = (dots * blocks.scales.astype(np.float64) * dx[..., None, :]).sum(-1)
-    if kind == "Q4_K":
-        y += xb.sum(-1) @ blocks.offsets.T  # offsets: 8 d sc_j - dmin m_j
+    if blocks.offsets is not None:
+        y += xb.sum(-1) @ blocks.offsets.T  # offsets: 8 d sc_j - dmin m_j (Q5_K: 16 d sc_j - dmin m_j)
     return y
 
 
@@ -74,7 +75,7 @@ def test_product_is_close_to_the_float_product(kind):
     assert np.abs(y - exact).max() < 0.01 * np.abs(exact).max()  # int8 activations: well under 1 %
 
 
-@pytest.mark.parametrize("kind", ["Q4_0", "Q4_K", "Q6_K"])
+@pytest.mark.parametrize("kind", list(BYTES))
 def test_gathered_rows_are_gguf_s_dequantization_bit_for_bit(kind):
     raw = random_blocks(kind, 50, 512, size=2.0, seed=5)
     ids = np.array([[3, 0, 49], [3, 7, 12]], np.int64)

@@ -1,11 +1,12 @@
 """grains-edge's own ONNX Runtime kernels (C++, the `*.cc` beside this file), compiled on first use here.
 
 `Q4_1MatMul` (q4_1_matmul.cc) computes a linear layer from a GGUF's Q4_1 blocks in one kernel, where stock ONNX
-Runtime needs three for the same exact weight (export/gguf_blocks.py); `Q4_0MatMul`, `Q4_KMatMul`, `Q6_KMatMul` and
-`Q6_KGather` (k_quant_matmul.cc) read a GGUF's Q4_0, Q4_K and Q6_K blocks as they are (4.5, 4.5 and 6.56 bits per
-weight, exact; MatMulNBits and the Q4_1 kernel's fields took 5, 5 rounded, and 10); `CachedAttention`
-(cached_attention.cc) keeps GroupQueryAttention's contract with a decode step of its own; `SteeredAdd`
-(steered_add.cc) does a steered layer's residual add and renormalization in one kernel, where stock ops need four;
+Runtime needs three for the same exact weight (export/gguf_blocks.py); `Q4_0MatMul`, `Q4_KMatMul`, `Q5_KMatMul`,
+`Q6_KMatMul` and their `Gather`s (k_quant_matmul.cc) read a GGUF's Q4_0, Q4_K, Q5_K and Q6_K blocks as they are
+(4.5, 4.5, 5.5 and 6.56 bits per weight, exact; MatMulNBits and the Q4_1 kernel's fields took 5, 5 rounded, 10 and
+10); `CachedAttention` (cached_attention.cc) keeps GroupQueryAttention's contract with decode and prompt steps of its
+own; `SteeredAdd` (steered_add.cc) does a steered layer's residual add and renormalization in one kernel, where stock
+ops need four;
 all are registered by register.cc in the ONNX domain "grains_edge". Compiling them needs a C++17 compiler (`$CXX`,
 else `c++`) and ONNX Runtime's C/C++ API headers, which the onnxruntime wheel does not ship. They are looked for in
 `$GRAINS_EDGE_ORT_INCLUDE`, in the virtualenv's `include/onnxruntime` (where `make` unpacks Debian's

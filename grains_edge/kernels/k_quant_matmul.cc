@@ -1,11 +1,13 @@
-// grains_edge.Q4_0MatMul, Q4_KMatMul and Q6_KMatMul: y = x @ W^T for W stored as ggml blocks, the bytes a GGUF
-// holds; grains_edge.Q4_0Gather, Q4_KGather and Q6_KGather: rows of such a W (an embedding table, tied to the
-// head or not).
+// grains_edge.Q4_0MatMul, Q4_KMatMul, Q5_KMatMul and Q6_KMatMul: y = x @ W^T for W stored as ggml blocks, the
+// bytes a GGUF holds; grains_edge.Q4_0Gather, Q4_KGather, Q5_KGather and Q6_KGather: rows of such a W (an
+// embedding table, tied to the head or not).
 //
 //   Q4_0MatMul  inputs  x [..., K] float32; blocks [N, K/32 * 18] uint8 (block_q4_0: float16 d, qs[16]), K a
 //                       multiple of 256 (8 blocks are taken as one super-block)
 //   Q4_KMatMul  inputs  x [..., K] float32; blocks [N, K/256 * 144] uint8 (block_q4_K: float16 d and dmin,
 //                       12 bytes of 6-bit scales and minimums, qs[128])
+//   Q5_KMatMul  inputs  x [..., K] float32; blocks [N, K/256 * 176] uint8 (block_q5_K: Q4_K's fields and
+//                       qh[32], the fifth bits, before qs[128])
 //   Q6_KMatMul  inputs  x [..., K] float32; blocks [N, K/256 * 210] uint8 (block_q6_K: ql[128], qh[64],
 //                       int8 scales[16], float16 d)
 //               output  y [..., N] float32;  attributes K, N
@@ -13,26 +15,28 @@
 //                 int64;  output  rows [..., K] float32, as gguf-py's dequantization rounds them;  attributes K, N
 //
 // A super-block holds 256 weights in sub-blocks j with their own scale: Q4_0 8 of 32, w = d_j (q - 8); Q4_K 8
-// of 32, w = d sc_j q - dmin m_j (levels 0..15); Q6_K 16 of 16, w = d sc_j (q - 32) (levels 0..63). As in
+// of 32, w = d sc_j q - dmin m_j (levels 0..15; Q5_K the same with levels 0..31, centred on 16 below where
+// Q4_K's are on 8); Q6_K 16 of 16, w = d sc_j (q - 32) (levels 0..63). As in
 // Q4_1MatMul, each row of x is first quantized per block of 32 to int8 (xq, dx = max|x_b| / 127, block sums S_b
 // kept in float), so
 //
 //   Q4_0   y[n] = sum_j d_j dx_j ((q_j - 8) . xq_j)
-//   Q4_K   y[n] = sum_j d sc_j dx_j ((q_j - 8) . xq_j) + (8 d sc_j - dmin m_j) S_j
+//   Q4_K   y[n] = sum_j d sc_j dx_j ((q_j - 8) . xq_j) + (8 d sc_j - dmin m_j) S_j      (Q5_K: 16 for 8)
 //   Q6_K   y[n] = sum_j d sc_j dx_b(j) ((q_j - 32) . xq_j)
 //
 // centred as in Q4_1MatMul (xq's rounding errors weighed by at most 8 and 32 level steps, not 15 and 63), and
 // computed with unsigned levels against signed xq (AVX512-VNNI dpbusd): Q4_0 as d_j dx_j (q_j . xq_j - 8
 // sum(xq_j)), Q4_K as d sc_j (dx_j (q_j . xq_j) + 8 (S_j - dx_j sum(xq_j))) - dmin m_j S_j, Q6_K as d sc_j dx_b(j)
 // (q_j . xq_j - 32 sum(xq_j)). A super-block's levels unpack into four 64-byte vectors in the format's own order
-// (Q6_K: elements in order; Q4_K: sub-blocks 0,2 | 1,3 | 4,6 | 5,7, the low and high nibbles of its 32-byte runs;
+// (Q6_K: elements in order; Q4_K and Q5_K: sub-blocks 0,2 | 1,3 | 4,6 | 5,7, the low and high nibbles of their
+// 32-byte runs, Q5_K's fifth bits added;
 // Q4_0: the low then high nibbles of blocks 0-3, then of 4-7), so x is quantized into that order once per call.
-// The bytes are read as the GGUF stores them, one memory stream per row of W: 4.5, 4.5 and 6.56 bits per
+// The bytes are read as the GGUF stores them, one memory stream per row of W: 4.5, 4.5, 5.5 and 6.56 bits per
 // weight, where ONNX Runtime's MatMulNBits needs 5 (float32 scales), 5 (Q4_K's d sc_j and dmin m_j as Q4_1
-// fields, rounded to float16) and 10.
+// fields, rounded to float16), 10 (Q5_K widened to 8-bit levels, its offsets folded in) and 10.
 //
-// Sources: ggml's block_q4_0, block_q4_K and block_q6_K layouts (ggml-common.h), dequantize_row_q4_0 / _q4_K /
-// _q6_K and get_scale_min_k4 (ggml-quants.c); ONNX Runtime's custom-op C++ API (onnxruntime_cxx_api.h,
+// Sources: ggml's block_q4_0, block_q4_K, block_q5_K and block_q6_K layouts (ggml-common.h), dequantize_row_q4_0
+// / _q4_K / _q5_K / _q6_K and get_scale_min_k4 (ggml-quants.c); ONNX Runtime's custom-op C++ API (onnxruntime_cxx_api.h,
 // CustomOpBase). Registered by register.cc.
 
 #define ORT_API_MANUAL_INIT
@@ -123,10 +127,11 @@ struct Q6_K {
   }
 };
 
-struct Q4_K {
-  static constexpr int64_t kBytes = 144;
-  static constexpr const char* kName = "Q4_KMatMul";
-  static constexpr const char* kGather = "Q4_KGather";
+// Q4_K and Q5_K: 8 sub-blocks of 32, w = d sc_j q - dmin m_j with 6-bit scales and minimums (ggml's
+// get_scale_min_k4) in the same 12 bytes after d and dmin; `Self` gives the levels (Self::level, 4 or 5 bits)
+// and the level they are centred on (Self::kCentre).
+template <class Self>
+struct AffineK {
   static constexpr bool kPaired = true;  // vectors 2p and 2p + 1 hold the same sub-blocks in the same lanes
 
   // Vectors 0, 1: elements 0-15, 16-31 of sub-blocks 0, 2, 1, 3 (a 16-byte lane each); vectors 2, 3: of 4, 6, 5, 7.
@@ -146,11 +151,6 @@ struct Q4_K {
     }
   }
 
-  static int level(const uint8_t* block, int e) {
-    const uint8_t byte = block[16 + 32 * (e / 64) + e % 32];
-    return (e % 64) < 32 ? byte & 15 : byte >> 4;
-  }
-
   // The 256 weights of a super-block, (d sc_j) q - (dmin m_j), the product rounded before the subtraction as
   // numpy rounds it (volatile: a fused multiply-add would round once and differ from gguf-py in the last bit).
   static void dequantize(const uint8_t* block, float* out) {
@@ -160,18 +160,18 @@ struct Q4_K {
       scale_min(block + 4, j, &scale, &minimum);
       const float step = d * static_cast<float>(scale), offset = dmin * static_cast<float>(minimum);
       for (int e = 32 * j; e < 32 * j + 32; ++e) {
-        volatile float product = step * static_cast<float>(level(block, e));
+        volatile float product = step * static_cast<float>(Self::level(block, e));
         out[e] = product - offset;
       }
     }
   }
 
-  // Per sub-block j (lanes 0..7): the scale dx_j and the rounding term 8 (S_j - dx_j sum(xq_j)), for the
-  // weight d sc_j; in lanes 8..15 of the terms, the block sums S_j, for the weights -dmin m_j.
+  // Per sub-block j (lanes 0..7): the scale dx_j and the rounding term c (S_j - dx_j sum(xq_j)), c the centre,
+  // for the weight d sc_j; in lanes 8..15 of the terms, the block sums S_j, for the weights -dmin m_j.
   static void sub_blocks(const float* dx, const float* sums, const int32_t (*levels)[2], float* scales, float* terms) {
     for (int j = 0; j < 8; ++j) {
       scales[j] = dx[j];
-      terms[j] = 8.f * (sums[j] - dx[j] * static_cast<float>(levels[j][0] + levels[j][1]));
+      terms[j] = Self::kCentre * (sums[j] - dx[j] * static_cast<float>(levels[j][0] + levels[j][1]));
       terms[8 + j] = sums[j];
     }
   }
@@ -183,11 +183,40 @@ struct Q4_K {
       int scale, minimum;
       scale_min(block + 4, j, &scale, &minimum);
       int32_t dot = 0;
-      for (int e = 32 * j; e < 32 * j + 32; ++e) dot += level(block, e) * xq[place(j, e % 32 / 16) + e % 16];
+      for (int e = 32 * j; e < 32 * j + 32; ++e) dot += Self::level(block, e) * xq[place(j, e % 32 / 16) + e % 16];
       total += d * static_cast<float>(scale) * (scales[j] * static_cast<float>(dot) + terms[j]) -
                dmin * static_cast<float>(minimum) * terms[8 + j];
     }
     return total;
+  }
+};
+
+// 144 bytes: d, dmin, 12 bytes of scales, 128 of nibbles (per 64 weights 32 bytes: sub-block 2p in the low
+// nibbles, 2p + 1 in the high ones).
+struct Q4_K : AffineK<Q4_K> {
+  static constexpr int64_t kBytes = 144;
+  static constexpr const char* kName = "Q4_KMatMul";
+  static constexpr const char* kGather = "Q4_KGather";
+  static constexpr float kCentre = 8.f;
+
+  static int level(const uint8_t* block, int e) {
+    const uint8_t byte = block[16 + 32 * (e / 64) + e % 32];
+    return (e % 64) < 32 ? byte & 15 : byte >> 4;
+  }
+};
+
+// 176 bytes: Q4_K's fields, 32 bytes of fifth bits (bit j of byte l: element l of sub-block j), then the 128
+// bytes of nibbles as Q4_K's; levels 0..31.
+struct Q5_K : AffineK<Q5_K> {
+  static constexpr int64_t kBytes = 176;
+  static constexpr const char* kName = "Q5_KMatMul";
+  static constexpr const char* kGather = "Q5_KGather";
+  static constexpr float kCentre = 16.f;
+
+  static int level(const uint8_t* block, int e) {
+    const int p = e / 64, l = e % 32, high = (e % 64) >= 32;
+    const uint8_t byte = block[48 + 32 * p + l];
+    return (high ? byte >> 4 : byte & 15) | (((block[16 + l] >> (2 * p + high)) & 1) << 4);
   }
 };
 
@@ -288,12 +317,12 @@ struct Unpacked {
   }
 }
 
-[[gnu::always_inline]] inline void unpack(const Q4_K&, const uint8_t* block, Unpacked* u) {
-  const __m512i nibble = _mm512_set1_epi8(0x0f);
+// The scales of a Q4_K / Q5_K super-block: d sc_j in lanes 0..7, -dmin m_j in 8..15.
+[[gnu::always_inline]] inline void unpack_k_scales(const uint8_t* block, Unpacked* u) {
   // ggml's 12-byte packing of 8 scales and 8 minimums of 6 bits (words w0 w1 w2) -> 16 bytes: scales 0-3
   // (w0 & 63s), 4-7 (w2's low nibbles | w0's top bit pairs << 4), minimums 0-3 (w1 & 63s), 4-7 (w2's high
   // nibbles | w1's top bit pairs << 4), in vector registers (get_scale_min_k4 for all 8 at once)
-  const __m128i words = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 4));  // w0 w1 w2 and 4 level bytes
+  const __m128i words = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 4));  // w0 w1 w2 and the 4 bytes after them
   const __m128i first = _mm_shuffle_epi32(words, _MM_SHUFFLE(1, 1, 0, 0)), third = _mm_shuffle_epi32(words, _MM_SHUFFLE(2, 2, 2, 2));
   const __m128i low = _mm_and_si128(first, _mm_set1_epi8(63));
   const __m128i nibbles = _mm_and_si128(_mm_srlv_epi32(third, _mm_set_epi32(4, 4, 0, 0)), _mm_set1_epi8(15));
@@ -305,12 +334,41 @@ struct Unpacked {
                                                _mm512_castps128_ps512(halves));
   const __m512 scaled = _mm512_mul_ps(both, weights);
   u->scales = _mm512_mask_sub_ps(scaled, 0xff00, _mm512_setzero_ps(), scaled);  // d sc_j in lanes 0..7, -dmin m_j in 8..15
-  for (int h = 0; h < 2; ++h) {  // 16-byte lanes of 64 bytes of levels: runs 2h and 2h + 1, two halves each
+}
+
+// Q4_K / Q5_K levels of 64 bytes of nibbles, low and high (sub-blocks 4h and 4h + 2, 4h + 1 and 4h + 3, a 32-byte
+// half each), regrouped by 16-byte lanes into vectors 2h and 2h + 1 (`AffineK::place`).
+[[gnu::always_inline]] inline void regroup_k(__m512i low, __m512i high, int h, Unpacked* u) {
+  u->q[2 * h] = _mm512_shuffle_i64x2(low, high, _MM_SHUFFLE(2, 0, 2, 0));      // their elements 0-15
+  u->q[2 * h + 1] = _mm512_shuffle_i64x2(low, high, _MM_SHUFFLE(3, 1, 3, 1));  // their elements 16-31
+}
+
+[[gnu::always_inline]] inline void unpack(const Q4_K&, const uint8_t* block, Unpacked* u) {
+  const __m512i nibble = _mm512_set1_epi8(0x0f);
+  unpack_k_scales(block, u);
+  for (int h = 0; h < 2; ++h) {  // runs 2h and 2h + 1 of 32 bytes
     const __m512i packed_levels = _mm512_loadu_si512(block + 16 + 64 * h);
-    const __m512i low = _mm512_and_si512(packed_levels, nibble);  // sub-blocks 4h (lanes 0, 1), 4h + 2 (2, 3)
-    const __m512i high = _mm512_and_si512(_mm512_srli_epi16(packed_levels, 4), nibble);  // 4h + 1, 4h + 3
-    u->q[2 * h] = _mm512_shuffle_i64x2(low, high, _MM_SHUFFLE(2, 0, 2, 0));      // their elements 0-15
-    u->q[2 * h + 1] = _mm512_shuffle_i64x2(low, high, _MM_SHUFFLE(3, 1, 3, 1));  // their elements 16-31
+    regroup_k(_mm512_and_si512(packed_levels, nibble), _mm512_and_si512(_mm512_srli_epi16(packed_levels, 4), nibble), h, u);
+  }
+}
+
+// The fifth bits of 64 levels as 16s: bit `first` of each of the 32 bytes of `bits` (broadcast to both halves)
+// for the low half, bit `second` for the high half.
+[[gnu::always_inline]] inline __m512i fifth_bits(__m512i bits, int first, int second) {
+  const __m512i shifts = _mm512_inserti64x4(_mm512_set1_epi16(static_cast<int16_t>(first)), _mm256_set1_epi16(static_cast<int16_t>(second)), 1);
+  return _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi16(bits, shifts), _mm512_set1_epi8(1)), 4);
+}
+
+[[gnu::always_inline]] inline void unpack(const Q5_K&, const uint8_t* block, Unpacked* u) {
+  const __m512i nibble = _mm512_set1_epi8(0x0f);
+  unpack_k_scales(block, u);
+  const __m512i bits = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 16)));
+  for (int h = 0; h < 2; ++h) {  // runs 2h and 2h + 1: sub-blocks 4h (bit 4h), 4h + 2 low; 4h + 1, 4h + 3 high
+    const __m512i packed_levels = _mm512_loadu_si512(block + 48 + 64 * h);
+    const __m512i low = _mm512_or_si512(_mm512_and_si512(packed_levels, nibble), fifth_bits(bits, 4 * h, 4 * h + 2));
+    const __m512i high = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(packed_levels, 4), nibble),
+                                         fifth_bits(bits, 4 * h + 1, 4 * h + 3));
+    regroup_k(low, high, h, u);
   }
 }
 
@@ -348,6 +406,8 @@ __m512i spread(const Q4_K&, int g) {  // vectors 2p, 2p + 1: sub-blocks 4p + 0, 
   return _mm512_add_epi32(_mm512_set1_epi32(4 * (g / 2)),
                           _mm512_set_epi32(3, 3, 3, 3, 1, 1, 1, 1, 2, 2, 2, 2, 0, 0, 0, 0));
 }
+
+__m512i spread(const Q5_K&, int g) { return spread(Q4_K{}, g); }  // the same order
 #endif
 
 #if !defined(GRAINS_AVX512)
@@ -580,6 +640,16 @@ const OrtCustomOp* q6_k_matmul_op() {
 
 const OrtCustomOp* q4_0_gather_op() {
   static const GatherOp<Q4_0> op;
+  return &op;
+}
+
+const OrtCustomOp* q5_k_matmul_op() {
+  static const MatMulOp<Q5_K> op;
+  return &op;
+}
+
+const OrtCustomOp* q5_k_gather_op() {
+  static const GatherOp<Q5_K> op;
   return &op;
 }
 

@@ -9,9 +9,11 @@ const OrtCustomOp* q4_1_matmul_op();  // q4_1_matmul.cc
 const OrtCustomOp* cached_attention_op();  // cached_attention.cc
 const OrtCustomOp* q4_0_matmul_op();  // k_quant_matmul.cc
 const OrtCustomOp* q4_k_matmul_op();  // k_quant_matmul.cc
+const OrtCustomOp* q5_k_matmul_op();  // k_quant_matmul.cc
 const OrtCustomOp* q6_k_matmul_op();  // k_quant_matmul.cc
 const OrtCustomOp* q4_0_gather_op();  // k_quant_matmul.cc
 const OrtCustomOp* q4_k_gather_op();  // k_quant_matmul.cc
+const OrtCustomOp* q5_k_gather_op();  // k_quant_matmul.cc
 const OrtCustomOp* q6_k_gather_op();  // k_quant_matmul.cc
 const OrtCustomOp* steered_add_op();  // steered_add.cc
 
@@ -25,9 +27,11 @@ extern "C" OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options,
       domain.Add(cached_attention_op());
       domain.Add(q4_0_matmul_op());
       domain.Add(q4_k_matmul_op());
+      domain.Add(q5_k_matmul_op());
       domain.Add(q6_k_matmul_op());
       domain.Add(q4_0_gather_op());
       domain.Add(q4_k_gather_op());
+      domain.Add(q5_k_gather_op());
       domain.Add(q6_k_gather_op());
       domain.Add(steered_add_op());
     }
