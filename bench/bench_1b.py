@@ -6,7 +6,7 @@ Steps, each cached in the work folder (`--work`), so that a rerun skips what is 
                 saved as a Hugging Face folder (bf16 safetensors, as checkpoints ship); and the same recipe
                 with 4 layers (0.34B), the second point of the export's scaling
   2. gguf       llama.cpp's own convert_hf_to_gguf.py from llama-cpp-python's source distribution (bf16: the
-                same weights), then llama_cpp.llama_model_quantize to Q4_K_M and Q4_0
+                same weights), then llama_cpp.llama_model_quantize to Q4_K_M, Q4_0 and Q5_K_M
   3. export     `grains-edge export`, float32 and `--quantize int4` from the safetensors folder and int4 from
                 each GGUF, each in a process of its own: wall time, peak RSS and the highest RSS of each phase
                 it logs; the same for the default model (135M); from the two sizes of one recipe, the peak
@@ -81,7 +81,7 @@ INHERITED = (
 STEERING_FRACTION = 0.5
 # the GGUF types each size is quantized to and exported from with --quantize int4; float32 and int4 are also
 # exported from the safetensors folder
-INT4_SOURCES = {"1b": ("Q4_0", "Q4_K_M"), "0.3b": ("Q4_0",)}
+INT4_SOURCES = {"1b": ("Q4_0", "Q4_K_M", "Q5_K_M"), "0.3b": ("Q4_0",)}
 SCALED = ("fp32", "int4-safetensors", "int4-Q4_0")  # the exports measured at both sizes, projected to 8B
 # contender -> (runtime, GGUF type of the file it runs or was exported from)
 CONTENDERS = {
@@ -89,12 +89,15 @@ CONTENDERS = {
     "llamacpp-q4_k_m": ("llamacpp", "Q4_K_M"),
     "engine-int4-q4_0": ("engine", "Q4_0"),
     "llamacpp-q4_0": ("llamacpp", "Q4_0"),
+    "engine-int4-q5_k_m": ("engine", "Q5_K_M"),
+    "llamacpp-q5_k_m": ("llamacpp", "Q5_K_M"),
 }
 # (grains-edge, llama.cpp): on the same file, and the issue's pair (Q4_K_M for llama.cpp) against Q4_0
 PAIRS = (
     ("engine-int4-q4_k_m", "llamacpp-q4_k_m"),
     ("engine-int4-q4_0", "llamacpp-q4_0"),
     ("engine-int4-q4_0", "llamacpp-q4_k_m"),
+    ("engine-int4-q5_k_m", "llamacpp-q5_k_m"),
 )
 
 
@@ -251,7 +254,7 @@ def quantize_worker(source: str, target: str, kind: str) -> None:
 
 
 def quantized(source: Path, kind: str, measurements: dict) -> Path:
-    """`source` quantized to `kind` (Q4_K_M, Q4_0) by llama.cpp, in a process of its own."""
+    """`source` quantized to `kind` (Q4_K_M, Q4_0, Q5_K_M) by llama.cpp, in a process of its own."""
     path = source.with_name(f"model-{kind}.gguf")
     if not path.is_file():
         partial = path.with_suffix(".partial")
