@@ -44,11 +44,6 @@ constexpr bool kOwnPrompt = true;  // prompt_attention.h
 constexpr bool kOwnPrompt = false;
 #endif
 
-// x[0 : d/2], x[d/2 : d] rotated by position p's angles, into `to` (may be x).
-void rotate(const AttentionStep& st, const float* x, int64_t p, float* to) {
-  rotate_half(x, st.cos + p * (st.d / 2), st.sin + p * (st.d / 2), st.d, to);
-}
-
 // dot(a, b) over d floats (d a multiple of 16 on the vector path).
 float dot(const float* a, const float* b, int64_t d) {
 #if defined(GRAINS_AVX512)
@@ -85,61 +80,27 @@ void scores_of(const float* queries, int64_t heads, const float* keys, int64_t l
   }
 }
 
-#if defined(GRAINS_AVX512)
-// 16 V floats of the outputs of `some` (up to 4) heads: out = weights . values / totals, over `length` values
-// (rows d apart), the heads' weights `length` apart; 4 V accumulators in registers (a count known at compile
-// time: indexed by a run-time one they were kept in memory).
-template <int V>
-void weigh_chunk(const float* weights, const float* totals, int64_t some, const float* values, int64_t length,
-                 int64_t d, float* out) {
-  __m512 acc[4][V];
-  for (auto& row : acc) {
-    for (__m512& vector : row) vector = _mm512_setzero_ps();
-  }
-  for (int64_t t = 0; t < length; ++t) {
-    __m512 value[V];
-    for (int v = 0; v < V; ++v) value[v] = _mm512_loadu_ps(values + t * d + 16 * v);
-    for (int h = 0; h < 4; ++h) {
-      if (h < some) {
-        const __m512 w = _mm512_set1_ps(weights[h * length + t]);
-        for (int v = 0; v < V; ++v) acc[h][v] = _mm512_fmadd_ps(w, value[v], acc[h][v]);
-      }
-    }
-  }
-  for (int64_t h = 0; h < some; ++h) {
-    const __m512 inverse = _mm512_set1_ps(1.f / totals[h]);
-    for (int v = 0; v < V; ++v) _mm512_storeu_ps(out + h * d + 16 * v, _mm512_mul_ps(acc[h][v], inverse));
-  }
-}
-#endif
-
 // out [heads, d] = weights [heads, length] . values [length, d] / totals [heads]: each value read once for up
 // to 4 heads.
 void weigh_values(const float* weights, const float* totals, int64_t heads, const float* values, int64_t length,
                   int64_t d, float* out) {
+  std::fill(out, out + heads * d, 0.f);
 #if defined(GRAINS_AVX512)
+  const float keep[4] = {1.f, 1.f, 1.f, 1.f};
   for (int64_t first = 0; first < heads; first += 4) {
     const int64_t some = std::min<int64_t>(4, heads - first);
-    const float *w = weights + first * length, *total = totals + first;
-    int64_t at = 0;
-    for (; at + 64 <= d; at += 64) weigh_chunk<4>(w, total, some, values + at, length, d, out + first * d + at);
-    switch ((d - at) / 16) {
-      case 3: weigh_chunk<3>(w, total, some, values + at, length, d, out + first * d + at); break;
-      case 2: weigh_chunk<2>(w, total, some, values + at, length, d, out + first * d + at); break;
-      case 1: weigh_chunk<1>(w, total, some, values + at, length, d, out + first * d + at); break;
-      default: break;
-    }
+    add_weighted_values(out + first * d, some, keep, weights + first * length, length, values, length, d);
   }
 #else
   for (int64_t j = 0; j < heads; ++j) {
-    float* row = out + j * d;
-    std::fill(row, row + d, 0.f);
     for (int64_t t = 0; t < length; ++t) {
-      for (int64_t i = 0; i < d; ++i) row[i] += weights[j * length + t] * values[t * d + i];
+      for (int64_t i = 0; i < d; ++i) out[j * d + i] += weights[j * length + t] * values[t * d + i];
     }
-    for (int64_t i = 0; i < d; ++i) row[i] /= totals[j];
   }
 #endif
+  for (int64_t j = 0; j < heads; ++j) {
+    for (int64_t i = 0; i < d; ++i) out[j * d + i] /= totals[j];
+  }
 }
 
 // scores[0 : length] -> e^(score - max), in place; returns their sum.
@@ -169,24 +130,15 @@ void attend(void* data, size_t task) {
   const AttentionStep& st = *static_cast<const AttentionStep*>(data);
   const int64_t b = static_cast<int64_t>(task) / st.kv_heads, g = static_cast<int64_t>(task) % st.kv_heads;
   const int64_t p = st.seqlens[b], d = st.d, group = st.heads / st.kv_heads;
-  const int64_t start = st.window > 0 ? std::max<int64_t>(0, p - st.window + 1) : 0, length = p + 1 - start;
+  const int64_t start = first_key(p, st.window), length = p + 1 - start;
   float* keys = st.keys + ((b * st.kv_heads + g) * st.capacity) * d;
   float* values = st.values + ((b * st.kv_heads + g) * st.capacity) * d;
   const float *k = st.k + b * st.kv_row + g * d, *v = st.v + b * st.kv_row + g * d;
-  if (st.cos != nullptr) {
-    rotate(st, k, p, keys + p * d);
-  } else {
-    std::copy(k, k + d, keys + p * d);
-  }
+  at_position(st, k, p, keys + p * d);
   std::copy(v, v + d, values + p * d);
   std::vector<float> queries(group * d), scores(group * length), totals(group);  // [group, d], [group, length]
   for (int64_t j = 0; j < group; ++j) {
-    const float* q = st.q + b * st.q_row + (g * group + j) * d;
-    if (st.cos != nullptr) {
-      rotate(st, q, p, queries.data() + j * d);
-    } else {
-      std::copy(q, q + d, queries.begin() + j * d);
-    }
+    at_position(st, st.q + b * st.q_row + (g * group + j) * d, p, queries.data() + j * d);
   }
   for (float& element : queries) element *= st.scale;
   scores_of(queries.data(), group, keys + start * d, length, d, scores.data());

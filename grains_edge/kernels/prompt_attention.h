@@ -42,11 +42,7 @@ inline void append_prompt(void* data, size_t task) {
   for (int64_t t = 0; t < st.tokens; ++t) {
     const int64_t p = st.past + t, token = b * st.tokens + t;
     const float *k = st.k + token * st.kv_row + g * d, *v = st.v + token * st.kv_row + g * d;
-    if (st.cos != nullptr) {
-      rotate_half(k, st.cos + p * (d / 2), st.sin + p * (d / 2), d, keys + p * d);
-    } else {
-      std::copy(k, k + d, keys + p * d);
-    }
+    at_position(st, k, p, keys + p * d);
     std::copy(v, v + d, values + p * d);
   }
 }
@@ -54,31 +50,9 @@ inline void append_prompt(void* data, size_t task) {
 // The lanes of keys t0 .. t0 + n - 1 that the query at position p sees: [p - window + 1, p], or none for p < 0.
 inline __mmask16 visible_keys(int64_t p, int64_t window, int64_t t0, int64_t n) {
   if (p < 0) return 0;
-  const int64_t from = std::max<int64_t>(window > 0 ? p - window + 1 - t0 : 0, 0), to = std::min<int64_t>(p - t0, n - 1);
+  const int64_t from = std::max<int64_t>(first_key(p, window) - t0, 0), to = std::min<int64_t>(p - t0, n - 1);
   if (from > to) return 0;
   return static_cast<__mmask16>(((1u << (to + 1)) - 1) & ~((1u << from) - 1));
-}
-
-// 16 V floats of 4 rows' weighted sums of values (rows d apart from `sums`), in 4 V registers: sums = sums *
-// shrink + sum_u weights[u] values[u], for n values (rows d apart from `values`).
-template <int V>
-inline void add_weighted_values(float* sums, int64_t d, const float* shrink, const float (*weights)[kKeyBlock],
-                                const float* values, int64_t n) {
-  __m512 acc[4][V];
-  for (int x = 0; x < 4; ++x) {
-    for (int v = 0; v < V; ++v) acc[x][v] = _mm512_mul_ps(_mm512_loadu_ps(sums + x * d + 16 * v), _mm512_set1_ps(shrink[x]));
-  }
-  for (int64_t u = 0; u < n; ++u) {
-    __m512 value[V];
-    for (int v = 0; v < V; ++v) value[v] = _mm512_loadu_ps(values + u * d + 16 * v);
-    for (int x = 0; x < 4; ++x) {
-      const __m512 w = _mm512_set1_ps(weights[x][u]);
-      for (int v = 0; v < V; ++v) acc[x][v] = _mm512_fmadd_ps(w, value[v], acc[x][v]);
-    }
-  }
-  for (int x = 0; x < 4; ++x) {
-    for (int v = 0; v < V; ++v) _mm512_storeu_ps(sums + x * d + 16 * v, acc[x][v]);
-  }
 }
 
 // Task: a block of 16 positions of one row and KV head, the blocks nearest the end (the most keys) first, so
@@ -97,18 +71,14 @@ inline void attend_prompt(void* data, size_t task) {
     const int64_t token = first + r / group, head = g * group + r % group, p = st.past + token;
     const float* q = st.q + (b * st.tokens + token) * st.q_row + head * d;
     float* to = queries.data() + r * d;
-    if (st.cos != nullptr) {
-      rotate_half(q, st.cos + p * (d / 2), st.sin + p * (d / 2), d, to);
-    } else {
-      std::copy(q, q + d, to);
-    }
+    at_position(st, q, p, to);
     for (int64_t i = 0; i < d; ++i) to[i] *= st.scale;
     position[r] = p;
   }
   const float* keys = st.keys + (b * st.kv_heads + g) * st.capacity * d;
   const float* values = st.values + (b * st.kv_heads + g) * st.capacity * d;
   const int64_t last = st.past + first + count - 1;
-  const int64_t earliest = st.window > 0 ? std::max<int64_t>(0, st.past + first - st.window + 1) : 0;
+  const int64_t earliest = first_key(st.past + first, st.window);
   alignas(64) float weights[4][kKeyBlock];
   for (int64_t t0 = earliest / kKeyBlock * kKeyBlock; t0 <= last; t0 += kKeyBlock) {
     const int64_t n = std::min(kKeyBlock, last + 1 - t0);
@@ -149,14 +119,7 @@ inline void attend_prompt(void* data, size_t task) {
         top[r] = peak;
         _mm512_store_ps(weights[x], e);
       }
-      int64_t at = 0;
-      for (; at + 64 <= d; at += 64) add_weighted_values<4>(sums.data() + r0 * d + at, d, shrink, weights, values + t0 * d + at, n);
-      switch ((d - at) / 16) {
-        case 3: add_weighted_values<3>(sums.data() + r0 * d + at, d, shrink, weights, values + t0 * d + at, n); break;
-        case 2: add_weighted_values<2>(sums.data() + r0 * d + at, d, shrink, weights, values + t0 * d + at, n); break;
-        case 1: add_weighted_values<1>(sums.data() + r0 * d + at, d, shrink, weights, values + t0 * d + at, n); break;
-        default: break;
-      }
+      add_weighted_values(sums.data() + r0 * d, 4, shrink, weights[0], kKeyBlock, values + t0 * d, n, d);
     }
   }
   for (int64_t r = 0; r < rows; ++r) {
