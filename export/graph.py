@@ -284,9 +284,10 @@ class GraphBuilder:
         self.nodes.append(helper.make_node(op_type, list(inputs), names, name=name, domain=domain, **attributes))
         return names[0] if len(names) == 1 else names
 
-    def linear(self, x: str, name: str, weight: np.ndarray, bias: np.ndarray | None) -> str:
+    def linear(self, x: str, name: str, weight: np.ndarray, bias: np.ndarray | None, activation: str = "") -> str:
         """x @ weight (+ bias); weight is [in, out]; from self.blocks[name] when it has them, else from the
-        quantizer's blocks when it makes them."""
+        quantizer's blocks when it makes them. With an `activation` (silu | gelu_tanh) weight is gate | up, and
+        the result act(x @ gate) * (x @ up)."""
         with self.part(name):
             blocks = self.made.get(name) or self.blocks.get(name)
             if blocks is not None and name not in self.made and self.taken is not None:
@@ -295,30 +296,44 @@ class GraphBuilder:
                 blocks = self.quantizer(name, weight.T)
             if blocks is None:
                 y = self.op("MatMul", x, self.weight(f"{name}.weight", weight))
+            elif bias is None:
+                return self.block_linear(x, name, blocks, activation)
             else:
                 y = self.block_linear(x, name, blocks)
-            return y if bias is None else self.op("Add", y, self.weight(f"{name}.bias", bias))
+            if bias is not None:
+                y = self.op("Add", y, self.weight(f"{name}.bias", bias))
+            return self.gate(y, activation) if activation else y
 
-    def block_linear(self, x: str, name: str, blocks: Blocks) -> str:
+    def block_linear(self, x: str, name: str, blocks: Blocks, activation: str = "") -> str:
         """x @ blocks^T: Q4_0, Q4_K, Q5_K, Q6_K and Q4_1 blocks in grains-edge's kernels when `custom_kernels` (a
-        stack of formats as one kernel per run, side by side), others in MatMulNBits, offsets folded into it."""
+        stack of formats as one kernel per run, side by side), others in MatMulNBits, offsets folded into it. With
+        an `activation`, act(gate) * up of blocks gate | up: in the kernel where one kernel takes them all."""
         runs = kernel_runs(blocks) if self.custom_kernels else None
+        rows, cols = blocks.shape  # [N, K]
+        gated = {"activation": activation} if activation else {}
         if runs:
             parts = [self.block_linear(x, f"{name}.{i}", run) for i, run in enumerate(runs)]
-            return self.op("Concat", *parts, axis=-1)
-        rows, cols = blocks.shape  # [N, K]
-        if self.custom_kernels and fits_raw_kernel(blocks):  # Q4_0MatMul, Q4_KMatMul, Q5_KMatMul, Q6_KMatMul
+            y = self.op("Concat", *parts, axis=-1)
+        elif self.custom_kernels and fits_raw_kernel(blocks):  # Q4_0MatMul, Q4_KMatMul, Q5_KMatMul, Q6_KMatMul
             table = self.gguf_table(name, blocks)
-            return self.op(f"{blocks.kinds[0]}MatMul", x, table, domain=kernels.DOMAIN, K=cols, N=rows)
-        if blocks.offsets is None:
-            return self.block_matmul(x, name, blocks)
-        if self.custom_kernels and fits_q4_1_kernel(blocks):
+            return self.op(f"{blocks.kinds[0]}MatMul", x, table, domain=kernels.DOMAIN, K=cols, N=rows, **gated)
+        elif blocks.offsets is None:
+            y = self.block_matmul(x, name, blocks)
+        elif self.custom_kernels and fits_q4_1_kernel(blocks):
             fields = [self.weight(f"{name}.{f}", v) for f, v in zip("qdm", q4_1_fields(blocks), strict=True)]
-            return self.op("Q4_1MatMul", x, *fields, domain=kernels.DOMAIN, K=cols, N=rows)
-        # offsets (Q4_1, Q4_K, Q5_*): extra K columns fed by x's block sums (gguf_blocks.folded)
-        indicator = block_sum_indicator(cols, blocks.block_size)
-        sums = self.block_matmul(x, f"{name}.block_sums", indicator)
-        return self.block_matmul(self.op("Concat", x, sums, axis=-1), name, folded(blocks))
+            return self.op("Q4_1MatMul", x, *fields, domain=kernels.DOMAIN, K=cols, N=rows, **gated)
+        else:  # offsets (Q4_1, Q4_K, Q5_*): extra K columns fed by x's block sums (gguf_blocks.folded)
+            indicator = block_sum_indicator(cols, blocks.block_size)
+            sums = self.block_matmul(x, f"{name}.block_sums", indicator)
+            y = self.block_matmul(self.op("Concat", x, sums, axis=-1), name, folded(blocks))
+        return self.gate(y, activation) if activation else y
+
+    def gate(self, y: str, activation: str) -> str:
+        """act(gate) * up of y = gate | up [..., 2 * out]: SwiGLU (silu) or GeGLU (gelu_tanh)."""
+        gate, up = self.op("Split", y, outputs=2, axis=-1, num_outputs=2)
+        if activation == "silu":
+            return self.op("Mul", self.op("Mul", gate, self.op("Sigmoid", gate)), up)
+        return self.op("Mul", self.op("Gelu", gate, approximate="tanh"), up)
 
     def gguf_table(self, name: str, blocks: Blocks) -> str:
         """The initializer of a weight's GGUF bytes [N, bytes per row], added once: a tied table and its head
@@ -559,14 +574,10 @@ def attention(
 
 
 def gated_mlp(g: GraphBuilder, spec: GraphSpec, x: str, gate_up: tuple[str, Linear], down: tuple[str, Linear]) -> str:
-    """down(act(gate(x)) * up(x)): SwiGLU (silu) or GeGLU (gelu-tanh), gate|up in one MatMul."""
+    """down(act(gate(x)) * up(x)): SwiGLU (silu) or GeGLU (gelu-tanh), gate|up in one MatMul (in one kernel
+    with the activation, where grains-edge's kernels take its blocks)."""
     with g.scope("mlp"):
-        gate, up = g.op("Split", g.linear(x, gate_up[0], *gate_up[1]), outputs=2, axis=-1, num_outputs=2)
-        if spec.activation == "silu":
-            act = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up)  # silu(gate) * up
-        else:
-            act = g.op("Mul", g.op("Gelu", gate, approximate="tanh"), up)
-        return g.linear(act, down[0], *down[1])
+        return g.linear(g.linear(x, gate_up[0], *gate_up[1], activation=spec.activation), down[0], *down[1])
 
 
 def head(g: GraphBuilder, spec: GraphSpec, pre: Prelude, model, h: str, final_norm, table: str, separate: bool):

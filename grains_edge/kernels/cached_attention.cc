@@ -34,7 +34,7 @@
 #include "attention_math.h"
 #include "cpu.h"
 #include "prompt_attention.h"
-#include "vector_sums.h"
+#include "vector_math.h"
 
 namespace {
 

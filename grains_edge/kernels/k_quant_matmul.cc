@@ -10,7 +10,8 @@
 //                       qh[32], the fifth bits, before qs[128])
 //   Q6_KMatMul  inputs  x [..., K] float32; blocks [N, K/256 * 210] uint8 (block_q6_K: ql[128], qh[64],
 //                       int8 scales[16], float16 d)
-//               output  y [..., N] float32;  attributes K, N
+//               output  y [..., N] float32;  attributes K, N, and optionally activation (silu | gelu_tanh): then
+//                       W's rows are gate | up and y [..., N/2] = act(x @ gate^T) * (x @ up^T) (gated_linear.h)
 //   {kind}Gather  inputs  blocks [N, K/256 * bytes] uint8 (as the MatMul of that kind takes them); ids [...]
 //                 int64;  output  rows [..., K] float32, as gguf-py's dequantization rounds them;  attributes K, N
 //
@@ -52,14 +53,16 @@
 
 #include "block_quantize.h"
 #include "cpu.h"
+#include "gated_linear.h"
 #include "linear_size.h"
 #include "row_prefetch.h"
-#include "vector_sums.h"
+#include "vector_math.h"
 
 namespace {
 
 constexpr int64_t kSuper = 256;       // weights per super-block
 constexpr int64_t kRowsPerTask = 32;  // rows of W per parallel task
+static_assert(kRowsPerTask == kGateColumns, "a gated task's gate and up rows are its own output columns");
 // rows of W kept hot while every row of x passes over them: all of a task's (8, a quarter, read each row of x
 // four times per task, and a 1B model's 512-token prompt took 5 % longer)
 constexpr int64_t kRowTile = 32;
@@ -496,36 +499,37 @@ template <class F>
 struct Work {
   const uint8_t* w;
   const QuantizedRows<F>* x;
-  float* y;  // [rows, N]
+  float* y;  // [rows, N], or [rows, N/2] gated
   int64_t rows, n;
+  Gate gate;
+};
+
+// Where row n of W against row r of x goes: y[r * stride + n - first].
+struct Out {
+  float* y;
+  int64_t stride, first;
+  float* at(int64_t r, int64_t n) const { return y + r * stride + (n - first); }
 };
 
 // Rows [tile, tile_end) of W against rows [r, r + C) of x. One row of x (a decode step) takes the rows of W
 // one at a time, each over its whole K, so that a task reads its rows as one sequential stream (as in
 // q4_1_matmul.cc); several rows of x take 4 rows of W at a time, each unpacked super-block shared by them.
 template <class F, int C>
-void rows_of_x(const Work<F>& work, int64_t tile, int64_t tile_end, int64_t r, const Unpacked* unpacked) {
-  float* y = work.y + r * work.n;
+void rows_of_x(const Work<F>& work, int64_t tile, int64_t tile_end, int64_t r, const Unpacked* unpacked, const Out& out) {
   const int64_t supers = work.x->supers;
   auto rows_from = [&](int64_t n) { return unpacked == nullptr ? nullptr : unpacked + (n - tile) * supers; };
   int64_t n = tile;
   if (C > 1) {
-    for (; n + 4 <= tile_end; n += 4) dot_rows<F, 4, C>(work.w, n, rows_from(n), *work.x, r, y + n, work.n);
+    for (; n + 4 <= tile_end; n += 4) dot_rows<F, 4, C>(work.w, n, rows_from(n), *work.x, r, out.at(r, n), out.stride);
   }
-  for (; n < tile_end; ++n) dot_rows<F, 1, C>(work.w, n, rows_from(n), *work.x, r, y + n, work.n);
+  for (; n < tile_end; ++n) dot_rows<F, 1, C>(work.w, n, rows_from(n), *work.x, r, out.at(r, n), out.stride);
 }
 
-// Task t: rows [32 t, 32 t + 32) of W against every row of x, kRowTile rows of W at a time. For a prompt (at
-// least kUnpackOnce rows of x) each tile is unpacked once into a buffer, not once per 4 rows of x.
+// Rows [first, last) of W against every row of x, kRowTile rows of W at a time. For a prompt (at least
+// kUnpackOnce rows of x) each tile is unpacked once into `buffer`, not once per 4 rows of x.
 template <class F>
-void run_task(void* data, size_t task) {
-  const Work<F>& work = *static_cast<const Work<F>*>(data);
-  const int64_t first = static_cast<int64_t>(task) * kRowsPerTask, last = std::min(first + kRowsPerTask, work.n);
+void run_rows(const Work<F>& work, int64_t first, int64_t last, std::vector<Unpacked>& buffer, const Out& out) {
   const int64_t supers = work.x->supers;
-  std::vector<Unpacked> buffer;
-#if defined(GRAINS_AVX512)
-  if (work.rows >= kUnpackOnce) buffer.resize(kRowTile * supers);
-#endif
   for (int64_t tile = first; tile < last; tile += kRowTile) {
     const int64_t tile_end = std::min(tile + kRowTile, last);
 #if defined(GRAINS_AVX512)
@@ -537,9 +541,31 @@ void run_task(void* data, size_t task) {
 #endif
     const Unpacked* unpacked = buffer.empty() ? nullptr : buffer.data();
     int64_t r = 0;
-    for (; r + 4 <= work.rows; r += 4) rows_of_x<F, 4>(work, tile, tile_end, r, unpacked);
-    for (; r < work.rows; ++r) rows_of_x<F, 1>(work, tile, tile_end, r, unpacked);
+    for (; r + 4 <= work.rows; r += 4) rows_of_x<F, 4>(work, tile, tile_end, r, unpacked, out);
+    for (; r < work.rows; ++r) rows_of_x<F, 1>(work, tile, tile_end, r, unpacked, out);
   }
+}
+
+// Task t: rows [32 t, 32 t + 32) of W against every row of x; gated, those rows of gate and of up, then their
+// product.
+template <class F>
+void run_task(void* data, size_t task) {
+  const Work<F>& work = *static_cast<const Work<F>*>(data);
+  const int64_t first = static_cast<int64_t>(task) * kRowsPerTask;
+  std::vector<Unpacked> buffer;
+#if defined(GRAINS_AVX512)
+  if (work.rows >= kUnpackOnce) buffer.resize(kRowTile * work.x->supers);
+#endif
+  if (work.gate == Gate::kNone) {
+    run_rows(work, first, std::min(first + kRowsPerTask, work.n), buffer, Out{work.y, work.n, 0});
+    return;
+  }
+  const int64_t half = work.n / 2, width = std::min(kRowsPerTask, half - first);
+  thread_local std::vector<float> both;  // [rows, 64]: the task's gate columns, then its up columns
+  both.resize(work.rows * 2 * kGateColumns);
+  run_rows(work, first, first + width, buffer, Out{both.data(), 2 * kGateColumns, first});
+  run_rows(work, half + first, half + first + width, buffer, Out{both.data() + kGateColumns, 2 * kGateColumns, half + first});
+  gate_rows(work.gate, both.data(), work.rows, width, work.y + first, half);
 }
 
 void check_blocks(const Ort::ConstValue& blocks, int64_t k, int64_t n, int64_t bytes, const std::string& op) {
@@ -550,7 +576,9 @@ void check_blocks(const Ort::ConstValue& blocks, int64_t k, int64_t n, int64_t b
 
 template <class F>
 struct MatMulKernel {
-  MatMulKernel(const OrtApi&, const OrtKernelInfo* info) : size_(info) {}
+  MatMulKernel(const OrtApi&, const OrtKernelInfo* info) : size_(info), gate_(gate_of(info)) {
+    if (gate_ != Gate::kNone && size_.n % 2 != 0) ORT_CXX_API_THROW(std::string(F::kName) + ": a gated N must be even", ORT_INVALID_ARGUMENT);
+  }
 
   void Compute(OrtKernelContext* raw_context) {
     Ort::KernelContext context(raw_context);
@@ -562,15 +590,17 @@ struct MatMulKernel {
     check_blocks(blocks, size_.k, size_.n, F::kBytes, F::kName);
     int64_t rows = 1;
     for (size_t i = 0; i + 1 < shape.size(); ++i) rows *= shape[i];
-    shape.back() = size_.n;
+    const int64_t columns = gate_ == Gate::kNone ? size_.n : size_.n / 2;
+    shape.back() = columns;
     Ort::UnownedValue y = context.GetOutput(0, shape);
     if (rows == 0) return;
     const QuantizedRows<F> quantized(context, x.GetTensorData<float>(), rows, size_.k);
-    Work<F> work{blocks.GetTensorData<uint8_t>(), &quantized, y.GetTensorMutableData<float>(), rows, size_.n};
-    context.ParallelFor(run_task<F>, static_cast<size_t>((size_.n + kRowsPerTask - 1) / kRowsPerTask), 0, &work);
+    Work<F> work{blocks.GetTensorData<uint8_t>(), &quantized, y.GetTensorMutableData<float>(), rows, size_.n, gate_};
+    context.ParallelFor(run_task<F>, static_cast<size_t>((columns + kRowsPerTask - 1) / kRowsPerTask), 0, &work);
   }
 
   const LinearSize size_;
+  const Gate gate_;
 };
 
 template <class F>

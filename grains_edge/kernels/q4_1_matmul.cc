@@ -3,7 +3,8 @@
 //   inputs   x [..., K] float32; nibbles [N, K/2] uint8, 16 bytes per block of 32 (element j in the low
 //            nibble of byte j, element j + 16 in the high one); d, m [N, K/32] float16; w = d * q + m
 //            (a GGUF's Q4_1 blocks {d, m, nibbles}, with the three fields in separate arrays)
-//   output   y [..., N] float32;  attributes K, N
+//   output   y [..., N] float32;  attributes K, N, and optionally activation (silu | gelu_tanh): then W's rows
+//            are gate | up and y [..., N/2] = act(x @ gate^T) * (x @ up^T) (gated_linear.h)
 //
 // Like llama.cpp's q4_1 x q8_1 dot product, each row of x is first quantized per block of 32 to int8
 // (xq, scale dx = max|x_b| / 127) with its block sums S_b kept in float. The sum is the centred one,
@@ -31,6 +32,7 @@
 
 #include "block_quantize.h"
 #include "cpu.h"
+#include "gated_linear.h"
 #include "linear_size.h"
 #include "row_prefetch.h"
 
@@ -38,6 +40,7 @@ namespace {
 
 constexpr int64_t kBlock = 32;       // weights per block
 constexpr int64_t kRowsPerTask = 32; // rows of W per parallel task
+static_assert(kRowsPerTask == kGateColumns, "a gated task's gate and up rows are its own output columns");
 constexpr int64_t kRowTile = 8;      // rows of W kept hot while every row of x passes over them
 constexpr int64_t kGroup = 16;       // blocks per AVX-512 step
 
@@ -185,8 +188,16 @@ void dot_rows(const Weights& w, int64_t n, const QuantizedRows& x, int64_t r, fl
 struct Work {
   Weights w;
   const QuantizedRows* x;
-  float* y;  // [rows, N]
+  float* y;  // [rows, N], or [rows, N/2] gated
   int64_t rows, n;
+  Gate gate;
+};
+
+// Where row n of W against row r of x goes: y[r * stride + n - first].
+struct Out {
+  float* y;
+  int64_t stride, first;
+  float* at(int64_t r, int64_t n) const { return y + r * stride + (n - first); }
 };
 
 // Rows [tile, tile_end) of W against rows [r, r + C) of x. One row of x (a decode step) takes the rows of W
@@ -194,32 +205,48 @@ struct Work {
 // time were 4 interleaved streams per field, and a 1B model's decode 1.5x slower. Several rows of x take 4
 // rows of W at a time, each unpacked block shared by them.
 template <int C>
-void rows_of_x(const Work& work, int64_t tile, int64_t tile_end, int64_t r) {
-  float* y = work.y + r * work.n;
+void rows_of_x(const Work& work, int64_t tile, int64_t tile_end, int64_t r, const Out& out) {
   int64_t n = tile;
   if (C > 1) {
-    for (; n + 4 <= tile_end; n += 4) dot_rows<4, C>(work.w, n, *work.x, r, y + n, work.n);
+    for (; n + 4 <= tile_end; n += 4) dot_rows<4, C>(work.w, n, *work.x, r, out.at(r, n), out.stride);
   }
-  for (; n < tile_end; ++n) dot_rows<1, C>(work.w, n, *work.x, r, y + n, work.n);
+  for (; n < tile_end; ++n) dot_rows<1, C>(work.w, n, *work.x, r, out.at(r, n), out.stride);
 }
 
-// Task t: rows [32 t, 32 t + 32) of W against every row of x, kRowTile rows of W at a time.
-void run_task(void* data, size_t task) {
-  const Work& work = *static_cast<const Work*>(data);
-  const int64_t first = static_cast<int64_t>(task) * kRowsPerTask, last = std::min(first + kRowsPerTask, work.n);
+// Rows [first, last) of W against every row of x, kRowTile rows of W at a time.
+void run_rows(const Work& work, int64_t first, int64_t last, const Out& out) {
   for (int64_t tile = first; tile < last; tile += kRowTile) {
     const int64_t tile_end = std::min(tile + kRowTile, last);
     int64_t r = 0;
 #if defined(GRAINS_AVX512)
-    for (; r + 4 <= work.rows; r += 4) rows_of_x<4>(work, tile, tile_end, r);  // a batch or a prompt: 4 rows of x at a time
+    for (; r + 4 <= work.rows; r += 4) rows_of_x<4>(work, tile, tile_end, r, out);  // a batch or a prompt: 4 rows of x at a time
 #endif
-    for (; r + 2 <= work.rows; r += 2) rows_of_x<2>(work, tile, tile_end, r);
-    for (; r < work.rows; ++r) rows_of_x<1>(work, tile, tile_end, r);
+    for (; r + 2 <= work.rows; r += 2) rows_of_x<2>(work, tile, tile_end, r, out);
+    for (; r < work.rows; ++r) rows_of_x<1>(work, tile, tile_end, r, out);
   }
 }
 
+// Task t: rows [32 t, 32 t + 32) of W against every row of x; gated, those rows of gate and of up, then their
+// product.
+void run_task(void* data, size_t task) {
+  const Work& work = *static_cast<const Work*>(data);
+  const int64_t first = static_cast<int64_t>(task) * kRowsPerTask;
+  if (work.gate == Gate::kNone) {
+    run_rows(work, first, std::min(first + kRowsPerTask, work.n), Out{work.y, work.n, 0});
+    return;
+  }
+  const int64_t half = work.n / 2, width = std::min(kRowsPerTask, half - first);
+  thread_local std::vector<float> both;  // [rows, 64]: the task's gate columns, then its up columns
+  both.resize(work.rows * 2 * kGateColumns);
+  run_rows(work, first, first + width, Out{both.data(), 2 * kGateColumns, first});
+  run_rows(work, half + first, half + first + width, Out{both.data() + kGateColumns, 2 * kGateColumns, half + first});
+  gate_rows(work.gate, both.data(), work.rows, width, work.y + first, half);
+}
+
 struct Q4_1MatMulKernel {
-  Q4_1MatMulKernel(const OrtApi&, const OrtKernelInfo* info) : size_(info) {}
+  Q4_1MatMulKernel(const OrtApi&, const OrtKernelInfo* info) : size_(info), gate_(gate_of(info)) {
+    if (gate_ != Gate::kNone && size_.n % 2 != 0) ORT_CXX_API_THROW("Q4_1MatMul: a gated N must be even", ORT_INVALID_ARGUMENT);
+  }
 
   void Compute(OrtKernelContext* raw_context) {
     Ort::KernelContext context(raw_context);
@@ -237,18 +264,20 @@ struct Q4_1MatMulKernel {
     }
     int64_t rows = 1;
     for (size_t i = 0; i + 1 < shape.size(); ++i) rows *= shape[i];
-    shape.back() = size_.n;
+    const int64_t columns = gate_ == Gate::kNone ? size_.n : size_.n / 2;
+    shape.back() = columns;
     Ort::UnownedValue y = context.GetOutput(0, shape);
     if (rows == 0) return;
 
     const QuantizedRows quantized(context, x.GetTensorData<float>(), rows, size_.k);
     const Weights weights{nibbles.GetTensorData<uint8_t>(), reinterpret_cast<const uint16_t*>(d.GetTensorRawData()),
                           reinterpret_cast<const uint16_t*>(m.GetTensorRawData())};
-    Work work{weights, &quantized, y.GetTensorMutableData<float>(), rows, size_.n};
-    context.ParallelFor(run_task, static_cast<size_t>((size_.n + kRowsPerTask - 1) / kRowsPerTask), 0, &work);
+    Work work{weights, &quantized, y.GetTensorMutableData<float>(), rows, size_.n, gate_};
+    context.ParallelFor(run_task, static_cast<size_t>((columns + kRowsPerTask - 1) / kRowsPerTask), 0, &work);
   }
 
   const LinearSize size_;
+  const Gate gate_;
 };
 
 struct Q4_1MatMulOp : Ort::CustomOpBase<Q4_1MatMulOp, Q4_1MatMulKernel> {

@@ -1,4 +1,5 @@
-// Horizontal sums of many vectors at once (cached_attention.cc's scores, the linear kernels' 4 x 4 output tiles).
+// Vector arithmetic the kernels share: horizontal sums of many vectors at once (cached_attention.cc's scores, the
+// linear kernels' 4 x 4 output tiles) and e^x (attention's softmax, the gated linears' sigmoid).
 
 #pragma once
 
@@ -33,5 +34,23 @@ inline void store_sums_4x4(const __m512 p[16], float* out, int64_t stride) {
   _mm_storeu_ps(out + stride, _mm512_extractf32x4_ps(all, 1));
   _mm_storeu_ps(out + 2 * stride, _mm512_extractf32x4_ps(all, 2));
   _mm_storeu_ps(out + 3 * stride, _mm512_extractf32x4_ps(all, 3));
+}
+
+// e^x for x <= 0 (scores minus their maximum, a sigmoid's -|z|), 16 at a time: 2^(x log2 e) as 2^n * 2^f,
+// |f| <= 1/2, 2^f by its Taylor series to degree 7 (relative error below 1e-7), 2^n by scalef (0 below float's
+// range).
+inline __m512 exp_nonpositive(__m512 x) {
+  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.693147180559945309f));  // (t - n) ln 2
+  __m512 p = _mm512_set1_ps(1.f / 5040.f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 720.f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 120.f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 24.f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 6.f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
 }
 #endif
