@@ -1,17 +1,16 @@
 """`grains-edge serve` under concurrent streaming clients with mixed steering profiles.
 
-For each export (the default model's float32 and int4 exports) a server runs in its own process
-(`grains-edge serve --max-batch 16`), all of them (and llama_cpp.server) at once, their rounds interleaved
-so the machine's drifting load falls on all alike; this process is the clients: for 1, 4, 8 and 16 concurrent clients,
-each round starts every client at once, each streaming one chat answer of exactly `--tokens` tokens
-(greedy, `ignore_eos`) to a question no earlier request asked, the profiles cycling through none and the
-four built-ins, so every batch mixes steerings and requests share only the chat template's start (what the
-prefix cache can reuse; `--without-prefix-cache` also serves each export without it). Per client: time
-to first token (request sent -> first content chunk) and decode tokens/s (tokens after the first / time
-after the first). Per round: aggregate decode tokens/s = all clients' tokens after their first / (last
-answer's end - first client's first token). Medians over rounds, TTFT p50/p95 over every client of every
-round. The done-when target: aggregate at 8 clients >= 4x one client's,
-p95 TTFT <= 1 s for short prompts.
+For each export (the default model's float32 and int4 exports) a server runs in its own process (`grains-edge serve
+--max-batch 16`), all of them (and llama_cpp.server) at once, their rounds interleaved so the machine's drifting
+load falls on all alike; this process is the clients: for 1, 4, 8 and 16 concurrent clients, each round starts every
+client at once, each streaming one chat answer of exactly `--tokens` tokens (greedy, or sampled at `--temperature` /
+`--top-p`; `ignore_eos`) to a question no earlier request asked, the profiles cycling through none and the four
+built-ins, so every batch mixes steerings and requests share only the chat template's start (what the prefix cache
+can reuse; `--without-prefix-cache` also serves each export without it). Per client: time to first token (request
+sent -> first content chunk) and decode tokens/s (tokens after the first / time after the first). Per round:
+aggregate decode tokens/s = all clients' tokens after their first / (last answer's end - first client's first
+token). Medians over rounds, TTFT p50/p95 over every client of every round. The done-when target: aggregate at 8
+clients >= 4x one client's, p95 TTFT <= 1 s for short prompts.
 
 llama-cpp-python's OpenAI server (`llama_cpp.server`) on the same GGUF under the same load is the
 comparison, run without a control vector (it cannot switch one per request), its end-of-turn tokens
@@ -24,8 +23,8 @@ and `grains-edge serve --ray` with one replica of all the cores and with two rep
 replicas' aggregate over one replica's and one replica's over the plain server's (what Ray's proxy costs).
 
     python bench/bench_serve.py --export int4=DIR --export fp32=DIR [--export LABEL=DIR …] [--tokens 64]
-        [--rounds 3] [--clients 1,4,8,16] [--max-batch N] [--without-prefix-cache] [--ray] [--note TEXT]
-        [--out bench/results/serve.json]
+        [--temperature T --top-p P] [--rounds 3] [--clients 1,4,8,16] [--max-batch N] [--without-prefix-cache]
+        [--ray] [--note TEXT] [--out bench/results/serve.json]
 """
 
 from __future__ import annotations
@@ -96,13 +95,15 @@ def question(request: int, index: int) -> str:
     return f"Request {request}.{index}: {QUESTIONS[index % len(QUESTIONS)]}"
 
 
-async def one_client(http: httpx.AsyncClient, url: str, request: int, index: int, tokens: int, steer: bool) -> dict:
+async def one_client(
+    http: httpx.AsyncClient, url: str, request: int, index: int, tokens: int, steer: bool, sampling: dict
+) -> dict:
     profile = PROFILES[index % len(PROFILES)] if steer else None
     body = {
         "model": "m",
         "messages": [{"role": "user", "content": question(request, index)}],
         "max_tokens": tokens,
-        "temperature": 0,
+        **sampling,
         "stream": True,
         "stream_options": {"include_usage": True},
     }
@@ -133,10 +134,11 @@ async def one_client(http: httpx.AsyncClient, url: str, request: int, index: int
     return {"profile": profile or "none", "sent": sent, "first": first, "end": end, "tokens": tokens}
 
 
-async def one_round(url: str, request: int, clients: int, tokens: int, steer: bool) -> list[dict]:
+async def one_round(url: str, request: int, clients: int, tokens: int, steer: bool, sampling: dict) -> list[dict]:
     limits = httpx.Limits(max_connections=clients + 4)
     async with httpx.AsyncClient(timeout=600, limits=limits) as http:
-        return await asyncio.gather(*(one_client(http, url, request, i, tokens, steer) for i in range(clients)))
+        streams = (one_client(http, url, request, i, tokens, steer, sampling) for i in range(clients))
+        return await asyncio.gather(*streams)
 
 
 def aggregate(rows: list[dict]) -> float:
@@ -217,18 +219,20 @@ def start_llama_cpp() -> Server | str:
     return Server("llama_cpp_server", f"http://127.0.0.1:{port}", False, process, {"gguf": str(gguf)})
 
 
-def run_loads(servers: list[Server], clients: list[int], tokens: int, rounds: int) -> dict[str, dict[int, list]]:
+def run_loads(
+    servers: list[Server], clients: list[int], tokens: int, rounds: int, sampling: dict
+) -> dict[str, dict[int, list]]:
     """Every server under the same loads, rounds interleaved (A, B, …, A, B, …) so that the machine's drifting
     load falls on all alike; per server and client count, the rounds' client records."""
     requests = itertools.count()
     runs: dict[str, dict[int, list]] = {server.name: {count: [] for count in clients} for server in servers}
     for server in servers:  # warm-up: first-call allocations in each server
-        asyncio.run(one_round(server.url, next(requests), 2, 8, server.steer))
+        asyncio.run(one_round(server.url, next(requests), 2, 8, server.steer, sampling))
     for count in clients:
         for _ in range(rounds):
             for server in servers:
                 runs[server.name][count].append(
-                    asyncio.run(one_round(server.url, next(requests), count, tokens, server.steer))
+                    asyncio.run(one_round(server.url, next(requests), count, tokens, server.steer, sampling))
                 )
         for server in servers:
             print(f"  {server.name}, {count:>2} clients: {summarize(runs[server.name][count])}", file=sys.stderr)
@@ -277,6 +281,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--clients", default="1,4,8,16")
+    parser.add_argument("--temperature", type=float, default=0.0, help="every request's (default 0: greedy)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="every request's, with --temperature")
     parser.add_argument("--note", default="", help="conditions of the run, kept in the JSON")
     parser.add_argument("--without-prefix-cache", action="store_true", help="also serve each export without it")
     parser.add_argument("--max-batch", type=int, default=None, help="per server or replica (default: most clients)")
@@ -284,10 +290,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     clients = [int(c) for c in args.clients.split(",")]
+    sampling = {"temperature": args.temperature} | ({"top_p": args.top_p} if args.temperature > 0 else {})
     result = {
         "machine": {**machine(), "load_before": os.getloadavg()},
         "note": args.note,
         "tokens": args.tokens,
+        "sampling": sampling,
         "clients": clients,
         "profiles": [p or "none" for p in PROFILES],
     }
@@ -306,7 +314,7 @@ def main() -> None:
             result["llama_cpp_server"] = {"skipped": llama_cpp}
         else:
             servers.append(llama_cpp)
-        runs = run_loads(servers, clients, args.tokens, args.rounds)
+        runs = run_loads(servers, clients, args.tokens, args.rounds, sampling)
         result |= report(servers, runs, clients)
         if args.ray:
             result["ray"] = ray_ratios(servers, runs, clients)

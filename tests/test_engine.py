@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from grains_edge.errors import GrainsError
-from grains_edge.runtime.engine import Engine, pick_token
+from grains_edge.runtime.engine import Engine, draw, nucleus, pick_token
 from grains_edge.runtime.protocol import GenerationSettings
 from grains_edge.steer.profiles import Profile, steering_tensor
 
@@ -64,6 +64,43 @@ def test_a_profile_at_twice_its_alpha_is_a_hand_built_batch_row(engine):
 def test_seeded_sampling_is_reproducible(engine):
     a = tokens(engine, temperature=1.0, top_p=0.9, seed=7)
     assert a == tokens(engine, temperature=1.0, top_p=0.9, seed=7)
+
+
+def full_sort_nucleus(weights: np.ndarray, top_p: float) -> set[int]:
+    """The nucleus by a sort of the whole vocabulary (the rule before the partial search)."""
+    probs = weights / weights.sum(dtype=np.float64)
+    order = np.argsort(-probs)
+    return set(order[np.cumsum(probs[order]) - probs[order] < top_p].tolist())
+
+
+@pytest.mark.parametrize("spread", [0.5, 3.0, 12.0])  # flat (the nucleus is most of the vocabulary) .. peaked
+@pytest.mark.parametrize("top_p", [0.05, 0.5, 0.9, 0.999])
+def test_nucleus_is_the_full_sort_s(spread, top_p):
+    logits = np.random.default_rng(int(spread * 10)).normal(size=5000) * spread
+    weights = np.exp(logits - logits.max()).astype(np.float32)
+    found = nucleus(weights, top_p)
+    assert set(found.tolist()) == full_sort_nucleus(weights, top_p)
+    assert (np.diff(weights[found]) <= 0).all()  # most probable first
+
+
+def test_draw_follows_the_weights_across_blocks_and_never_picks_a_zero():
+    weights = np.random.default_rng(1).random(700).astype(np.float32)  # two whole blocks of 256 and a tail
+    weights[::3] = 0
+    weights[650] = 40.0  # in the tail
+    rng = np.random.default_rng(2)
+    counts = np.bincount([draw(weights, rng) for _ in range(40000)], minlength=700)
+    expected = 40000 * weights / weights.sum(dtype=np.float64)
+    assert counts[weights == 0].sum() == 0
+    assert np.abs(counts - expected).max() < 5 * np.sqrt(expected.max()) + 5  # within sampling noise
+
+
+def test_sampled_tokens_follow_the_softmax_at_the_temperature():
+    logits = np.log(np.array([0.5, 0.3, 0.15, 0.05], np.float32))  # temperature 1: these probabilities
+    rng = np.random.default_rng(3)
+    picks = [pick_token(logits, GenerationSettings(temperature=1.0), rng) for _ in range(20000)]
+    np.testing.assert_allclose(np.bincount(picks, minlength=4) / 20000, [0.5, 0.3, 0.15, 0.05], atol=0.015)
+    nucleus_picks = {pick_token(logits, GenerationSettings(temperature=1.0, top_p=0.7), rng) for _ in range(2000)}
+    assert nucleus_picks == {0, 1}  # 0.5 before the second, 0.8 before the third
 
 
 def test_repetition_penalty_follows_the_ctrl_rule():

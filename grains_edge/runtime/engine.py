@@ -339,13 +339,46 @@ def pick_token(
         logits[seen] = np.where(hit > 0, hit / penalty, hit * penalty)
     if settings.temperature <= 0:
         return int(logits.argmax())
-    scaled = logits.astype(np.float64) / settings.temperature
-    probs = np.exp(scaled - scaled.max())
-    probs /= probs.sum()
-    if settings.top_p < 1.0:
-        order = np.argsort(-probs)
-        keep = np.cumsum(probs[order]) - probs[order] < settings.top_p  # always keeps the top token
-        nucleus = np.zeros_like(probs)
-        nucleus[order[keep]] = probs[order[keep]]
-        probs = nucleus / nucleus.sum()
-    return int(rng.choice(len(probs), p=probs))
+    scaled = logits.astype(np.float32) / np.float32(settings.temperature)
+    weights = np.exp(scaled - scaled.max())  # [vocab] unnormalized probabilities, the top one 1
+    if settings.top_p >= 1.0:
+        return draw(weights, rng)
+    tokens = nucleus(weights, settings.top_p)
+    return int(tokens[draw(weights[tokens], rng)])
+
+
+DRAW_BLOCK = 256  # weights per block of `draw`'s two-level search
+
+
+def draw(weights: np.ndarray, rng: np.random.Generator) -> int:
+    """An index drawn with probability weights / their sum (inverse CDF): the block of 256 whose cumulative
+    sum passes a uniform draw, then the index in it; cumulative sums of the whole vocabulary in float64 took
+    0.2 ms a token."""
+    whole = len(weights) // DRAW_BLOCK * DRAW_BLOCK
+    sums = weights[:whole].reshape(-1, DRAW_BLOCK).sum(axis=1, dtype=np.float64)
+    if whole < len(weights):
+        sums = np.append(sums, weights[whole:].sum(dtype=np.float64))
+    cumulative = np.cumsum(sums)  # [blocks]
+    target = rng.random() * cumulative[-1]
+    block = min(int(np.searchsorted(cumulative, target, side="right")), len(sums) - 1)
+    within = np.cumsum(weights[block * DRAW_BLOCK : (block + 1) * DRAW_BLOCK], dtype=np.float64)
+    rest = target - (cumulative[block - 1] if block else 0.0)
+    return block * DRAW_BLOCK + min(int(np.searchsorted(within, rest, side="right")), len(within) - 1)
+
+
+NUCLEUS_FLOORS = (1e-2, 1e-4, 1e-8, 0.0)  # weight floors of the candidate sets, relative to the top token's
+
+
+def nucleus(weights: np.ndarray, top_p: float) -> np.ndarray:
+    """The top-p nucleus of `weights` [vocab] (unnormalized, the top one 1), most probable first: each token
+    whose more probable tokens hold less than top_p of the mass (so at least the top one). Sorted among the
+    tokens above a floor that hold top_p of the mass (they are a prefix of the sorted order, so they hold the
+    nucleus), the floor lowered until they do: a full sort of the vocabulary took 3-4 ms a token."""
+    target = top_p * weights.sum(dtype=np.float64)
+    for floor in NUCLEUS_FLOORS:
+        top = np.flatnonzero(weights >= floor)
+        if weights[top].sum(dtype=np.float64) >= target:
+            break
+    top = top[np.argsort(-weights[top])]
+    before = np.cumsum(weights[top], dtype=np.float64) - weights[top]  # mass of the more probable tokens
+    return top[before < target]
