@@ -112,12 +112,23 @@ def test_held_back_keeps_a_possible_stop_prefix_unshown():
     assert held_back("anything", ()) == 0
 
 
+class ScriptedAnswer:
+    """A TextStream whose text is `whole`, 3 characters a token: a base model writing the next turn itself."""
+
+    def __init__(self, whole: str) -> None:
+        self.whole, self.text = whole, ""
+
+    def add(self, token: int) -> str:
+        self.text = self.whole[: len(self.text) + 3]
+        return self.text
+
+
 def test_a_plain_prompt_answer_ends_where_the_model_starts_the_next_turn(plain_export, monkeypatch):
     """The engine streams the answer, never the next turn a base model writes itself, nor a piece of its marker,
     and the pieces add up to what the stop rule cuts from the whole text."""
     engine = Engine(plain_export, device="cpu")
     whole = "Paris is the capital.\nuser: and Rome?"
-    monkeypatch.setattr(engine.tokenizer, "decode", lambda ids, skip_special_tokens=True: whole[: 3 * len(ids)])
+    monkeypatch.setattr(engine.tokenizer, "stream", lambda: ScriptedAnswer(whole))
     monkeypatch.setattr(engine, "stop_ids", set())
     pieces = list(engine.generate(engine.chat_ids([{"role": "user", "content": "Capital of France?"}])))
     assert "".join(pieces) == whole[: stop_at(whole, PLAIN_TURN_STOPS)] == "Paris is the capital."
@@ -131,7 +142,7 @@ def test_the_server_ends_a_plain_prompt_answer_where_the_model_starts_the_next_t
 
     engine = Engine(plain_export, device="cpu")
     whole = "Paris is the capital.\nuser: and Rome?"
-    monkeypatch.setattr(engine.tokenizer, "decode", lambda ids, skip_special_tokens=True: whole[: 3 * len(ids)])
+    monkeypatch.setattr(engine.tokenizer, "stream", lambda: ScriptedAnswer(whole))
     monkeypatch.setattr(engine, "stop_ids", set())
     server, _ = start(engine, max_batch=2)
     try:

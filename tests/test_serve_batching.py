@@ -171,6 +171,7 @@ def test_stop_strings_cut_the_stream_where_the_first_one_appears(engine, data):
     job = Job([1], None, GenerationSettings(max_new_tokens=len(tokens)), events.append, stops)
     batcher.active.append(job)
     batcher.state[job] = (np.random.default_rng(0), np.zeros(engine.manifest.vocab_size, bool))
+    job.answer = engine.tokenizer.stream()  # as `admit` gives it
     for token in tokens:
         batcher.advance(job, np.eye(engine.manifest.vocab_size, dtype=np.float32)[token])
         if job.done:

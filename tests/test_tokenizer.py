@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
@@ -83,3 +84,30 @@ def test_damaged_tokenizer_files_are_one_line_naming_the_file(tiny_export, tmp_p
     (tmp_path / name).write_text(content)
     with pytest.raises(GrainsError, match=f"{problem}.*fix:"):
         ChatTokenizer(tmp_path).chat_ids(CONVERSATIONS[0])
+
+
+TEXTS = ["Hello wörld, ünïcödé 🐉 dragon — 数字 ✓", "  spaces\n\nand lines  ", "<|im_end|> after a special token"]
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_streamed_text_is_the_whole_decode_token_by_token(default_export, text):
+    tokenizer = ChatTokenizer(default_export)
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    answer = tokenizer.stream()
+    for count, token in enumerate(ids, 1):
+        whole = tokenizer.decode(ids[:count])
+        streamed = answer.add(token)
+        assert whole.startswith(streamed)  # a token holding an incomplete character waits for it whole
+        if not whole.endswith("\ufffd"):
+            assert streamed == whole
+
+
+def test_streamed_text_of_random_tokens_is_the_whole_decode(default_export):
+    tokenizer = ChatTokenizer(default_export)
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        ids = rng.integers(0, tokenizer.backend.get_vocab_size(), 40).tolist()  # lone bytes, special tokens
+        answer = tokenizer.stream()
+        for token in ids:
+            answer.add(token)
+        assert answer.text == tokenizer.decode(ids).rstrip("\ufffd")

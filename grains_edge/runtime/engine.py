@@ -275,6 +275,7 @@ class Engine:
         self.last_stats = stats
         cache = self.new_cache(1, len(prompt_ids) + budget)
         generated: list[int] = []
+        answer = self.tokenizer.stream()
         seen = seen_tokens(prompt_ids, self.manifest.vocab_size)
         shown = ""
         stops = () if self.has_chat_template else PLAIN_TURN_STOPS
@@ -292,14 +293,15 @@ class Engine:
             generated.append(token)
             seen[token] = True
             stats.new_tokens = len(generated)
-            text = self.tokenizer.decode(generated, skip_special_tokens=True)
-            end = stop_at(text, stops)
+            checked = len(answer.text)
+            text = answer.add(token)
+            end = stop_at(text, stops, checked)
             if end is not None:
                 yield text[len(shown) : end]
                 stats.stopped_by = "eos"
                 break
             text = text[: len(text) - held_back(text, stops)]
-            if not text.endswith("\ufffd") and len(text) > len(shown):
+            if len(text) > len(shown):
                 yield text[len(shown) :]
                 shown = text
             if stop is not None and stop.is_set():

@@ -12,7 +12,7 @@ which only runs ONNX Runtime does not need.
 A model without a chat template gets the plain-completion prompt of `grains_edge.prompts`.
 
 Sources: transformers `utils/chat_template_utils.py` (`_compile_jinja_template`, `render_jinja_template`);
-tokenizers' `Tokenizer.from_file`.
+tokenizers' `Tokenizer.from_file` and `decoders.DecodeStream`.
 """
 
 from __future__ import annotations
@@ -101,6 +101,10 @@ class ChatTokenizer:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    def stream(self) -> TextStream:
+        """A new answer's text, decoded token by token."""
+        return TextStream(self.backend)
+
     def render(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
         """The conversation as text under the chat template."""
         from jinja2 import TemplateError
@@ -132,3 +136,24 @@ class ChatTokenizer:
         if has_chat_template(self):
             return self.encode(self.render(messages), add_special_tokens=False)
         return self.encode(plain_prompt(messages))
+
+
+class TextStream:
+    """The text of an answer's tokens, special tokens skipped, decoded as they come: tokenizers' DecodeStream
+    decodes a short tail each token, where decoding the whole answer again took time growing with it (0.1 ms a
+    token at 1000 tokens, on every row of a server's batch). A character whose bytes are not all in yet stays
+    out of `text` until they are; a byte that never completes one comes out as U+FFFD, as a whole decode has it."""
+
+    def __init__(self, backend) -> None:
+        from tokenizers.decoders import DecodeStream
+
+        self.backend = backend
+        self.decoder = DecodeStream(skip_special_tokens=True)
+        self.text = ""
+
+    def add(self, token: int) -> str:
+        """The text so far, with `token`."""
+        piece = self.decoder.step(self.backend, token)
+        if piece:
+            self.text += piece
+        return self.text

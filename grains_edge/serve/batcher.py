@@ -25,6 +25,7 @@ import numpy as np
 from grains_edge.prompts import held_back, stop_at
 from grains_edge.runtime.engine import Engine, pick_token, seen_tokens
 from grains_edge.runtime.protocol import GenerationSettings
+from grains_edge.runtime.tokenizer import TextStream
 from grains_edge.serve.prefix_cache import PrefixCache, steering_key
 from grains_edge.serve.slots import SlotCache, prompt_groups
 
@@ -66,6 +67,7 @@ class Job:
     number: int = field(default_factory=itertools.count().__next__)
     cancelled: threading.Event = field(default_factory=threading.Event)
     generated: list[int] = field(default_factory=list)
+    answer: TextStream | None = None  # the generated tokens' text, from admission on
     shown: int = 0  # characters of the decoded text already emitted
     done: bool = False
 
@@ -196,6 +198,7 @@ class Batcher:
             for job in group:
                 seen = seen_tokens(job.prompt_ids, self.engine.manifest.vocab_size)
                 self.state[job] = (np.random.default_rng(job.settings.seed), seen)
+                job.answer = self.engine.tokenizer.stream()
             for job, row_logits in zip(group, logits, strict=True):
                 self.advance(job, row_logits)
 
@@ -210,7 +213,7 @@ class Batcher:
             return
         job.generated.append(token)
         seen[token] = True
-        text = self.engine.tokenizer.decode(job.generated, skip_special_tokens=True)
+        text = job.answer.add(token)
         end = stop_at(text, job.stop, job.shown)
         if end is not None:
             self.show(job, text[:end])
@@ -218,9 +221,9 @@ class Batcher:
             return
         slot_full = self.slots.lengths[self.active.index(job)] >= self.capacity  # no room to feed this token
         if len(job.generated) >= job.settings.max_new_tokens or slot_full:
-            self.show(job, text.rstrip("\ufffd"))
+            self.show(job, text)
             self.finish(job, self.finished(job, "length"))
-        elif not text.endswith("\ufffd"):
+        else:
             self.show(job, text[: len(text) - held_back(text, job.stop)])
 
     def show(self, job: Job, text: str) -> None:
