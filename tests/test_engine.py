@@ -103,6 +103,15 @@ def test_sampled_tokens_follow_the_softmax_at_the_temperature():
     assert nucleus_picks == {0, 1}  # 0.5 before the second, 0.8 before the third
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_non_finite_logits_are_an_error_not_a_token(bad, temperature):
+    logits = np.zeros(300, np.float32)
+    logits[123] = bad
+    with pytest.raises(GrainsError, match="non-finite logits.*fix:"):
+        pick_token(logits, GenerationSettings(temperature=temperature), np.random.default_rng(0))
+
+
 def test_repetition_penalty_follows_the_ctrl_rule():
     logits = np.array([2.0, -1.0, 1.0, 0.5], np.float32)
     seen = np.array([True, True, False, False])

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from grains_edge.runtime.engine import Engine
 from grains_edge.runtime.protocol import GenerationSettings
-from grains_edge.serve.batcher import Batcher, Finished, Job, Piece
+from grains_edge.serve.batcher import Batcher, Failed, Finished, Job, Piece
 from grains_edge.serve.slots import MASK_STEP, SlotCache
 from tests.test_serve import KEY, start
 
@@ -180,6 +180,26 @@ def test_stop_strings_cut_the_stream_where_the_first_one_appears(engine, data):
     assert "".join(e.text for e in events if isinstance(e, Piece)) == expected
     assert isinstance(events[-1], Finished) and events[-1].reason == reason
     assert job.done and not batcher.active
+
+
+def test_a_row_whose_logits_are_not_finite_fails_alone(engine):
+    """NaN logits in one row (a steering strong enough to overflow, a damaged export) end that request with
+    an error naming the fix; the row beside it goes on and finishes."""
+    vocab = engine.manifest.vocab_size
+    events: dict[int, list] = {0: [], 1: []}
+    batcher = Batcher(engine, max_batch=2, capacity=64, max_queue=1)
+    jobs = [Job([1], None, GenerationSettings(max_new_tokens=2), events[i].append) for i in range(2)]
+    for job in jobs:
+        batcher.active.append(job)
+        batcher.state[job] = (np.random.default_rng(0), np.zeros(vocab, bool))
+        job.answer = engine.tokenizer.stream()  # as `admit` gives it
+    token = next(i for i in range(vocab) if i not in engine.stop_ids)
+    batcher.advance(jobs[0], np.full(vocab, np.nan, np.float32))
+    batcher.advance(jobs[1], np.eye(vocab, dtype=np.float32)[token])
+    assert isinstance(events[0][-1], Failed) and "non-finite logits" in events[0][-1].message
+    assert batcher.active == [jobs[1]]
+    batcher.advance(jobs[1], np.eye(vocab, dtype=np.float32)[token])
+    assert isinstance(events[1][-1], Finished) and events[1][-1].completion_tokens == 2
 
 
 def health(url: str) -> dict:

@@ -333,7 +333,13 @@ def pick_token(
 ) -> int:
     """Greedy at temperature 0, else temperature + nucleus (top-p) sampling. With a repetition penalty p,
     the logits of the tokens marked in `seen` [vocab] are divided by p when positive and multiplied by
-    p when negative first (Keskar et al. 2019, as transformers' RepetitionPenaltyLogitsProcessor)."""
+    p when negative first (Keskar et al. 2019, as transformers' RepetitionPenaltyLogitsProcessor). Logits
+    that are not all finite are a GrainsError: no token picked from them would mean anything."""
+    if not np.isfinite(logits).all():
+        raise GrainsError(
+            "the model gave non-finite logits (NaN or infinity); fix: lower the steering's strength, or re-export "
+            "the model if it happens unsteered"
+        )
     if seen is not None and settings.repetition_penalty != 1.0:
         penalty = settings.repetition_penalty
         logits = logits.copy()

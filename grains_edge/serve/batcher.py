@@ -22,6 +22,7 @@ from functools import cached_property
 
 import numpy as np
 
+from grains_edge.errors import GrainsError
 from grains_edge.prompts import held_back, stop_at
 from grains_edge.runtime.engine import Engine, pick_token, seen_tokens
 from grains_edge.runtime.protocol import GenerationSettings
@@ -207,7 +208,11 @@ class Batcher:
         if self.on_logits is not None:
             self.on_logits(job, len(job.generated), logits)
         rng, seen = self.state[job]
-        token = pick_token(logits, job.settings, rng, seen)
+        try:
+            token = pick_token(logits, job.settings, rng, seen)
+        except GrainsError as error:  # this row's logits only: the other rows go on
+            self.finish(job, Failed(str(error)))
+            return
         if token in self.engine.stop_ids and not job.ignore_eos:
             self.finish(job, self.finished(job, "stop"))
             return
