@@ -101,6 +101,7 @@ def test_sampled_tokens_follow_the_softmax_at_the_temperature():
     np.testing.assert_allclose(np.bincount(picks, minlength=4) / 20000, [0.5, 0.3, 0.15, 0.05], atol=0.015)
     nucleus_picks = {pick_token(logits, GenerationSettings(temperature=1.0, top_p=0.7), rng) for _ in range(2000)}
     assert nucleus_picks == {0, 1}  # 0.5 before the second, 0.8 before the third
+    assert {pick_token(logits, GenerationSettings(temperature=1e-40), rng) for _ in range(50)} == {0}  # as greedy
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])

@@ -347,8 +347,10 @@ def pick_token(
         logits[seen] = np.where(hit > 0, hit / penalty, hit * penalty)
     if settings.temperature <= 0:
         return int(logits.argmax())
-    scaled = logits.astype(np.float32) / np.float32(settings.temperature)
-    weights = np.exp(scaled - scaled.max())  # [vocab] unnormalized probabilities, the top one 1
+    # [vocab] unnormalized probabilities, the top one 1; the maximum taken first, so that a tiny temperature
+    # gives exp(-inf) = 0, never inf - inf
+    with np.errstate(over="ignore"):
+        weights = np.exp((logits - logits.max()).astype(np.float32) / np.float32(settings.temperature))
     if settings.top_p >= 1.0:
         return draw(weights, rng)
     tokens = nucleus(weights, settings.top_p)
