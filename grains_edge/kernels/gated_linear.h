@@ -7,29 +7,43 @@
 
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "cpu.h"
 #include "vector_math.h"
 
 enum class Gate { kNone, kSilu, kGeluTanh };
 
-// The kernel's `activation` attribute: absent for a plain linear.
-inline Gate gate_of(const OrtKernelInfo* info) {
+// The `activation` attribute of kernel `op` over n rows of W: absent for a plain linear; gated, n must be even.
+inline Gate gate_of(const OrtKernelInfo* info, int64_t n, const std::string& op) {
   std::string name;
   try {
     name = Ort::ConstKernelInfo(info).GetAttribute<std::string>("activation");
   } catch (const Ort::Exception&) {
     return Gate::kNone;
   }
-  if (name == "silu") return Gate::kSilu;
-  if (name == "gelu_tanh") return Gate::kGeluTanh;
-  ORT_CXX_API_THROW("activation must be silu or gelu_tanh, not " + name, ORT_INVALID_ARGUMENT);
+  if (name != "silu" && name != "gelu_tanh") {
+    ORT_CXX_API_THROW(op + ": activation must be silu or gelu_tanh, not " + name, ORT_INVALID_ARGUMENT);
+  }
+  if (n % 2 != 0) ORT_CXX_API_THROW(op + ": a gated N must be even", ORT_INVALID_ARGUMENT);
+  return name == "silu" ? Gate::kSilu : Gate::kGeluTanh;
 }
 
+// The output columns of a linear over n rows of W.
+inline int64_t output_columns(Gate gate, int64_t n) { return gate == Gate::kNone ? n : n / 2; }
+
 constexpr int64_t kGateColumns = 32;  // gate (and up) columns per task: both, side by side, 64 floats a row of x
+
+// Where row n of W against row r of x goes: y[r * stride + n - first].
+struct Out {
+  float* y;
+  int64_t stride, first;
+  float* at(int64_t r, int64_t n) const { return y + r * stride + (n - first); }
+};
 
 // act(g) = g sigmoid(s(g)): the argument of the sigmoid.
 inline float sigmoid_argument(Gate gate, float g) {
@@ -67,4 +81,17 @@ inline void gate_rows(Gate gate, const float* both, int64_t rows, int64_t width,
     for (int64_t j = 0; j < width; ++j) out[j] = g[j] / (1.f + std::exp(-sigmoid_argument(gate, g[j]))) * u[j];
 #endif
   }
+}
+
+// A gated linear's task from output column `first`: rows [first, first + 32) of gate and the same rows of up
+// (`rows_of_w(from, to, out)` computes rows [from, to) of W against every row of x into `out`), side by side,
+// then their product into y [rows, n/2].
+template <class RowsOfW>
+void gated_task(Gate gate, int64_t rows, int64_t n, int64_t first, float* y, const RowsOfW& rows_of_w) {
+  const int64_t half = n / 2, width = std::min(kGateColumns, half - first);
+  thread_local std::vector<float> both;  // [rows, 64]: the task's gate columns, then its up columns
+  both.resize(rows * 2 * kGateColumns);
+  rows_of_w(first, first + width, Out{both.data(), 2 * kGateColumns, first});
+  rows_of_w(half + first, half + first + width, Out{both.data() + kGateColumns, 2 * kGateColumns, half + first});
+  gate_rows(gate, both.data(), rows, width, y + first, half);
 }

@@ -193,13 +193,6 @@ struct Work {
   Gate gate;
 };
 
-// Where row n of W against row r of x goes: y[r * stride + n - first].
-struct Out {
-  float* y;
-  int64_t stride, first;
-  float* at(int64_t r, int64_t n) const { return y + r * stride + (n - first); }
-};
-
 // Rows [tile, tile_end) of W against rows [r, r + C) of x. One row of x (a decode step) takes the rows of W
 // one at a time, each over its whole K, so that a task reads its rows as one sequential stream: 4 rows at a
 // time were 4 interleaved streams per field, and a 1B model's decode 1.5x slower. Several rows of x take 4
@@ -235,18 +228,12 @@ void run_task(void* data, size_t task) {
     run_rows(work, first, std::min(first + kRowsPerTask, work.n), Out{work.y, work.n, 0});
     return;
   }
-  const int64_t half = work.n / 2, width = std::min(kRowsPerTask, half - first);
-  thread_local std::vector<float> both;  // [rows, 64]: the task's gate columns, then its up columns
-  both.resize(work.rows * 2 * kGateColumns);
-  run_rows(work, first, first + width, Out{both.data(), 2 * kGateColumns, first});
-  run_rows(work, half + first, half + first + width, Out{both.data() + kGateColumns, 2 * kGateColumns, half + first});
-  gate_rows(work.gate, both.data(), work.rows, width, work.y + first, half);
+  gated_task(work.gate, work.rows, work.n, first, work.y,
+             [&](int64_t from, int64_t to, const Out& out) { run_rows(work, from, to, out); });
 }
 
 struct Q4_1MatMulKernel {
-  Q4_1MatMulKernel(const OrtApi&, const OrtKernelInfo* info) : size_(info), gate_(gate_of(info)) {
-    if (gate_ != Gate::kNone && size_.n % 2 != 0) ORT_CXX_API_THROW("Q4_1MatMul: a gated N must be even", ORT_INVALID_ARGUMENT);
-  }
+  Q4_1MatMulKernel(const OrtApi&, const OrtKernelInfo* info) : size_(info), gate_(gate_of(info, size_.n, "Q4_1MatMul")) {}
 
   void Compute(OrtKernelContext* raw_context) {
     Ort::KernelContext context(raw_context);
@@ -264,7 +251,7 @@ struct Q4_1MatMulKernel {
     }
     int64_t rows = 1;
     for (size_t i = 0; i + 1 < shape.size(); ++i) rows *= shape[i];
-    const int64_t columns = gate_ == Gate::kNone ? size_.n : size_.n / 2;
+    const int64_t columns = output_columns(gate_, size_.n);
     shape.back() = columns;
     Ort::UnownedValue y = context.GetOutput(0, shape);
     if (rows == 0) return;
